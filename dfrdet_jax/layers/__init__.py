@@ -1,0 +1,49 @@
+"""Importable 1-bit building blocks for any Flax model.
+
+Example::
+
+  import flax.linen as nn
+  from dfrdet_jax import layers
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      y = layers.BinaryConv(64, (3, 3), input_quantizer="approx", scale="learned")(x)
+      return layers.RPReLU()(nn.BatchNorm(use_running_average=True)(y)) + x
+
+  y, state = Block().apply(variables, x, mutable=["losses"])
+  loss = task_loss + gamma * layers.total_reconstruction_loss(state["losses"])
+"""
+
+from dfrdet_jax.layers.activations import LearnableBias, RPReLU
+from dfrdet_jax.layers.binary import (
+    LOSSES_COLLECTION,
+    RECONSTRUCTION_LOSS_NAME,
+    SCALE_MODES,
+    BinaryConv,
+    BinaryDense,
+    explicit_padding,
+    reconstruction_loss,
+    total_reconstruction_loss,
+)
+from dfrdet_jax.layers.quantizers import (
+    BINARY_QUANTIZERS,
+    get_binary_quantizer,
+    lsq_init_step,
+    lsq_levels,
+    lsq_quantize,
+    round_ste,
+    scale_gradient,
+    sign,
+    sign_approx_ste,
+    sign_clipped_ste,
+    sign_identity_ste,
+)
+
+__all__ = [
+    "BINARY_QUANTIZERS", "LOSSES_COLLECTION", "RECONSTRUCTION_LOSS_NAME", "SCALE_MODES",
+    "BinaryConv", "BinaryDense", "LearnableBias", "RPReLU", "explicit_padding",
+    "get_binary_quantizer", "lsq_init_step", "lsq_levels", "lsq_quantize", "reconstruction_loss",
+    "round_ste", "scale_gradient", "sign", "sign_approx_ste", "sign_clipped_ste",
+    "sign_identity_ste", "total_reconstruction_loss",
+]
