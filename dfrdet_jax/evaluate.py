@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -25,108 +24,135 @@ META_KEYS = ("image_id", "scale", "tile_offset")
 
 
 def _predict_fn(config, model, mesh: Mesh):
-  """jit of predict_step over a data-sharded batch.
+    """jit of predict_step over a data-sharded batch.
 
-  Returns f(state, local_batch) -> (Detections, meta) as numpy, both for the global batch, meta
-  holding the batch's image ids, scales and (DOTA) tile offsets in the detections' order.
-  """
-  replicated = NamedSharding(mesh, PartitionSpec())
-  data_sharding = NamedSharding(mesh, PartitionSpec(train.DATA_AXIS))
+    Returns f(state, local_batch) -> (Detections, meta) as numpy, both for the global batch, meta
+    holding the batch's image ids, scales and (DOTA) tile offsets in the detections' order.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    data_sharding = NamedSharding(mesh, PartitionSpec(train.DATA_AXIS))
 
-  def step(state, batch):
-    meta = {k: batch[k] for k in META_KEYS if k in batch}
-    return train.predict_step(state, batch, model=model, config=config), meta
+    def step(state, batch):
+        meta = {k: batch[k] for k in META_KEYS if k in batch}
+        return train.predict_step(state, batch, model=model, config=config), meta
 
-  step = jax.jit(step, in_shardings=(replicated, data_sharding), out_shardings=replicated)
-  return lambda state, local_batch: jax.device_get(
-      step(state, train.to_global_batch(local_batch, data_sharding)))
+    step = jax.jit(step, in_shardings=(replicated, data_sharding), out_shardings=replicated)
+    return lambda state, local_batch: jax.device_get(
+        step(state, train.to_global_batch(local_batch, data_sharding))
+    )
 
 
-def predict_dataset(config: ml_collections.ConfigDict, model, state, mesh: Mesh,
-                    dataset) -> list[dict[str, Any]]:
-  """COCO-format results (original-image pixels) for every image of ``dataset``."""
-  predict = _predict_fn(config, model, mesh)
-  results = []
-  for local_batch in dataset.loader:
-    detections, meta = predict(state, local_batch)
-    results.extend(evaluation.detections_to_coco(
-        detections.boxes, detections.scores, detections.classes, detections.valid,
-        meta["image_id"], meta["scale"], dataset.category_ids,
-        tile_offsets=meta.get("tile_offset")))
-  return results
+def predict_dataset(
+    config: ml_collections.ConfigDict, model, state, mesh: Mesh, dataset
+) -> list[dict[str, Any]]:
+    """COCO-format results (original-image pixels) for every image of ``dataset``."""
+    predict = _predict_fn(config, model, mesh)
+    results = []
+    for local_batch in dataset.loader:
+        detections, meta = predict(state, local_batch)
+        results.extend(
+            evaluation.detections_to_coco(
+                detections.boxes,
+                detections.scores,
+                detections.classes,
+                detections.valid,
+                meta["image_id"],
+                meta["scale"],
+                dataset.category_ids,
+                tile_offsets=meta.get("tile_offset"),
+            )
+        )
+    return results
 
 
 def evaluate_state(config: ml_collections.ConfigDict, model, state, mesh: Mesh) -> dict[str, Any]:
-  """Tiny-object metrics of ``state`` on ``config.eval.split`` (computed on process 0)."""
-  process_count = jax.process_count()
-  dataset = data_lib.build_dataset(
-      config.data, config.eval.split, train=False,
-      batch_size=config.eval.batch_size // process_count, seed=config.seed,
-      shard_index=jax.process_index(), shard_count=process_count)
-  results = predict_dataset(config, model, state, mesh, dataset)
-  if jax.process_index() != 0:
-    return {}
-  metrics = evaluation.evaluate(dataset.annotation_file, results, protocol=config.eval.protocol)
-  logging.info("Evaluation on %s (%d detections):\n%s", config.eval.split, len(results),
-               evaluation.format_table(metrics))
-  return metrics
+    """Tiny-object metrics of ``state`` on ``config.eval.split`` (computed on process 0)."""
+    process_count = jax.process_count()
+    dataset = data_lib.build_dataset(
+        config.data,
+        config.eval.split,
+        train=False,
+        batch_size=config.eval.batch_size // process_count,
+        seed=config.seed,
+        shard_index=jax.process_index(),
+        shard_count=process_count,
+    )
+    results = predict_dataset(config, model, state, mesh, dataset)
+    if jax.process_index() != 0:
+        return {}
+    metrics = evaluation.evaluate(dataset.annotation_file, results, protocol=config.eval.protocol)
+    logging.info(
+        "Evaluation on %s (%d detections):\n%s",
+        config.eval.split,
+        len(results),
+        evaluation.format_table(metrics),
+    )
+    return metrics
 
 
 def _restored_state(config: ml_collections.ConfigDict, workdir: str):
-  """(model, state restored from the latest checkpoint of workdir, mesh, dataset info)."""
-  info = data_lib.dataset_info(config.data)
-  model = registry.build_model(config, num_classes=info.num_classes)
-  image_hw = (config.data.image_size, config.data.image_size)
-  state = train.create_train_state(config, model, jax.random.key(config.seed), image_hw, 1)
-  mesh = train.make_mesh()
-  state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-  checkpoints = checkpointing.Checkpointer(workdir)
-  if checkpoints.latest_step() is None:
-    raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with "
-                            "--mode train and the same --workdir")
-  state, _ = checkpoints.restore_latest(state)
-  return model, state, mesh, info
+    """(model, state restored from the latest checkpoint of workdir, mesh, dataset info)."""
+    info = data_lib.dataset_info(config.data)
+    model = registry.build_model(config, num_classes=info.num_classes)
+    image_hw = (config.data.image_size, config.data.image_size)
+    state = train.create_train_state(config, model, jax.random.key(config.seed), image_hw, 1)
+    mesh = train.make_mesh()
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    checkpoints = checkpointing.Checkpointer(workdir)
+    if checkpoints.latest_step() is None:
+        raise FileNotFoundError(
+            f"No checkpoint in {checkpoints.directory}; train first with "
+            "--mode train and the same --workdir"
+        )
+    state, _ = checkpoints.restore_latest(state)
+    return model, state, mesh, info
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """The ``eval`` mode: metrics of the latest checkpoint, written to workdir/eval_<step>.json."""
-  registry.validate_config(config)
-  model, state, mesh, _ = _restored_state(config, workdir)
-  metrics = evaluate_state(config, model, state, mesh)
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, f"eval_{int(state.step)}.json")
-    with open(path, "w") as f:
-      json.dump(metrics, f, indent=1)
-    print(evaluation.format_table(metrics))
-    logging.info("Wrote %s", path)
-  return metrics
+    """The ``eval`` mode: metrics of the latest checkpoint, written to workdir/eval_<step>.json."""
+    registry.validate_config(config)
+    model, state, mesh, _ = _restored_state(config, workdir)
+    metrics = evaluate_state(config, model, state, mesh)
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, f"eval_{int(state.step)}.json")
+        with open(path, "w") as f:
+            json.dump(metrics, f, indent=1)
+        print(evaluation.format_table(metrics))
+        logging.info("Wrote %s", path)
+    return metrics
 
 
 def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_path: str) -> str:
-  """The ``predict`` mode: detections for the images of ``input_path`` (a folder or one image).
+    """The ``predict`` mode: detections for the images of ``input_path`` (a folder or one image).
 
-  Writes ``workdir/predictions/results.json`` (COCO results; ``image_id`` is the position of
-  the image in the sorted file list, and ``images.json`` maps ids to file names) and a copy of
-  every image with its boxes drawn. Returns the predictions folder.
-  """
-  registry.validate_config(config)
-  model, state, mesh, info = _restored_state(config, workdir)
-  dataset = data_lib.image_folder_dataset(config.data, input_path,
-                                          batch_size=config.eval.batch_size)
-  results = predict_dataset(config, model, state, mesh, dataset)
-  out_dir = os.path.join(workdir, "predictions")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(results, f)
-  with open(os.path.join(out_dir, "images.json"), "w") as f:
-    json.dump(dataset.files, f, indent=1)
-  by_image = {}
-  for result in results:
-    by_image.setdefault(result["image_id"], []).append(result)
-  for image_id, path in enumerate(dataset.files):
-    viz.draw_detections(path, by_image.get(image_id, []), info.class_names,
-                        os.path.join(out_dir, os.path.basename(path)),
-                        category_ids=info.category_ids)
-  logging.info("Wrote %d detections for %d images to %s", len(results), len(dataset.files),
-               out_dir)
-  return out_dir
+    Writes ``workdir/predictions/results.json`` (COCO results; ``image_id`` is the position of
+    the image in the sorted file list, and ``images.json`` maps ids to file names) and a copy of
+    every image with its boxes drawn. Returns the predictions folder.
+    """
+    registry.validate_config(config)
+    model, state, mesh, info = _restored_state(config, workdir)
+    dataset = data_lib.image_folder_dataset(
+        config.data, input_path, batch_size=config.eval.batch_size
+    )
+    results = predict_dataset(config, model, state, mesh, dataset)
+    out_dir = os.path.join(workdir, "predictions")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(out_dir, "images.json"), "w") as f:
+        json.dump(dataset.files, f, indent=1)
+    by_image = {}
+    for result in results:
+        by_image.setdefault(result["image_id"], []).append(result)
+    for image_id, path in enumerate(dataset.files):
+        viz.draw_detections(
+            path,
+            by_image.get(image_id, []),
+            info.class_names,
+            os.path.join(out_dir, os.path.basename(path)),
+            category_ids=info.category_ids,
+        )
+    logging.info(
+        "Wrote %d detections for %d images to %s", len(results), len(dataset.files), out_dir
+    )
+    return out_dir

@@ -32,54 +32,60 @@ MODES = {
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None,
+    "config",
+    None,
     "Config file and its argument, e.g. configs/fcos_r18.py:synthetic,dfr. Fields can be "
     "overridden with --config.<field>=<value>; an unknown field is an error.",
-    lock_config=True)
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics (JSONL) and predictions.")
+    "workdir", None, "Directory for checkpoints, metrics (JSONL) and predictions."
+)
 _MODE = flags.DEFINE_enum("mode", "train", sorted(MODES), "What to do: " + ", ".join(sorted(MODES)))
 _INPUT = flags.DEFINE_string(
-    "input", None, "predict mode: a folder of images (or a single image) to run the detector on.")
+    "input", None, "predict mode: a folder of images (or a single image) to run the detector on."
+)
 
 
 def run(mode: str, config, workdir: str, **kwargs):
-  """Runs ``mode`` with ``config`` in ``workdir``; returns what the mode's function returns."""
-  if mode not in MODES:
-    raise ValueError(f"Unknown mode {mode!r}; valid choices: {sorted(MODES)}")
-  module_name, function_name = MODES[mode]
-  function = getattr(importlib.import_module(module_name), function_name)
-  return function(config, workdir, **kwargs)
+    """Runs ``mode`` with ``config`` in ``workdir``; returns what the mode's function returns."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; valid choices: {sorted(MODES)}")
+    module_name, function_name = MODES[mode]
+    function = getattr(importlib.import_module(module_name), function_name)
+    return function(config, workdir, **kwargs)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """Parses flags; ``--help``/``-h`` prints this module's usage and exits with status 0."""
-  if any(arg in ("-h", "--help", "--helpshort") for arg in argv[1:]):
-    print(__doc__)
-    print(flags.FLAGS.main_module_help())
-    sys.exit(0)
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    sys.stderr.write(f"Flag error: {error}\nPass --help for usage.\n")
-    sys.exit(2)
+    """Parses flags; ``--help``/``-h`` prints this module's usage and exits with status 0."""
+    if any(arg in ("-h", "--help", "--helpshort") for arg in argv[1:]):
+        print(__doc__)
+        print(flags.FLAGS.main_module_help())
+        sys.exit(0)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.stderr.write(f"Flag error: {error}\nPass --help for usage.\n")
+        sys.exit(2)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config configs/fcos_r18.py:synthetic,dfr")
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
-  kwargs = {}
-  if _MODE.value == "predict":
-    if _INPUT.value is None:
-      raise app.UsageError("--mode predict needs --input (a folder of images)")
-    kwargs["input_path"] = _INPUT.value
-  logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
-  run(_MODE.value, _CONFIG.value, _WORKDIR.value, **kwargs)
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError(
+            "--config is required, e.g. --config configs/fcos_r18.py:synthetic,dfr"
+        )
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    kwargs = {}
+    if _MODE.value == "predict":
+        if _INPUT.value is None:
+            raise app.UsageError("--mode predict needs --input (a folder of images)")
+        kwargs["input_path"] = _INPUT.value
+    logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
+    run(_MODE.value, _CONFIG.value, _WORKDIR.value, **kwargs)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=parse_flags)

@@ -14,7 +14,6 @@ import os
 import time
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,9 +34,9 @@ DATA_AXIS = "data"
 
 
 class TrainState(train_state.TrainState):
-  """Parameters, optimizer state and step, plus BatchNorm running statistics."""
+    """Parameters, optimizer state and step, plus BatchNorm running statistics."""
 
-  batch_stats: Any = None
+    batch_stats: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,107 +44,149 @@ class TrainState(train_state.TrainState):
 
 
 def global_learning_rate(config: ml_collections.ConfigDict) -> float:
-  """The paper's lr (0.005 at batch 2) scaled linearly to the configured global batch."""
-  opt = config.optimizer
-  return opt.base_learning_rate * config.train.batch_size / opt.base_batch_size
+    """The paper's lr (0.005 at batch 2) scaled linearly to the configured global batch."""
+    opt = config.optimizer
+    return opt.base_learning_rate * config.train.batch_size / opt.base_batch_size
 
 
 def make_learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warm-up from ``warmup_factor * lr`` to lr, then x``decay_factor`` at each decay epoch.
+    """Linear warm-up from ``warmup_factor * lr`` to lr, then x``decay_factor`` at each decay epoch.
 
-  Decay epochs are read as fractions of ``config.train.num_epochs`` of the run's
-  ``total_steps`` (epochs 8 and 11 of 12 by default), so a run shortened with
-  ``train.num_steps`` keeps the same shape of schedule.
-  """
-  opt = config.optimizer
-  peak = global_learning_rate(config)
-  boundaries = {int(round(epoch / config.train.num_epochs * total_steps)): opt.decay_factor
-                for epoch in opt.decay_epochs}
-  decay = optax.piecewise_constant_schedule(peak, boundaries)
-  if opt.warmup_steps <= 0:
-    return decay
-  warmup = optax.linear_schedule(peak * opt.warmup_factor, peak, opt.warmup_steps)
-  return lambda step: jnp.where(step < opt.warmup_steps, warmup(step), decay(step))
+    Decay epochs are read as fractions of ``config.train.num_epochs`` of the run's
+    ``total_steps`` (epochs 8 and 11 of 12 by default), so a run shortened with
+    ``train.num_steps`` keeps the same shape of schedule.
+    """
+    opt = config.optimizer
+    peak = global_learning_rate(config)
+    boundaries = {
+        int(round(epoch / config.train.num_epochs * total_steps)): opt.decay_factor
+        for epoch in opt.decay_epochs
+    }
+    decay = optax.piecewise_constant_schedule(peak, boundaries)
+    if opt.warmup_steps <= 0:
+        return decay
+    warmup = optax.linear_schedule(peak * opt.warmup_factor, peak, opt.warmup_steps)
+    return lambda step: jnp.where(step < opt.warmup_steps, warmup(step), decay(step))
 
 
 def _decay_mask(params):
-  """Weight decay on kernels only (ndim > 1), not on biases, norms, scales or alphas."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+    """Weight decay on kernels only (ndim > 1), not on biases, norms, scales or alphas."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   total_steps: int) -> optax.GradientTransformation:
-  opt = config.optimizer
-  return optax.chain(
-      optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm > 0 else optax.identity(),
-      optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask),
-      optax.sgd(make_learning_rate(config, total_steps), momentum=opt.momentum),
-  )
+def make_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    opt = config.optimizer
+    return optax.chain(
+        optax.clip_by_global_norm(opt.grad_clip_norm)
+        if opt.grad_clip_norm > 0
+        else optax.identity(),
+        optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask),
+        optax.sgd(make_learning_rate(config, total_steps), momentum=opt.momentum),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # State and steps.
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, rng: Array,
-                       image_hw: tuple[int, int], total_steps: int) -> TrainState:
-  """Initialises parameters (with the DFR decoder when the config uses one) and optimizer."""
-  dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=True,
-                                        reconstruct=bool(config.dfr.levels)))(rng, dummy)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                           batch_stats=variables.get("batch_stats", {}),
-                           tx=make_optimizer(config, total_steps))
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    rng: Array,
+    image_hw: tuple[int, int],
+    total_steps: int,
+) -> TrainState:
+    """Initialises parameters (with the DFR decoder when the config uses one) and optimizer."""
+    dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
+    variables = jax.jit(
+        functools.partial(model.init, train=True, reconstruct=bool(config.dfr.levels))
+    )(rng, dummy)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=make_optimizer(config, total_steps),
+    )
 
 
-def compute_losses(params, batch_stats, batch: dict[str, Array], *, model: nn.Module,
-                   config: ml_collections.ConfigDict) -> tuple[Array, tuple[dict, Any]]:
-  """The total loss of a batch and its parts; returns (loss, (metrics, new batch_stats))."""
-  images = normalize_images(batch["image"], model.dtype or jnp.float32)
-  reconstruct = bool(config.dfr.levels)
-  outputs, new_state = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                   train=True, reconstruct=reconstruct,
-                                   mutable=["batch_stats", layers.LOSSES_COLLECTION])
-  metrics = registry.detection_loss(config, outputs, batch)
-  loss_det = sum(v for k, v in metrics.items() if k.startswith("loss_"))
-  loss_rec = layers.total_reconstruction_loss(new_state.get(layers.LOSSES_COLLECTION, {}))
-  loss = loss_det + config.loss.reconstruction_weight * loss_rec
-  metrics.update(loss_det=loss_det, loss_reconstruction=loss_rec)
-  if reconstruct:
-    height, width = batch["image"].shape[1:3]
-    fg, ignore = jax.vmap(lambda b, v, i: dfr.foreground_mask(b, v, i, height, width))(
-        batch["boxes"], batch["box_valid"], batch["ignore"])
-    loss_dfr = dfr.dfr_loss(outputs["reconstruction"], normalize_images(batch["image"]), fg,
-                            ignore, mode=config.dfr.mode)
-    loss = loss + config.loss.dfr_weight * loss_dfr
-    metrics["loss_dfr"] = loss_dfr
-  metrics["loss"] = loss
-  return loss, (metrics, new_state["batch_stats"])
+def compute_losses(
+    params,
+    batch_stats,
+    batch: dict[str, Array],
+    *,
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+) -> tuple[Array, tuple[dict, Any]]:
+    """The total loss of a batch and its parts; returns (loss, (metrics, new batch_stats))."""
+    images = normalize_images(batch["image"], model.dtype or jnp.float32)
+    reconstruct = bool(config.dfr.levels)
+    outputs, new_state = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        reconstruct=reconstruct,
+        mutable=["batch_stats", layers.LOSSES_COLLECTION],
+    )
+    metrics = registry.detection_loss(config, outputs, batch)
+    loss_det = sum(v for k, v in metrics.items() if k.startswith("loss_"))
+    loss_rec = layers.total_reconstruction_loss(new_state.get(layers.LOSSES_COLLECTION, {}))
+    loss = loss_det + config.loss.reconstruction_weight * loss_rec
+    metrics.update(loss_det=loss_det, loss_reconstruction=loss_rec)
+    if reconstruct:
+        height, width = batch["image"].shape[1:3]
+        fg, ignore = jax.vmap(lambda b, v, i: dfr.foreground_mask(b, v, i, height, width))(
+            batch["boxes"], batch["box_valid"], batch["ignore"]
+        )
+        loss_dfr = dfr.dfr_loss(
+            outputs["reconstruction"],
+            normalize_images(batch["image"]),
+            fg,
+            ignore,
+            mode=config.dfr.mode,
+        )
+        loss = loss + config.loss.dfr_weight * loss_dfr
+        metrics["loss_dfr"] = loss_dfr
+    metrics["loss"] = loss
+    return loss, (metrics, new_state["batch_stats"])
 
 
-def train_step(state: TrainState, batch: dict[str, Array], *, model: nn.Module,
-               config: ml_collections.ConfigDict,
-               learning_rate: optax.Schedule) -> tuple[TrainState, dict[str, Array]]:
-  """One SGD step on a global batch; returns the new state and the step's metrics.
+def train_step(
+    state: TrainState,
+    batch: dict[str, Array],
+    *,
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    learning_rate: optax.Schedule,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One SGD step on a global batch; returns the new state and the step's metrics.
 
-  ``learning_rate`` is the optimizer's schedule, only read here to report the step's rate.
-  """
-  grad_fn = jax.value_and_grad(
-      functools.partial(compute_losses, model=model, config=config), has_aux=True)
-  (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["learning_rate"] = learning_rate(state.step)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return new_state, metrics
+    ``learning_rate`` is the optimizer's schedule, only read here to report the step's rate.
+    """
+    grad_fn = jax.value_and_grad(
+        functools.partial(compute_losses, model=model, config=config), has_aux=True
+    )
+    (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = learning_rate(state.step)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return new_state, metrics
 
 
-def predict_step(state: TrainState, batch: dict[str, Array], *, model: nn.Module,
-                 config: ml_collections.ConfigDict):
-  """Detections of a batch (inference: no decoder), static shapes: see ``registry.postprocess``."""
-  images = normalize_images(batch["image"], model.dtype or jnp.float32)
-  outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                        train=False)
-  return registry.postprocess(config, outputs, batch)
+def predict_step(
+    state: TrainState,
+    batch: dict[str, Array],
+    *,
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+):
+    """Detections of a batch (inference: no decoder), static shapes: see ``registry.postprocess``."""
+    images = normalize_images(batch["image"], model.dtype or jnp.float32)
+    outputs = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
+    return registry.postprocess(config, outputs, batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,21 +194,24 @@ def predict_step(state: TrainState, batch: dict[str, Array], *, model: nn.Module
 
 
 def make_mesh() -> Mesh:
-  """A 1-d mesh over every device of every process, axis ``data``."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+    """A 1-d mesh over every device of every process, axis ``data``."""
+    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
 
 
 def check_batch_divides(batch_size: int, what: str) -> None:
-  devices = jax.device_count()
-  if batch_size % devices:
-    raise ValueError(f"{what}={batch_size} does not divide over {devices} devices; set it to a "
-                     f"multiple of {devices}")
+    devices = jax.device_count()
+    if batch_size % devices:
+        raise ValueError(
+            f"{what}={batch_size} does not divide over {devices} devices; set it to a "
+            f"multiple of {devices}"
+        )
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding):
-  """This process's slice of the batch -> global arrays sharded over ``data``."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      local_batch)
+    """This process's slice of the batch -> global arrays sharded over ``data``."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,116 +219,146 @@ def to_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding)
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to ``workdir/metrics.jsonl`` and logs a summary line."""
+    """Appends one JSON object per line to ``workdir/metrics.jsonl`` and logs a summary line."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.enabled = jax.process_index() == 0
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
 
-  def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
-    record = {"step": int(step), **{prefix + k: _to_python(v) for k, v in metrics.items()}}
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    numbers = " ".join(f"{k}={v:.4g}" for k, v in record.items()
-                       if k != "step" and isinstance(v, float))
-    logging.info("step %d %s", step, numbers)
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+        record = {"step": int(step), **{prefix + k: _to_python(v) for k, v in metrics.items()}}
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        numbers = " ".join(
+            f"{k}={v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, float)
+        )
+        logging.info("step %d %s", step, numbers)
 
 
 def _to_python(value):
-  value = np.asarray(value) if not isinstance(value, (str, dict, list)) else value
-  if isinstance(value, np.ndarray):
-    return value.item() if value.size == 1 else value.tolist()
-  return value
+    value = np.asarray(value) if not isinstance(value, (str, dict, list)) else value
+    if isinstance(value, np.ndarray):
+        return value.item() if value.size == 1 else value.tolist()
+    return value
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluating
-  periodically; returns the last evaluation's metrics."""
-  from dfrdet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from dfrdet_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluating
+    periodically; returns the last evaluation's metrics."""
+    from dfrdet_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    from dfrdet_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
 
-  registry.validate_config(config)
-  check_batch_divides(config.train.batch_size, "config.train.batch_size")
-  check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
-  os.makedirs(workdir, exist_ok=True)
-  process_count = jax.process_count()
+    registry.validate_config(config)
+    check_batch_divides(config.train.batch_size, "config.train.batch_size")
+    check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
+    os.makedirs(workdir, exist_ok=True)
+    process_count = jax.process_count()
 
-  train_data = data_lib.build_dataset(
-      config.data, "train", train=True, batch_size=config.train.batch_size // process_count,
-      seed=config.seed, num_workers=config.train.num_workers,
-      shard_index=jax.process_index(), shard_count=process_count)
-  steps_per_epoch = max(train_data.num_images // config.train.batch_size, 1)
-  total_steps = (config.train.num_steps if config.train.num_steps > 0
-                 else config.train.num_epochs * steps_per_epoch)
-  eval_every = config.train.eval_every_steps if config.train.eval_every_steps > 0 \
-      else steps_per_epoch
-  image_hw = tuple(config.data.image_size for _ in range(2)) \
-      if isinstance(config.data.image_size, int) else tuple(config.data.image_size)
+    train_data = data_lib.build_dataset(
+        config.data,
+        "train",
+        train=True,
+        batch_size=config.train.batch_size // process_count,
+        seed=config.seed,
+        num_workers=config.train.num_workers,
+        shard_index=jax.process_index(),
+        shard_count=process_count,
+    )
+    steps_per_epoch = max(train_data.num_images // config.train.batch_size, 1)
+    total_steps = (
+        config.train.num_steps
+        if config.train.num_steps > 0
+        else config.train.num_epochs * steps_per_epoch
+    )
+    eval_every = (
+        config.train.eval_every_steps if config.train.eval_every_steps > 0 else steps_per_epoch
+    )
+    image_hw = (
+        tuple(config.data.image_size for _ in range(2))
+        if isinstance(config.data.image_size, int)
+        else tuple(config.data.image_size)
+    )
 
-  model = registry.build_model(config, num_classes=train_data.num_classes)
-  mesh = make_mesh()
-  replicated = NamedSharding(mesh, PartitionSpec())
-  data_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-  state = create_train_state(config, model, jax.random.key(config.seed), image_hw, total_steps)
-  state = jax.device_put(state, replicated)
+    model = registry.build_model(config, num_classes=train_data.num_classes)
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    data_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    state = create_train_state(config, model, jax.random.key(config.seed), image_hw, total_steps)
+    state = jax.device_put(state, replicated)
 
-  checkpoints = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  train_iter = iter(train_data.loader)
-  state, data_state = checkpoints.restore_latest(state)
-  if data_state is not None:
-    train_data.set_iterator_state(train_iter, data_state)
-  start_step = int(state.step)
-  if start_step:
-    logging.info("Resumed from step %d in %s", start_step, workdir)
+    checkpoints = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    train_iter = iter(train_data.loader)
+    state, data_state = checkpoints.restore_latest(state)
+    if data_state is not None:
+        train_data.set_iterator_state(train_iter, data_state)
+    start_step = int(state.step)
+    if start_step:
+        logging.info("Resumed from step %d in %s", start_step, workdir)
 
-  step_fn = jax.jit(functools.partial(train_step, model=model, config=config,
-                                      learning_rate=make_learning_rate(config, total_steps)),
-                    in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
-                    donate_argnums=(0,))
-  writer = MetricsWriter(workdir)
-  logging.info("Training %s (%s) for %d steps (%d per epoch), global batch %d on %d devices",
-               config.model.name, config.variant, total_steps, steps_per_epoch,
-               config.train.batch_size, jax.device_count())
-  eval_metrics: dict[str, Any] = {}
-  pending = None  # the previous step's metrics, read one step late so the host never stalls
-  timer = time.time()
-  for step in range(start_step, total_steps):
-    local_batch = next(train_iter)
-    state, metrics = step_fn(state, to_global_batch(local_batch, data_sharding))
-    if pending is not None:
-      _check_finite(*pending)
-    pending = (step + 1, metrics, local_batch.get("image_id"))
-    done = step + 1
-    last = done == total_steps
-    log_now = done % config.train.log_every_steps == 0 or last
-    save_now = done % config.train.checkpoint_every_steps == 0 or last
-    eval_now = done % eval_every == 0 or last
-    if log_now or save_now or eval_now:
-      _check_finite(*pending)  # never save or report a broken state
-    if log_now:
-      elapsed = time.time() - timer
-      steps_done = done - max(start_step, done - config.train.log_every_steps)
-      summary = dict(jax.device_get(metrics))
-      summary["steps_per_second"] = steps_done / max(elapsed, 1e-9)
-      summary["images_per_second"] = summary["steps_per_second"] * config.train.batch_size
-      summary["eta_minutes"] = (total_steps - done) / max(summary["steps_per_second"], 1e-9) / 60
-      writer.write(done, summary, "train/")
-      timer = time.time()
-    if save_now:
-      checkpoints.save(done, state, train_data.get_iterator_state(train_iter))
-    if eval_now:
-      eval_metrics = evaluate_lib.evaluate_state(config, model, state, mesh)
-      writer.write(done, eval_metrics, "eval/")
-  checkpoints.wait()
-  return eval_metrics
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            config=config,
+            learning_rate=make_learning_rate(config, total_steps),
+        ),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    writer = MetricsWriter(workdir)
+    logging.info(
+        "Training %s (%s) for %d steps (%d per epoch), global batch %d on %d devices",
+        config.model.name,
+        config.variant,
+        total_steps,
+        steps_per_epoch,
+        config.train.batch_size,
+        jax.device_count(),
+    )
+    eval_metrics: dict[str, Any] = {}
+    pending = None  # the previous step's metrics, read one step late so the host never stalls
+    timer = time.time()
+    for step in range(start_step, total_steps):
+        local_batch = next(train_iter)
+        state, metrics = step_fn(state, to_global_batch(local_batch, data_sharding))
+        if pending is not None:
+            _check_finite(*pending)
+        pending = (step + 1, metrics, local_batch.get("image_id"))
+        done = step + 1
+        last = done == total_steps
+        log_now = done % config.train.log_every_steps == 0 or last
+        save_now = done % config.train.checkpoint_every_steps == 0 or last
+        eval_now = done % eval_every == 0 or last
+        if log_now or save_now or eval_now:
+            _check_finite(*pending)  # never save or report a broken state
+        if log_now:
+            elapsed = time.time() - timer
+            steps_done = done - max(start_step, done - config.train.log_every_steps)
+            summary = dict(jax.device_get(metrics))
+            summary["steps_per_second"] = steps_done / max(elapsed, 1e-9)
+            summary["images_per_second"] = summary["steps_per_second"] * config.train.batch_size
+            summary["eta_minutes"] = (
+                (total_steps - done) / max(summary["steps_per_second"], 1e-9) / 60
+            )
+            writer.write(done, summary, "train/")
+            timer = time.time()
+        if save_now:
+            checkpoints.save(done, state, train_data.get_iterator_state(train_iter))
+        if eval_now:
+            eval_metrics = evaluate_lib.evaluate_state(config, model, state, mesh)
+            writer.write(done, eval_metrics, "eval/")
+    checkpoints.wait()
+    return eval_metrics
 
 
 def _check_finite(step: int, metrics: dict[str, Array], image_ids) -> None:
-  loss = float(jax.device_get(metrics["loss"]))
-  if not math.isfinite(loss):
-    ids = [] if image_ids is None else np.asarray(image_ids).tolist()
-    parts = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-    raise FloatingPointError(
-        f"Non-finite loss {loss} at step {step} (images {ids}); loss parts: {parts}. "
-        "No checkpoint was written for this step.")
+    loss = float(jax.device_get(metrics["loss"]))
+    if not math.isfinite(loss):
+        ids = [] if image_ids is None else np.asarray(image_ids).tolist()
+        parts = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+        raise FloatingPointError(
+            f"Non-finite loss {loss} at step {step} (images {ids}); loss parts: {parts}. "
+            "No checkpoint was written for this step."
+        )

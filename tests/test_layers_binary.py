@@ -11,26 +11,29 @@ from dfrdet_jax import layers
 
 
 def np_sign(x):
-  return np.where(x >= 0, 1.0, -1.0).astype(np.float32)
+    return np.where(x >= 0, 1.0, -1.0).astype(np.float32)
 
 
 def np_conv(x, w, stride, pads, dilation=1, groups=1, pad_value=0.0):
-  """Direct NHWC/HWIO convolution with explicit (low, high) pads filled with ``pad_value``."""
-  x = np.pad(x, [(0, 0), pads[0], pads[1], (0, 0)], constant_values=pad_value)
-  b, h, wd, _ = x.shape
-  kh, kw, cg, out = w.shape
-  ho = (h - (kh - 1) * dilation - 1) // stride + 1
-  wo = (wd - (kw - 1) * dilation - 1) // stride + 1
-  y = np.zeros((b, ho, wo, out), np.float64)
-  og = out // groups
-  for g in range(groups):
-    xs, ws = x[..., g * cg:(g + 1) * cg], w[..., g * og:(g + 1) * og]
-    for i in range(kh):
-      for j in range(kw):
-        patch = xs[:, i * dilation:i * dilation + (ho - 1) * stride + 1:stride,
-                   j * dilation:j * dilation + (wo - 1) * stride + 1:stride]
-        y[..., g * og:(g + 1) * og] += patch @ ws[i, j]
-  return y
+    """Direct NHWC/HWIO convolution with explicit (low, high) pads filled with ``pad_value``."""
+    x = np.pad(x, [(0, 0), pads[0], pads[1], (0, 0)], constant_values=pad_value)
+    b, h, wd, _ = x.shape
+    kh, kw, cg, out = w.shape
+    ho = (h - (kh - 1) * dilation - 1) // stride + 1
+    wo = (wd - (kw - 1) * dilation - 1) // stride + 1
+    y = np.zeros((b, ho, wo, out), np.float64)
+    og = out // groups
+    for g in range(groups):
+        xs, ws = x[..., g * cg : (g + 1) * cg], w[..., g * og : (g + 1) * og]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[
+                    :,
+                    i * dilation : i * dilation + (ho - 1) * stride + 1 : stride,
+                    j * dilation : j * dilation + (wo - 1) * stride + 1 : stride,
+                ]
+                y[..., g * og : (g + 1) * og] += patch @ ws[i, j]
+    return y
 
 
 # (input hw, kernel, stride, padding spec, expected explicit pads, dilation, groups)
@@ -52,258 +55,288 @@ CONV_CASES = [
 @pytest.mark.parametrize("hw,k,stride,padding,pads,dilation,groups", CONV_CASES)
 @pytest.mark.parametrize("pad_value", [1.0, -1.0, 0.0])
 def test_binary_conv_matches_numpy(hw, k, stride, padding, pads, dilation, groups, pad_value):
-  rng = np.random.default_rng(hw * 7 + k + stride + groups)
-  x = rng.normal(size=(2, hw, hw, 8)).astype(np.float32)
-  x[0, 0, 0, 0] = 0.0  # sign(0) must be +1
-  layer = layers.BinaryConv(8, (k, k), strides=stride, padding=padding, kernel_dilation=dilation,
-                            feature_group_count=groups, pad_value=pad_value, use_bias=True)
-  variables = layer.init(jax.random.key(0), jnp.asarray(x))
-  params = variables["params"]
-  alpha = rng.uniform(0.1, 1.0, size=(8,)).astype(np.float32)
-  bias = rng.normal(size=(8,)).astype(np.float32)
-  params = {**params, "alpha": jnp.asarray(alpha), "bias": jnp.asarray(bias)}
-  y = layer.apply({"params": params}, jnp.asarray(x))
-  w = np.asarray(params["kernel"])
-  expected = np_conv(np_sign(x), np_sign(w), stride, pads, dilation, groups, pad_value)
-  expected = expected * alpha + bias
-  assert y.shape == expected.shape
-  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-4)
+    rng = np.random.default_rng(hw * 7 + k + stride + groups)
+    x = rng.normal(size=(2, hw, hw, 8)).astype(np.float32)
+    x[0, 0, 0, 0] = 0.0  # sign(0) must be +1
+    layer = layers.BinaryConv(
+        8,
+        (k, k),
+        strides=stride,
+        padding=padding,
+        kernel_dilation=dilation,
+        feature_group_count=groups,
+        pad_value=pad_value,
+        use_bias=True,
+    )
+    variables = layer.init(jax.random.key(0), jnp.asarray(x))
+    params = variables["params"]
+    alpha = rng.uniform(0.1, 1.0, size=(8,)).astype(np.float32)
+    bias = rng.normal(size=(8,)).astype(np.float32)
+    params = {**params, "alpha": jnp.asarray(alpha), "bias": jnp.asarray(bias)}
+    y = layer.apply({"params": params}, jnp.asarray(x))
+    w = np.asarray(params["kernel"])
+    expected = np_conv(np_sign(x), np_sign(w), stride, pads, dilation, groups, pad_value)
+    expected = expected * alpha + bias
+    assert y.shape == expected.shape
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_padding_holds_exactly_the_pad_value():
-  """A 1x1 all-ones kernel on a padded border reads back exactly the pad value."""
-  x = jnp.full((1, 3, 3, 1), 0.7)
-  for pad_value in (1.0, -1.0, 0.0):
-    layer = layers.BinaryConv(1, (3, 3), padding="SAME", pad_value=pad_value, scale="none",
-                              kernel_init=nn.initializers.ones)
-    y = layer.apply(layer.init(jax.random.key(0), x), x)
-    # Corner sees 4 inputs (sign = +1) and 5 padded cells.
-    assert float(y[0, 0, 0, 0]) == 4 + 5 * pad_value
-    assert float(y[0, 1, 1, 0]) == 9
+    """A 1x1 all-ones kernel on a padded border reads back exactly the pad value."""
+    x = jnp.full((1, 3, 3, 1), 0.7)
+    for pad_value in (1.0, -1.0, 0.0):
+        layer = layers.BinaryConv(
+            1,
+            (3, 3),
+            padding="SAME",
+            pad_value=pad_value,
+            scale="none",
+            kernel_init=nn.initializers.ones,
+        )
+        y = layer.apply(layer.init(jax.random.key(0), x), x)
+        # Corner sees 4 inputs (sign = +1) and 5 padded cells.
+        assert float(y[0, 0, 0, 0]) == 4 + 5 * pad_value
+        assert float(y[0, 1, 1, 0]) == 9
 
 
 @pytest.mark.parametrize("scale", ["learned", "mean", "none"])
 def test_scale_modes(scale):
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(1, 6, 6, 4)).astype(np.float32)
-  layer = layers.BinaryConv(5, (3, 3), scale=scale, pad_value=-1.0)
-  variables = layer.init(jax.random.key(1), jnp.asarray(x))
-  w = np.asarray(variables["params"]["kernel"])
-  mean_abs = np.abs(w).mean(axis=(0, 1, 2))
-  if scale == "learned":
-    np.testing.assert_allclose(np.asarray(variables["params"]["alpha"]), mean_abs, rtol=1e-6)
-  else:
-    assert "alpha" not in variables["params"]
-  alpha = mean_abs if scale != "none" else np.ones(5, np.float32)
-  expected = np_conv(np_sign(x), np_sign(w), 1, ((1, 1), (1, 1)), pad_value=-1.0) * alpha
-  y = layer.apply({"params": variables["params"]}, jnp.asarray(x))
-  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 6, 6, 4)).astype(np.float32)
+    layer = layers.BinaryConv(5, (3, 3), scale=scale, pad_value=-1.0)
+    variables = layer.init(jax.random.key(1), jnp.asarray(x))
+    w = np.asarray(variables["params"]["kernel"])
+    mean_abs = np.abs(w).mean(axis=(0, 1, 2))
+    if scale == "learned":
+        np.testing.assert_allclose(np.asarray(variables["params"]["alpha"]), mean_abs, rtol=1e-6)
+    else:
+        assert "alpha" not in variables["params"]
+    alpha = mean_abs if scale != "none" else np.ones(5, np.float32)
+    expected = np_conv(np_sign(x), np_sign(w), 1, ((1, 1), (1, 1)), pad_value=-1.0) * alpha
+    y = layer.apply({"params": variables["params"]}, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_real_input_is_not_binarized():
-  rng = np.random.default_rng(3)
-  x = rng.normal(size=(1, 5, 5, 3)).astype(np.float32)
-  layer = layers.BinaryConv(4, (3, 3), input_quantizer=None)
-  variables = layer.init(jax.random.key(0), jnp.asarray(x))
-  w = np.asarray(variables["params"]["kernel"])
-  alpha = np.asarray(variables["params"]["alpha"])
-  expected = np_conv(x, np_sign(w), 1, ((1, 1), (1, 1))) * alpha
-  np.testing.assert_allclose(np.asarray(layer.apply(variables, jnp.asarray(x))), expected,
-                             rtol=1e-5, atol=1e-5)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, 5, 5, 3)).astype(np.float32)
+    layer = layers.BinaryConv(4, (3, 3), input_quantizer=None)
+    variables = layer.init(jax.random.key(0), jnp.asarray(x))
+    w = np.asarray(variables["params"]["kernel"])
+    alpha = np.asarray(variables["params"]["alpha"])
+    expected = np_conv(x, np_sign(w), 1, ((1, 1), (1, 1))) * alpha
+    np.testing.assert_allclose(
+        np.asarray(layer.apply(variables, jnp.asarray(x))), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_binary_dense_matches_numpy():
-  rng = np.random.default_rng(4)
-  x = rng.normal(size=(3, 2, 10)).astype(np.float32)
-  layer = layers.BinaryDense(6, use_bias=True)
-  variables = layer.init(jax.random.key(0), jnp.asarray(x))
-  p = variables["params"]
-  expected = (np_sign(x) @ np_sign(np.asarray(p["kernel"]))) * np.asarray(p["alpha"]) \
-      + np.asarray(p["bias"])
-  y = layer.apply({"params": p}, jnp.asarray(x))
-  assert y.shape == (3, 2, 6)
-  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 2, 10)).astype(np.float32)
+    layer = layers.BinaryDense(6, use_bias=True)
+    variables = layer.init(jax.random.key(0), jnp.asarray(x))
+    p = variables["params"]
+    expected = (np_sign(x) @ np_sign(np.asarray(p["kernel"]))) * np.asarray(
+        p["alpha"]
+    ) + np.asarray(p["bias"])
+    y = layer.apply({"params": p}, jnp.asarray(x))
+    assert y.shape == (3, 2, 6)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_input_gradient_is_the_approx_sign_ste():
-  """d sum(y)/dx = ApproxSign'(x) * (d sum(y) / d sign(x)), the latter from a plain conv."""
-  rng = np.random.default_rng(5)
-  x = rng.uniform(-1.5, 1.5, size=(1, 6, 6, 3)).astype(np.float32)
-  layer = layers.BinaryConv(4, (3, 3), input_quantizer="approx")
-  variables = layer.init(jax.random.key(0), jnp.asarray(x))
-  gx = jax.grad(lambda v: layer.apply(variables, v).sum())(jnp.asarray(x))
-  w = np.asarray(variables["params"]["kernel"])
-  alpha = np.asarray(variables["params"]["alpha"])
-  # d sum(conv(xb, w)) / d xb[p, q, c] = sum over kernel taps reaching (p, q) of sum_o alpha_o w.
-  tap_sum = (np_sign(w) * alpha).sum(axis=-1)  # [3, 3, c_in]
-  d_xb = np.zeros((6, 6, 3))
-  for p in range(6):
-    for q in range(6):
-      for i in range(3):
-        for j in range(3):
-          op, oq = p - i + 1, q - j + 1  # output position whose window tap (i, j) hits (p, q)
-          if 0 <= op < 6 and 0 <= oq < 6:
-            d_xb[p, q] += tap_sum[i, j]
-  expected = np.maximum(2 - 2 * np.abs(x[0]), 0) * d_xb
-  np.testing.assert_allclose(np.asarray(gx[0]), expected, rtol=1e-5, atol=1e-5)
+    """d sum(y)/dx = ApproxSign'(x) * (d sum(y) / d sign(x)), the latter from a plain conv."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1.5, 1.5, size=(1, 6, 6, 3)).astype(np.float32)
+    layer = layers.BinaryConv(4, (3, 3), input_quantizer="approx")
+    variables = layer.init(jax.random.key(0), jnp.asarray(x))
+    gx = jax.grad(lambda v: layer.apply(variables, v).sum())(jnp.asarray(x))
+    w = np.asarray(variables["params"]["kernel"])
+    alpha = np.asarray(variables["params"]["alpha"])
+    # d sum(conv(xb, w)) / d xb[p, q, c] = sum over kernel taps reaching (p, q) of sum_o alpha_o w.
+    tap_sum = (np_sign(w) * alpha).sum(axis=-1)  # [3, 3, c_in]
+    d_xb = np.zeros((6, 6, 3))
+    for p in range(6):
+        for q in range(6):
+            for i in range(3):
+                for j in range(3):
+                    op, oq = (
+                        p - i + 1,
+                        q - j + 1,
+                    )  # output position whose window tap (i, j) hits (p, q)
+                    if 0 <= op < 6 and 0 <= oq < 6:
+                        d_xb[p, q] += tap_sum[i, j]
+    expected = np.maximum(2 - 2 * np.abs(x[0]), 0) * d_xb
+    np.testing.assert_allclose(np.asarray(gx[0]), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_reconstruction_loss_value_and_gradients():
-  rng = np.random.default_rng(6)
-  w = rng.normal(size=(3, 3, 4, 5)).astype(np.float32) * 0.1
-  alpha = rng.uniform(0.01, 0.2, size=(5,)).astype(np.float32)
-  value = 0.5 * np.sum((w - alpha * np_sign(w)) ** 2)
-  dw = w - alpha * np_sign(w)
-  dalpha = w[..., 0].size * alpha - np.abs(w).sum(axis=(0, 1, 2))
-  got, (gw, galpha) = jax.value_and_grad(layers.reconstruction_loss, (0, 1))(
-      jnp.asarray(w), jnp.asarray(alpha))
-  np.testing.assert_allclose(float(got), value, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(gw), dw, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(np.asarray(galpha), dalpha, rtol=1e-5, atol=1e-6)
+    rng = np.random.default_rng(6)
+    w = rng.normal(size=(3, 3, 4, 5)).astype(np.float32) * 0.1
+    alpha = rng.uniform(0.01, 0.2, size=(5,)).astype(np.float32)
+    value = 0.5 * np.sum((w - alpha * np_sign(w)) ** 2)
+    dw = w - alpha * np_sign(w)
+    dalpha = w[..., 0].size * alpha - np.abs(w).sum(axis=(0, 1, 2))
+    got, (gw, galpha) = jax.value_and_grad(layers.reconstruction_loss, (0, 1))(
+        jnp.asarray(w), jnp.asarray(alpha)
+    )
+    np.testing.assert_allclose(float(got), value, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), dw, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(galpha), dalpha, rtol=1e-5, atol=1e-6)
 
 
 class _Nested(nn.Module):
-  """Three binary layers at different depths, one without a scale (so without L_R)."""
+    """Three binary layers at different depths, one without a scale (so without L_R)."""
 
-  @nn.compact
-  def __call__(self, x):
-    x = layers.BinaryConv(4, (3, 3), name="conv")(x)
-    x = _Inner(name="inner")(x)
-    x = layers.BinaryConv(4, (1, 1), scale="none", name="unscaled")(x)
-    return layers.BinaryDense(3, scale="mean", name="dense")(x.mean(axis=(1, 2)))
+    @nn.compact
+    def __call__(self, x):
+        x = layers.BinaryConv(4, (3, 3), name="conv")(x)
+        x = _Inner(name="inner")(x)
+        x = layers.BinaryConv(4, (1, 1), scale="none", name="unscaled")(x)
+        return layers.BinaryDense(3, scale="mean", name="dense")(x.mean(axis=(1, 2)))
 
 
 class _Inner(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = layers.BinaryConv(4, (3, 3), name="deep")(x)
-    return nn.BatchNorm(use_running_average=True)(x)
+    @nn.compact
+    def __call__(self, x):
+        x = layers.BinaryConv(4, (3, 3), name="deep")(x)
+        return nn.BatchNorm(use_running_average=True)(x)
 
 
 def test_total_reconstruction_loss_sums_every_layer():
-  x = jnp.ones((2, 8, 8, 3))
-  model = _Nested()
-  variables = model.init(jax.random.key(0), x)
-  variables = {k: v for k, v in variables.items() if k != "losses"}
-  _, state = model.apply(variables, x, mutable=["losses"])
-  total = float(layers.total_reconstruction_loss(state["losses"]))
-  assert float(layers.total_reconstruction_loss(state)) == total
-  p = variables["params"]
+    x = jnp.ones((2, 8, 8, 3))
+    model = _Nested()
+    variables = model.init(jax.random.key(0), x)
+    variables = {k: v for k, v in variables.items() if k != "losses"}
+    _, state = model.apply(variables, x, mutable=["losses"])
+    total = float(layers.total_reconstruction_loss(state["losses"]))
+    assert float(layers.total_reconstruction_loss(state)) == total
+    p = variables["params"]
 
-  def lr(kernel, alpha):
-    kernel = np.asarray(kernel)
-    return 0.5 * np.sum((kernel - np.asarray(alpha) * np_sign(kernel)) ** 2)
+    def lr(kernel, alpha):
+        kernel = np.asarray(kernel)
+        return 0.5 * np.sum((kernel - np.asarray(alpha) * np_sign(kernel)) ** 2)
 
-  dense_w = np.asarray(p["dense"]["kernel"])
-  expected = (lr(p["conv"]["kernel"], p["conv"]["alpha"])
-              + lr(p["inner"]["deep"]["kernel"], p["inner"]["deep"]["alpha"])
-              + lr(dense_w, np.abs(dense_w).mean(axis=0)))
-  np.testing.assert_allclose(total, expected, rtol=1e-5)
-  assert total > 0
-  # Nothing is sown, nor computed into state, when the collection is not mutable.
-  assert float(layers.total_reconstruction_loss({})) == 0.0
+    dense_w = np.asarray(p["dense"]["kernel"])
+    expected = (
+        lr(p["conv"]["kernel"], p["conv"]["alpha"])
+        + lr(p["inner"]["deep"]["kernel"], p["inner"]["deep"]["alpha"])
+        + lr(dense_w, np.abs(dense_w).mean(axis=0))
+    )
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+    assert total > 0
+    # Nothing is sown, nor computed into state, when the collection is not mutable.
+    assert float(layers.total_reconstruction_loss({})) == 0.0
 
 
 def test_unknown_names_raise_with_choices():
-  x = jnp.ones((1, 4, 4, 2))
-  with pytest.raises(ValueError, match=r"Unknown scale 'per_tensor'.*learned.*mean.*none"):
-    layers.BinaryConv(2, (3, 3), scale="per_tensor").init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match=r"Unknown binary quantizer 'tanh'"):
-    layers.BinaryConv(2, (3, 3), input_quantizer="tanh").init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match=r"needs a binary weight quantizer"):
-    layers.BinaryDense(2, weight_quantizer=None).init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match=r"Unknown padding 'FULL'"):
-    layers.BinaryConv(2, (3, 3), padding="FULL").init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match=r"feature_group_count=3"):
-    layers.BinaryConv(3, (3, 3), feature_group_count=3).init(jax.random.key(0), x)
+    x = jnp.ones((1, 4, 4, 2))
+    with pytest.raises(ValueError, match=r"Unknown scale 'per_tensor'.*learned.*mean.*none"):
+        layers.BinaryConv(2, (3, 3), scale="per_tensor").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"Unknown binary quantizer 'tanh'"):
+        layers.BinaryConv(2, (3, 3), input_quantizer="tanh").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"needs a binary weight quantizer"):
+        layers.BinaryDense(2, weight_quantizer=None).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"Unknown padding 'FULL'"):
+        layers.BinaryConv(2, (3, 3), padding="FULL").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"feature_group_count=3"):
+        layers.BinaryConv(3, (3, 3), feature_group_count=3).init(jax.random.key(0), x)
 
 
 def test_jit_vmap_and_bf16():
-  rng = np.random.default_rng(7)
-  x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)).astype(np.float32))
-  layer = layers.BinaryConv(6, (3, 3), strides=2)
-  variables = layer.init(jax.random.key(0), x)
-  eager = layer.apply(variables, x)
-  jitted = jax.jit(layer.apply)(variables, x)
-  np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6, atol=1e-6)
-  # vmap over an extra leading axis of inputs equals applying on each slice.
-  stacked = jnp.stack([x, -x])
-  mapped = jax.vmap(layer.apply, in_axes=(None, 0))(variables, stacked)
-  np.testing.assert_allclose(np.asarray(mapped[1]), np.asarray(layer.apply(variables, -x)),
-                             rtol=1e-6, atol=1e-6)
-  # bf16 compute with f32 parameters: +-1 products sum exactly, only alpha is rounded.
-  layer16 = layers.BinaryConv(6, (3, 3), strides=2, dtype=jnp.bfloat16)
-  y16 = jax.jit(layer16.apply)(variables, x.astype(jnp.bfloat16))
-  assert y16.dtype == jnp.bfloat16
-  assert variables["params"]["kernel"].dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(eager), rtol=1e-2, atol=1e-3)
-  grads = jax.grad(lambda p: layer16.apply({"params": p}, x).astype(jnp.float32).sum())(
-      variables["params"])
-  assert grads["kernel"].dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grads["kernel"])))
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)).astype(np.float32))
+    layer = layers.BinaryConv(6, (3, 3), strides=2)
+    variables = layer.init(jax.random.key(0), x)
+    eager = layer.apply(variables, x)
+    jitted = jax.jit(layer.apply)(variables, x)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6, atol=1e-6)
+    # vmap over an extra leading axis of inputs equals applying on each slice.
+    stacked = jnp.stack([x, -x])
+    mapped = jax.vmap(layer.apply, in_axes=(None, 0))(variables, stacked)
+    np.testing.assert_allclose(
+        np.asarray(mapped[1]), np.asarray(layer.apply(variables, -x)), rtol=1e-6, atol=1e-6
+    )
+    # bf16 compute with f32 parameters: +-1 products sum exactly, only alpha is rounded.
+    layer16 = layers.BinaryConv(6, (3, 3), strides=2, dtype=jnp.bfloat16)
+    y16 = jax.jit(layer16.apply)(variables, x.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+    assert variables["params"]["kernel"].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(eager), rtol=1e-2, atol=1e-3)
+    grads = jax.grad(lambda p: layer16.apply({"params": p}, x).astype(jnp.float32).sum())(
+        variables["params"]
+    )
+    assert grads["kernel"].dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grads["kernel"])))
 
 
 def test_activation_helpers():
-  x = jnp.array([[-2.0, -0.5, 0.5, 3.0]])
-  bias_layer = layers.LearnableBias()
-  variables = bias_layer.init(jax.random.key(0), x)
-  assert variables["params"]["bias"].shape == (4,)
-  shifted = bias_layer.apply({"params": {"bias": jnp.array([1.0, 0.0, -1.0, 2.0])}}, x)
-  np.testing.assert_allclose(np.asarray(shifted), [[-1.0, -0.5, -0.5, 5.0]])
+    x = jnp.array([[-2.0, -0.5, 0.5, 3.0]])
+    bias_layer = layers.LearnableBias()
+    variables = bias_layer.init(jax.random.key(0), x)
+    assert variables["params"]["bias"].shape == (4,)
+    shifted = bias_layer.apply({"params": {"bias": jnp.array([1.0, 0.0, -1.0, 2.0])}}, x)
+    np.testing.assert_allclose(np.asarray(shifted), [[-1.0, -0.5, -0.5, 5.0]])
 
-  act = layers.RPReLU()
-  params = act.init(jax.random.key(0), x)["params"]
-  np.testing.assert_allclose(np.asarray(params["negative_slope"]), [0.25] * 4)
-  params = {"negative_slope": jnp.full((4,), 0.1), "shift_in": jnp.array([0.0, -1.0, 1.0, 0.0]),
-            "shift_out": jnp.array([0.5, 0.0, 0.0, -1.0])}
-  y = act.apply({"params": params}, x)
-  shifted = np.array([-2.0, 0.5, -0.5, 3.0])
-  expected = np.where(shifted > 0, shifted, 0.1 * shifted) + np.array([0.5, 0.0, 0.0, -1.0])
-  np.testing.assert_allclose(np.asarray(y)[0], expected, rtol=1e-6)
-  plain = layers.RPReLU(learn_shifts=False)
-  assert set(plain.init(jax.random.key(0), x)["params"]) == {"negative_slope"}
+    act = layers.RPReLU()
+    params = act.init(jax.random.key(0), x)["params"]
+    np.testing.assert_allclose(np.asarray(params["negative_slope"]), [0.25] * 4)
+    params = {
+        "negative_slope": jnp.full((4,), 0.1),
+        "shift_in": jnp.array([0.0, -1.0, 1.0, 0.0]),
+        "shift_out": jnp.array([0.5, 0.0, 0.0, -1.0]),
+    }
+    y = act.apply({"params": params}, x)
+    shifted = np.array([-2.0, 0.5, -0.5, 3.0])
+    expected = np.where(shifted > 0, shifted, 0.1 * shifted) + np.array([0.5, 0.0, 0.0, -1.0])
+    np.testing.assert_allclose(np.asarray(y)[0], expected, rtol=1e-6)
+    plain = layers.RPReLU(learn_shifts=False)
+    assert set(plain.init(jax.random.key(0), x)["params"]) == {"negative_slope"}
 
 
 class _TinyBinaryClassifier(nn.Module):
-  """A user model: real stem, two binary residual blocks, real classifier."""
+    """A user model: real stem, two binary residual blocks, real classifier."""
 
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = nn.Conv(16, (3, 3))(x)
-    x = nn.BatchNorm(use_running_average=not train)(x)
-    for _ in range(2):
-      y = layers.LearnableBias()(x)
-      y = layers.BinaryConv(16, (3, 3))(y)
-      y = nn.BatchNorm(use_running_average=not train)(y)
-      x = layers.RPReLU()(y + x)
-    return nn.Dense(2)(x.mean(axis=(1, 2)))
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(16, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        for _ in range(2):
+            y = layers.LearnableBias()(x)
+            y = layers.BinaryConv(16, (3, 3))(y)
+            y = nn.BatchNorm(use_running_average=not train)(y)
+            x = layers.RPReLU()(y + x)
+        return nn.Dense(2)(x.mean(axis=(1, 2)))
 
 
 def test_tiny_user_classifier_trains():
-  rng = np.random.default_rng(8)
-  images = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
-  labels = (images[..., 0].mean(axis=(1, 2)) > 0).astype(np.int32)
-  images[..., 0] += np.where(labels, 1.0, -1.0)[:, None, None]  # a learnable signal
-  model = _TinyBinaryClassifier()
-  variables = model.init(jax.random.key(0), jnp.asarray(images), train=False)
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  tx = optax.adam(1e-2)
-  opt_state = tx.init(params)
+    rng = np.random.default_rng(8)
+    images = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
+    labels = (images[..., 0].mean(axis=(1, 2)) > 0).astype(np.int32)
+    images[..., 0] += np.where(labels, 1.0, -1.0)[:, None, None]  # a learnable signal
+    model = _TinyBinaryClassifier()
+    variables = model.init(jax.random.key(0), jnp.asarray(images), train=False)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(params)
 
-  @jax.jit
-  def step(params, batch_stats, opt_state):
-    def loss_fn(p):
-      logits, state = model.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
-                                  mutable=["batch_stats", "losses"])
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return ce + 1e-4 * layers.total_reconstruction_loss(state["losses"]), (ce, state)
+    @jax.jit
+    def step(params, batch_stats, opt_state):
+        def loss_fn(p):
+            logits, state = model.apply(
+                {"params": p, "batch_stats": batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats", "losses"],
+            )
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return ce + 1e-4 * layers.total_reconstruction_loss(state["losses"]), (ce, state)
 
-    (_, (ce, state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), state["batch_stats"], opt_state, ce
+        (_, (ce, state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), state["batch_stats"], opt_state, ce
 
-  losses = []
-  for _ in range(25):
-    params, batch_stats, opt_state, ce = step(params, batch_stats, opt_state)
-    losses.append(float(ce))
-  assert losses[-1] < 0.5 * losses[0], losses
+    losses = []
+    for _ in range(25):
+        params, batch_stats, opt_state, ce = step(params, batch_stats, opt_state)
+        losses.append(float(ce))
+    assert losses[-1] < 0.5 * losses[0], losses

@@ -12,93 +12,99 @@ SIGN = np.array([-1, -1, -1, -1, 1, 1, 1, 1, 1], np.float32)  # sign(0) = +1
 
 
 def _pointwise_grad(fn, x):
-  return np.asarray(jax.vmap(jax.grad(fn))(jnp.asarray(x)))
+    return np.asarray(jax.vmap(jax.grad(fn))(jnp.asarray(x)))
 
 
 @pytest.mark.parametrize("name", ["identity", "clipped", "approx"])
 def test_forward_is_sign_with_zero_mapped_to_plus_one(name):
-  quantize = layers.get_binary_quantizer(name)
-  np.testing.assert_array_equal(np.asarray(quantize(jnp.asarray(POINTS))), SIGN)
+    quantize = layers.get_binary_quantizer(name)
+    np.testing.assert_array_equal(np.asarray(quantize(jnp.asarray(POINTS))), SIGN)
 
 
 def test_plain_sign_forward_and_zero_gradient():
-  np.testing.assert_array_equal(np.asarray(layers.sign(jnp.asarray(POINTS))), SIGN)
-  np.testing.assert_array_equal(_pointwise_grad(layers.sign, POINTS), np.zeros_like(POINTS))
+    np.testing.assert_array_equal(np.asarray(layers.sign(jnp.asarray(POINTS))), SIGN)
+    np.testing.assert_array_equal(_pointwise_grad(layers.sign, POINTS), np.zeros_like(POINTS))
 
 
 def test_identity_ste_gradient_is_one_everywhere():
-  np.testing.assert_array_equal(_pointwise_grad(layers.sign_identity_ste, POINTS),
-                                np.ones_like(POINTS))
+    np.testing.assert_array_equal(
+        _pointwise_grad(layers.sign_identity_ste, POINTS), np.ones_like(POINTS)
+    )
 
 
 def test_clipped_ste_gradient_includes_the_boundary():
-  # |x| <= 1 -> 1, else 0: -1.0 and 1.0 pass the gradient.
-  expected = np.array([0, 1, 1, 1, 1, 1, 1, 1, 0], np.float32)
-  np.testing.assert_array_equal(_pointwise_grad(layers.sign_clipped_ste, POINTS), expected)
+    # |x| <= 1 -> 1, else 0: -1.0 and 1.0 pass the gradient.
+    expected = np.array([0, 1, 1, 1, 1, 1, 1, 1, 0], np.float32)
+    np.testing.assert_array_equal(_pointwise_grad(layers.sign_clipped_ste, POINTS), expected)
 
 
 def test_approx_sign_gradient_matches_bireal_definition():
-  expected = np.array([0, 0, 2 - 2 * 0.999, 1, 2, 1.5, 1, 0, 0], np.float32)
-  np.testing.assert_allclose(_pointwise_grad(layers.sign_approx_ste, POINTS), expected,
-                             rtol=1e-6, atol=1e-6)
+    expected = np.array([0, 0, 2 - 2 * 0.999, 1, 2, 1.5, 1, 0, 0], np.float32)
+    np.testing.assert_allclose(
+        _pointwise_grad(layers.sign_approx_ste, POINTS), expected, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_ste_scales_incoming_cotangent():
-  x = jnp.asarray(POINTS)
-  cotangent = jnp.arange(1.0, 1.0 + x.size)
-  _, vjp = jax.vjp(layers.sign_clipped_ste, x)
-  expected = np.asarray(cotangent) * (np.abs(POINTS) <= 1)
-  np.testing.assert_allclose(np.asarray(vjp(cotangent)[0]), expected)
+    x = jnp.asarray(POINTS)
+    cotangent = jnp.arange(1.0, 1.0 + x.size)
+    _, vjp = jax.vjp(layers.sign_clipped_ste, x)
+    expected = np.asarray(cotangent) * (np.abs(POINTS) <= 1)
+    np.testing.assert_allclose(np.asarray(vjp(cotangent)[0]), expected)
 
 
 def test_ste_keeps_dtype_and_works_in_bf16():
-  x = jnp.asarray(POINTS, jnp.bfloat16)
-  y = layers.sign_approx_ste(x)
-  assert y.dtype == jnp.bfloat16
-  g = jax.grad(lambda v: layers.sign_approx_ste(v).astype(jnp.float32).sum())(x)
-  assert g.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(y, np.float32), SIGN)
+    x = jnp.asarray(POINTS, jnp.bfloat16)
+    y = layers.sign_approx_ste(x)
+    assert y.dtype == jnp.bfloat16
+    g = jax.grad(lambda v: layers.sign_approx_ste(v).astype(jnp.float32).sum())(x)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float32), SIGN)
 
 
 def test_unknown_quantizer_lists_choices():
-  with pytest.raises(ValueError, match=r"'binarize'.*approx.*clipped.*identity"):
-    layers.get_binary_quantizer("binarize")
-  assert layers.get_binary_quantizer(None) is None
-  assert layers.get_binary_quantizer("none") is None
+    with pytest.raises(ValueError, match=r"'binarize'.*approx.*clipped.*identity"):
+        layers.get_binary_quantizer("binarize")
+    assert layers.get_binary_quantizer(None) is None
+    assert layers.get_binary_quantizer("none") is None
 
 
 def _numpy_lsq(x, s, bits, signed):
-  """Forward and the LSQ gradients (Esser et al.) computed by hand."""
-  q_min, q_max = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-  v = x / s
-  inside = (v >= q_min) & (v <= q_max)
-  forward = np.round(np.clip(v, q_min, q_max)) * s
-  g = 1.0 / np.sqrt(x.size * q_max)
-  ds = np.where(inside, np.round(v) - v, np.where(v < q_min, q_min, q_max)) * g
-  return forward, inside.astype(np.float32), ds.sum()
+    """Forward and the LSQ gradients (Esser et al.) computed by hand."""
+    q_min, q_max = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    v = x / s
+    inside = (v >= q_min) & (v <= q_max)
+    forward = np.round(np.clip(v, q_min, q_max)) * s
+    g = 1.0 / np.sqrt(x.size * q_max)
+    ds = np.where(inside, np.round(v) - v, np.where(v < q_min, q_min, q_max)) * g
+    return forward, inside.astype(np.float32), ds.sum()
 
 
 @pytest.mark.parametrize("bits,signed", [(4, True), (4, False), (2, True)])
 def test_lsq_forward_and_gradients(bits, signed):
-  rng = np.random.default_rng(bits + signed)
-  x = rng.normal(size=(64,)).astype(np.float32) * 2
-  x[0] = 0.3  # stays away from rounding ties
-  step = np.float32(0.37)
-  forward, dx, ds = _numpy_lsq(x, step, bits, signed)
-  y = layers.lsq_quantize(jnp.asarray(x), jnp.asarray(step), bits, signed)
-  np.testing.assert_allclose(np.asarray(y), forward, rtol=1e-6, atol=1e-6)
-  gx, gs = jax.grad(lambda a, s: layers.lsq_quantize(a, s, bits, signed).sum(), (0, 1))(
-      jnp.asarray(x), jnp.asarray(step))
-  np.testing.assert_allclose(np.asarray(gx), dx)
-  np.testing.assert_allclose(float(gs), ds, rtol=1e-5, atol=1e-6)
+    rng = np.random.default_rng(bits + signed)
+    x = rng.normal(size=(64,)).astype(np.float32) * 2
+    x[0] = 0.3  # stays away from rounding ties
+    step = np.float32(0.37)
+    forward, dx, ds = _numpy_lsq(x, step, bits, signed)
+    y = layers.lsq_quantize(jnp.asarray(x), jnp.asarray(step), bits, signed)
+    np.testing.assert_allclose(np.asarray(y), forward, rtol=1e-6, atol=1e-6)
+    gx, gs = jax.grad(lambda a, s: layers.lsq_quantize(a, s, bits, signed).sum(), (0, 1))(
+        jnp.asarray(x), jnp.asarray(step)
+    )
+    np.testing.assert_allclose(np.asarray(gx), dx)
+    np.testing.assert_allclose(float(gs), ds, rtol=1e-5, atol=1e-6)
 
 
 def test_lsq_levels_and_init():
-  assert layers.lsq_levels(4, True) == (-8, 7)
-  assert layers.lsq_levels(4, False) == (0, 15)
-  with pytest.raises(ValueError, match="at least 2 bits"):
-    layers.lsq_levels(1, True)
-  x = jnp.array([[1.0, -3.0], [2.0, 0.0]])
-  np.testing.assert_allclose(float(layers.lsq_init_step(x, 4)), 2 * 1.5 / np.sqrt(7), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(layers.lsq_init_step(x, 4, axis=0)),
-                             2 * np.array([1.5, 1.5]) / np.sqrt(7), rtol=1e-6)
+    assert layers.lsq_levels(4, True) == (-8, 7)
+    assert layers.lsq_levels(4, False) == (0, 15)
+    with pytest.raises(ValueError, match="at least 2 bits"):
+        layers.lsq_levels(1, True)
+    x = jnp.array([[1.0, -3.0], [2.0, 0.0]])
+    np.testing.assert_allclose(float(layers.lsq_init_step(x, 4)), 2 * 1.5 / np.sqrt(7), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(layers.lsq_init_step(x, 4, axis=0)),
+        2 * np.array([1.5, 1.5]) / np.sqrt(7),
+        rtol=1e-6,
+    )

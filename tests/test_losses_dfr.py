@@ -18,8 +18,17 @@ def np_mask(boxes, select, h, w):
     return m
 
 
-BOXES = np.array([[1, 1, 3, 4], [2, 2, 5, 3], [0.5, 5, 1.5, 7.2], [4, 4, 8, 6],
-                  [0, 0, 8, 8], [6.6, 0.2, 6.9, 9]], np.float32)
+BOXES = np.array(
+    [
+        [1, 1, 3, 4],
+        [2, 2, 5, 3],
+        [0.5, 5, 1.5, 7.2],
+        [4, 4, 8, 6],
+        [0, 0, 8, 8],
+        [6.6, 0.2, 6.9, 9],
+    ],
+    np.float32,
+)
 VALID = np.array([True, True, True, True, False, True])
 IGNORE = np.array([False, False, False, True, False, False])
 
@@ -45,7 +54,8 @@ def test_mask_random_boxes_and_vmap():
     valid = rng.uniform(size=(2, 20)) > 0.2
     ignore = rng.uniform(size=(2, 20)) > 0.8
     fg, ign = jax.jit(jax.vmap(lambda b, v, i: foreground_mask(b, v, i, 24, 32)))(
-        boxes, valid, ignore)
+        boxes, valid, ignore
+    )
     for b in range(2):
         np.testing.assert_array_equal(fg[b], np_mask(boxes[b], valid[b] & ~ignore[b], 24, 32))
         np.testing.assert_array_equal(ign[b], np_mask(boxes[b], valid[b] & ignore[b], 24, 32))
@@ -55,8 +65,12 @@ def np_dfr(recon, target, fg, ign, mode):
     losses = []
     for r, x, m, g in zip(recon, target, fg, ign):
         m, keep = m[..., None], 1 - g[..., None]
-        err = {"decoupled": m * abs(r - x) + (1 - m) * abs(r), "full": abs(r - x),
-               "foreground": m * abs(r - x), "background": (1 - m) * abs(r)}[mode]
+        err = {
+            "decoupled": m * abs(r - x) + (1 - m) * abs(r),
+            "full": abs(r - x),
+            "foreground": m * abs(r - x),
+            "background": (1 - m) * abs(r),
+        }[mode]
         losses.append((err * keep).sum() / (keep.sum() * 3))
     return np.mean(losses)
 
@@ -75,13 +89,18 @@ def batch():
 @pytest.mark.parametrize("mode", ["decoupled", "full", "foreground", "background"])
 def test_loss_modes_match_numpy(mode):
     recon, target, fg, ign = batch()
-    np.testing.assert_allclose(dfr_loss(recon, target, fg, ign, mode),
-                               np_dfr(recon, target, fg, ign, mode), rtol=1e-5)
+    np.testing.assert_allclose(
+        dfr_loss(recon, target, fg, ign, mode), np_dfr(recon, target, fg, ign, mode), rtol=1e-5
+    )
     # An unbatched image equals a batch of one; no ignore mask equals an all-zero one.
-    np.testing.assert_allclose(dfr_loss(recon[1], target[1], fg[1], ign[1], mode),
-                               np_dfr(recon[1:], target[1:], fg[1:], ign[1:], mode), rtol=1e-5)
-    np.testing.assert_allclose(dfr_loss(recon, target, fg, mode=mode),
-                               np_dfr(recon, target, fg, 0 * ign, mode), rtol=1e-5)
+    np.testing.assert_allclose(
+        dfr_loss(recon[1], target[1], fg[1], ign[1], mode),
+        np_dfr(recon[1:], target[1:], fg[1:], ign[1:], mode),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        dfr_loss(recon, target, fg, mode=mode), np_dfr(recon, target, fg, 0 * ign, mode), rtol=1e-5
+    )
 
 
 def test_decoupled_equals_eq9():

@@ -31,12 +31,14 @@ def test_elementwise_and_sum_match_numpy():
     logits, labels, weights = inputs()
     ref = np_focal(logits, labels)
     np.testing.assert_allclose(sigmoid_focal_loss_elementwise(logits, labels), ref, rtol=1e-5)
-    np.testing.assert_allclose(sigmoid_focal_loss(logits, labels, weights),
-                               (ref.sum(1) * weights).sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+        sigmoid_focal_loss(logits, labels, weights), (ref.sum(1) * weights).sum(), rtol=1e-5
+    )
     np.testing.assert_allclose(sigmoid_focal_loss(logits, labels), ref.sum(), rtol=1e-5)
     ref_g1 = np_focal(logits, labels, alpha=0.5, gamma=1.0)
     np.testing.assert_allclose(
-        sigmoid_focal_loss_elementwise(logits, labels, alpha=0.5, gamma=1.0), ref_g1, rtol=1e-5)
+        sigmoid_focal_loss_elementwise(logits, labels, alpha=0.5, gamma=1.0), ref_g1, rtol=1e-5
+    )
 
 
 def test_hand_value():

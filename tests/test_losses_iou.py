@@ -32,13 +32,16 @@ def test_hand_values():
 
 def test_weighted_sums_match_numpy():
     ref = np.array([np_iou_giou(p, q) for p, q in zip(PRED.astype(float), TARGET.astype(float))])
-    np.testing.assert_allclose(L.giou_loss(PRED, TARGET, WEIGHTS),
-                               ((1 - ref[:, 1]) * WEIGHTS).sum(), rtol=1e-5)
-    np.testing.assert_allclose(L.iou_loss(PRED, TARGET, WEIGHTS),
-                               ((1 - ref[:, 0]) * WEIGHTS).sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+        L.giou_loss(PRED, TARGET, WEIGHTS), ((1 - ref[:, 1]) * WEIGHTS).sum(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        L.iou_loss(PRED, TARGET, WEIGHTS), ((1 - ref[:, 0]) * WEIGHTS).sum(), rtol=1e-5
+    )
     log_ref = -np.log(np.maximum(ref[:, 0], 1e-6))
-    np.testing.assert_allclose(L.iou_loss(PRED, TARGET, WEIGHTS, mode="log"),
-                               (log_ref * WEIGHTS).sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+        L.iou_loss(PRED, TARGET, WEIGHTS, mode="log"), (log_ref * WEIGHTS).sum(), rtol=1e-5
+    )
     with pytest.raises(ValueError, match="mode"):
         L.iou_loss(PRED, TARGET, mode="square")
 
@@ -75,8 +78,9 @@ def test_centerness_loss_and_gradient():
     weights = np.array([1.0, 1.0, 0.0, 2.0], np.float32)
     p = 1 / (1 + np.exp(-logits.astype(np.float64)))
     bce = -(targets * np.log(p) + (1 - targets) * np.log(1 - p))
-    np.testing.assert_allclose(L.centerness_loss(logits, targets, weights), (bce * weights).sum(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        L.centerness_loss(logits, targets, weights), (bce * weights).sum(), rtol=1e-5
+    )
     grad = jax.grad(lambda x: L.centerness_loss(x, targets, weights))(logits)
     np.testing.assert_allclose(grad, (p - targets) * weights, rtol=1e-5, atol=1e-7)
     ltrb = jnp.array([[2.0, 1.0, 6.0, 4.0]])

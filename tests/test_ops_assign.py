@@ -32,16 +32,26 @@ def test_regress_ranges():
 
 fcos_targets_jit = jax.jit(
     A.fcos_targets,
-    static_argnames=("num_classes", "center_sampling", "center_radius", "chunk_size"))
+    static_argnames=("num_classes", "center_sampling", "center_radius", "chunk_size"),
+)
 
 
 def targets(points, level, ranges, strides, boxes, labels, valid=None, ignore=None, **kw):
     n = len(boxes)
     valid = np.ones(n, bool) if valid is None else np.asarray(valid)
     ignore = np.zeros(n, bool) if ignore is None else np.asarray(ignore)
-    out = fcos_targets_jit(points, level, np.asarray(ranges, np.float32),
-                           np.asarray(strides, np.float32), np.asarray(boxes, np.float32),
-                           np.asarray(labels, np.int32), valid, ignore, num_classes=C, **kw)
+    out = fcos_targets_jit(
+        points,
+        level,
+        np.asarray(ranges, np.float32),
+        np.asarray(strides, np.float32),
+        np.asarray(boxes, np.float32),
+        np.asarray(labels, np.int32),
+        valid,
+        ignore,
+        num_classes=C,
+        **kw,
+    )
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -114,8 +124,9 @@ def test_ignore_regions_and_padding():
     boxes = [[0, 0, 16, 16], [8, 0, 32, 16], [0, 0, 32, 32]]
     valid = [True, True, False]  # the padded row covers the image but must do nothing
     ignore = [False, True, False]
-    out = targets(points, level, ranges, strides, boxes, [4, 0, 1], valid, ignore,
-                  center_sampling=False)
+    out = targets(
+        points, level, ranges, strides, boxes, [4, 0, 1], valid, ignore, center_sampling=False
+    )
     pos = np.zeros((4, 4), int)
     pos[:2, :2] = 1
     ign = np.zeros((4, 4), int)
@@ -165,8 +176,12 @@ def random_gts(rng, n, size=64):
     xy = rng.uniform(-4, size, (n, 2))
     wh = rng.choice([2.0, 4.0, 8.0, 16.0, 40.0], (n, 2)) + rng.uniform(0, 3, (n, 2))
     boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
-    return (boxes, rng.integers(0, C, n).astype(np.int32), rng.uniform(size=n) > 0.15,
-            rng.uniform(size=n) > 0.85)
+    return (
+        boxes,
+        rng.integers(0, C, n).astype(np.int32),
+        rng.uniform(size=n) > 0.15,
+        rng.uniform(size=n) > 0.85,
+    )
 
 
 SIZES, STRIDES = [(16, 16), (8, 8), (4, 4)], [4, 8, 16]
@@ -178,14 +193,17 @@ def test_matches_numpy_reference_and_chunking():
     rng = np.random.default_rng(0)
     boxes, labels, valid, ignore = random_gts(rng, 24)
     kw = dict(center_radius=1.5)
-    whole = targets(points, level, ranges, STRIDES, boxes, labels, valid, ignore,
-                    chunk_size=None, **kw)
-    chunked = targets(points, level, ranges, STRIDES, boxes, labels, valid, ignore,
-                      chunk_size=100, **kw)  # 4 chunks, the last one padded
+    whole = targets(
+        points, level, ranges, STRIDES, boxes, labels, valid, ignore, chunk_size=None, **kw
+    )
+    chunked = targets(
+        points, level, ranges, STRIDES, boxes, labels, valid, ignore, chunk_size=100, **kw
+    )  # 4 chunks, the last one padded
     for k in whole:
         np.testing.assert_array_equal(whole[k], chunked[k], err_msg=k)
-    lab, idx, ign = np_reference(points, level, ranges, STRIDES, boxes.astype(np.float64),
-                                 labels, valid, ignore, 1.5)
+    lab, idx, ign = np_reference(
+        points, level, ranges, STRIDES, boxes.astype(np.float64), labels, valid, ignore, 1.5
+    )
     assert 10 < whole["positive"].sum() and whole["ignore"].any()
     np.testing.assert_array_equal(whole["labels"], lab)
     np.testing.assert_array_equal(whole["gt_index"], idx)
@@ -202,9 +220,13 @@ def test_jit_vmap_over_batch():
     rng = np.random.default_rng(1)
     batch = [random_gts(rng, 10) for _ in range(2)]
     stacked = [jnp.asarray(np.stack(x)) for x in zip(*batch)]
-    fn = jax.jit(jax.vmap(
-        lambda b, l, v, i: A.fcos_targets(points, level, ranges, STRIDES, b, l, v, i, C,
-                                          chunk_size=128)))
+    fn = jax.jit(
+        jax.vmap(
+            lambda b, l, v, i: A.fcos_targets(
+                points, level, ranges, STRIDES, b, l, v, i, C, chunk_size=128
+            )
+        )
+    )
     out = fn(*stacked)
     assert out["labels"].shape == (2, len(points))
     assert out["box_targets"].shape == (2, len(points), 4)
@@ -217,5 +239,14 @@ def test_jit_vmap_over_batch():
 def test_rejects_mismatched_shapes():
     points, level, ranges, strides = one_level()
     with pytest.raises(ValueError, match="gt_labels"):
-        A.fcos_targets(points, level, ranges, strides, jnp.zeros((3, 4)), jnp.zeros(2, int),
-                       jnp.ones(3, bool), jnp.zeros(3, bool), C)
+        A.fcos_targets(
+            points,
+            level,
+            ranges,
+            strides,
+            jnp.zeros((3, 4)),
+            jnp.zeros(2, int),
+            jnp.ones(3, bool),
+            jnp.zeros(3, bool),
+            C,
+        )

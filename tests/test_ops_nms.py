@@ -61,8 +61,16 @@ nms_jit = jax.jit(
 def test_matches_numpy_reference(seed, iou_thr):
     boxes, scores, classes, valid = random_inputs(seed)
     kept = np_nms(boxes, scores, classes, valid, iou_thr, 0.05, 1000)
-    out = nms_jit(boxes, scores, classes, valid, iou_threshold=iou_thr, score_threshold=0.05,
-                  max_detections=400, pre_nms_top_k=300)
+    out = nms_jit(
+        boxes,
+        scores,
+        classes,
+        valid,
+        iou_threshold=iou_thr,
+        score_threshold=0.05,
+        max_detections=400,
+        pre_nms_top_k=300,
+    )
     assert 20 < len(kept) < 300  # suppression actually happened
     check(out, boxes, scores, classes, kept, 400)
 
@@ -86,8 +94,17 @@ def test_pre_nms_top_k_limits_candidates():
 
 
 def test_thresholds_classes_and_validity_by_hand():
-    boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 10], [50, 50, 60, 60],
-                      [0, 0, 10, 10], [1, 1, 11, 11]], np.float32)
+    boxes = np.array(
+        [
+            [0, 0, 10, 10],
+            [1, 0, 11, 10],
+            [0, 0, 10, 10],
+            [50, 50, 60, 60],
+            [0, 0, 10, 10],
+            [1, 1, 11, 11],
+        ],
+        np.float32,
+    )
     scores = np.array([0.9, 0.8, 0.7, 0.05, 0.95, 0.6], np.float32)
     classes = np.array([0, 0, 1, 0, 0, 0], np.int32)
     valid = np.array([True, True, True, True, False, True])

@@ -18,38 +18,44 @@ Array = jax.Array
 
 
 class LearnableBias(nn.Module):
-  """x + b with a per-channel bias b (last axis), initialised to 0."""
+    """x + b with a per-channel bias b (last axis), initialised to 0."""
 
-  param_dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    bias = self.param("bias", nn.initializers.zeros_init(), (x.shape[-1],), self.param_dtype)
-    return x + bias.astype(x.dtype)
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        bias = self.param("bias", nn.initializers.zeros_init(), (x.shape[-1],), self.param_dtype)
+        return x + bias.astype(x.dtype)
 
 
 class RPReLU(nn.Module):
-  """RPReLU(x) = PReLU_beta(x - gamma) + zeta, all three per channel (last axis).
+    """RPReLU(x) = PReLU_beta(x - gamma) + zeta, all three per channel (last axis).
 
-  PReLU_beta(y) = y for y > 0 and beta * y otherwise; beta starts at ``negative_slope_init``,
-  the shifts gamma and zeta at 0.
-  """
+    PReLU_beta(y) = y for y > 0 and beta * y otherwise; beta starts at ``negative_slope_init``,
+    the shifts gamma and zeta at 0.
+    """
 
-  negative_slope_init: float = 0.25
-  learn_shifts: bool = True
-  param_dtype: Any = jnp.float32
+    negative_slope_init: float = 0.25
+    learn_shifts: bool = True
+    param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    channels = (x.shape[-1],)
-    slope = self.param("negative_slope", nn.initializers.constant(self.negative_slope_init),
-                       channels, self.param_dtype).astype(x.dtype)
-    if self.learn_shifts:
-      shift_in = self.param("shift_in", nn.initializers.zeros_init(), channels,
-                            self.param_dtype).astype(x.dtype)
-      x = x - shift_in
-    y = jnp.where(x > 0, x, slope * x)
-    if self.learn_shifts:
-      y = y + self.param("shift_out", nn.initializers.zeros_init(), channels,
-                         self.param_dtype).astype(x.dtype)
-    return y
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        channels = (x.shape[-1],)
+        slope = self.param(
+            "negative_slope",
+            nn.initializers.constant(self.negative_slope_init),
+            channels,
+            self.param_dtype,
+        ).astype(x.dtype)
+        if self.learn_shifts:
+            shift_in = self.param(
+                "shift_in", nn.initializers.zeros_init(), channels, self.param_dtype
+            ).astype(x.dtype)
+            x = x - shift_in
+        y = jnp.where(x > 0, x, slope * x)
+        if self.learn_shifts:
+            y = y + self.param(
+                "shift_out", nn.initializers.zeros_init(), channels, self.param_dtype
+            ).astype(x.dtype)
+        return y

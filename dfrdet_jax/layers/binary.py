@@ -43,211 +43,242 @@ RECONSTRUCTION_LOSS_NAME = "reconstruction"
 
 
 def reconstruction_loss(kernel: Array, alpha: Array) -> Array:
-  """L_R = 1/2 * ||w - alpha o sign(w)||^2, a float32 scalar.
+    """L_R = 1/2 * ||w - alpha o sign(w)||^2, a float32 scalar.
 
-  Args:
-    kernel: latent weights, output channels on the last axis, e.g. [kh, kw, c_in, c_out].
-    alpha: per-output-channel scale [c_out].
-  """
-  kernel = kernel.astype(jnp.float32)
-  binary = jax.lax.stop_gradient(quantizers.sign(kernel))
-  return 0.5 * jnp.sum(jnp.square(kernel - alpha.astype(jnp.float32) * binary))
+    Args:
+      kernel: latent weights, output channels on the last axis, e.g. [kh, kw, c_in, c_out].
+      alpha: per-output-channel scale [c_out].
+    """
+    kernel = kernel.astype(jnp.float32)
+    binary = jax.lax.stop_gradient(quantizers.sign(kernel))
+    return 0.5 * jnp.sum(jnp.square(kernel - alpha.astype(jnp.float32) * binary))
 
 
 def total_reconstruction_loss(losses: Any) -> Array:
-  """Sums every L_R sown by binary layers anywhere in a (nested) ``losses`` collection.
+    """Sums every L_R sown by binary layers anywhere in a (nested) ``losses`` collection.
 
-  Args:
-    losses: the ``losses`` collection returned by ``model.apply(..., mutable=['losses'])``
-      (or the whole mutable-variables dict that contains it).
+    Args:
+      losses: the ``losses`` collection returned by ``model.apply(..., mutable=['losses'])``
+        (or the whole mutable-variables dict that contains it).
 
-  Returns:
-    A float32 scalar (0.0 when no layer sowed an L_R).
-  """
-  total = jnp.zeros((), jnp.float32)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(losses)[0]:
-    keys = [getattr(entry, "key", None) for entry in path]
-    if RECONSTRUCTION_LOSS_NAME in keys:
-      total = total + jnp.sum(leaf.astype(jnp.float32))
-  return total
+    Returns:
+      A float32 scalar (0.0 when no layer sowed an L_R).
+    """
+    total = jnp.zeros((), jnp.float32)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(losses)[0]:
+        keys = [getattr(entry, "key", None) for entry in path]
+        if RECONSTRUCTION_LOSS_NAME in keys:
+            total = total + jnp.sum(leaf.astype(jnp.float32))
+    return total
 
 
 def _check_scale_mode(scale: str) -> None:
-  if scale not in SCALE_MODES:
-    raise ValueError(f"Unknown scale {scale!r}; valid choices: {list(SCALE_MODES)}")
+    if scale not in SCALE_MODES:
+        raise ValueError(f"Unknown scale {scale!r}; valid choices: {list(SCALE_MODES)}")
 
 
 def _binarize_kernel(module: nn.Module, kernel: Array) -> tuple[Array, Array | None]:
-  """sign(kernel) with the module's weight STE, and its per-output-channel scale (or None).
+    """sign(kernel) with the module's weight STE, and its per-output-channel scale (or None).
 
-  Declares the ``alpha`` parameter for the ``learned`` mode and sows L_R.
-  """
-  _check_scale_mode(module.scale)
-  quantize_weight = quantizers.get_binary_quantizer(module.weight_quantizer)
-  if quantize_weight is None:
-    raise ValueError(
-        f"{type(module).__name__} needs a binary weight quantizer; valid choices: "
-        f"{sorted(quantizers.BINARY_QUANTIZERS)}. Use a real-valued flax layer for real weights.")
-  reduce_axes = tuple(range(kernel.ndim - 1))
-  mean_abs = lambda: jnp.mean(jnp.abs(kernel), axis=reduce_axes)  # noqa: E731
-  if module.scale == "learned":
-    alpha = module.param("alpha", lambda _: mean_abs().astype(module.param_dtype))
-  elif module.scale == "mean":
-    alpha = jax.lax.stop_gradient(mean_abs())
-  else:
-    alpha = None
-  if alpha is not None and module.is_mutable_collection(LOSSES_COLLECTION):
-    module.sow(LOSSES_COLLECTION, RECONSTRUCTION_LOSS_NAME, reconstruction_loss(kernel, alpha))
-  return quantize_weight(kernel), alpha
+    Declares the ``alpha`` parameter for the ``learned`` mode and sows L_R.
+    """
+    _check_scale_mode(module.scale)
+    quantize_weight = quantizers.get_binary_quantizer(module.weight_quantizer)
+    if quantize_weight is None:
+        raise ValueError(
+            f"{type(module).__name__} needs a binary weight quantizer; valid choices: "
+            f"{sorted(quantizers.BINARY_QUANTIZERS)}. Use a real-valued flax layer for real weights."
+        )
+    reduce_axes = tuple(range(kernel.ndim - 1))
+    mean_abs = lambda: jnp.mean(jnp.abs(kernel), axis=reduce_axes)  # noqa: E731
+    if module.scale == "learned":
+        alpha = module.param("alpha", lambda _: mean_abs().astype(module.param_dtype))
+    elif module.scale == "mean":
+        alpha = jax.lax.stop_gradient(mean_abs())
+    else:
+        alpha = None
+    if alpha is not None and module.is_mutable_collection(LOSSES_COLLECTION):
+        module.sow(LOSSES_COLLECTION, RECONSTRUCTION_LOSS_NAME, reconstruction_loss(kernel, alpha))
+    return quantize_weight(kernel), alpha
 
 
 def _quantize_input(x: Array, name: str | None) -> Array:
-  quantize = quantizers.get_binary_quantizer(name)
-  return x if quantize is None else quantize(x)
+    quantize = quantizers.get_binary_quantizer(name)
+    return x if quantize is None else quantize(x)
 
 
 def _as_tuple(value: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
-  if isinstance(value, int):
-    return (value,) * n
-  value = tuple(value)
-  if len(value) != n:
-    raise ValueError(f"{what} must have {n} entries for a {n}-d convolution, got {value}")
-  return value
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(value)
+    if len(value) != n:
+        raise ValueError(f"{what} must have {n} entries for a {n}-d convolution, got {value}")
+    return value
 
 
-def explicit_padding(padding: PaddingLike, input_size: Sequence[int], kernel_size: Sequence[int],
-                     strides: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, int]]:
-  """Resolves a padding spec into explicit (low, high) pads per spatial dimension.
+def explicit_padding(
+    padding: PaddingLike,
+    input_size: Sequence[int],
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    dilation: Sequence[int],
+) -> list[tuple[int, int]]:
+    """Resolves a padding spec into explicit (low, high) pads per spatial dimension.
 
-  'SAME' matches XLA/flax: output size ceil(n / stride), extra padding on the high side.
-  An int p pads p on both sides; a sequence gives one int or one (low, high) pair per dimension.
-  """
-  n = len(kernel_size)
-  if isinstance(padding, str):
-    mode = padding.upper()
-    if mode == "VALID":
-      return [(0, 0)] * n
-    if mode != "SAME":
-      raise ValueError(f"Unknown padding {padding!r}; valid choices: 'SAME', 'VALID', an int, "
-                       "or per-dimension ints / (low, high) pairs")
-    pads = []
-    for size, k, s, d in zip(input_size, kernel_size, strides, dilation):
-      out = -(-size // s)
-      total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-      pads.append((total // 2, total - total // 2))
-    return pads
-  if isinstance(padding, int):
-    return [(padding, padding)] * n
-  padding = list(padding)
-  if len(padding) != n:
-    raise ValueError(f"padding must have {n} entries for a {n}-d convolution, got {padding}")
-  return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    'SAME' matches XLA/flax: output size ceil(n / stride), extra padding on the high side.
+    An int p pads p on both sides; a sequence gives one int or one (low, high) pair per dimension.
+    """
+    n = len(kernel_size)
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return [(0, 0)] * n
+        if mode != "SAME":
+            raise ValueError(
+                f"Unknown padding {padding!r}; valid choices: 'SAME', 'VALID', an int, "
+                "or per-dimension ints / (low, high) pairs"
+            )
+        pads = []
+        for size, k, s, d in zip(input_size, kernel_size, strides, dilation):
+            out = -(-size // s)
+            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        return pads
+    if isinstance(padding, int):
+        return [(padding, padding)] * n
+    padding = list(padding)
+    if len(padding) != n:
+        raise ValueError(f"padding must have {n} entries for a {n}-d convolution, got {padding}")
+    return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
 
 
 class BinaryConv(nn.Module):
-  """N-d 1-bit convolution, channels last (NHWC for 2-d): out = alpha * (q_a(x) (*) sign(w)).
+    """N-d 1-bit convolution, channels last (NHWC for 2-d): out = alpha * (q_a(x) (*) sign(w)).
 
-  Attributes:
-    features: number of output channels.
-    kernel_size: spatial kernel size, e.g. (3, 3).
-    strides: int or one per spatial dimension.
-    padding: 'SAME', 'VALID', an int, or per-dimension ints / (low, high) pairs.
-    kernel_dilation: int or one per spatial dimension.
-    feature_group_count: number of groups; must divide the input and output channels.
-    use_bias: adds a real bias after the scale.
-    input_quantizer: 'approx' (Bi-Real), 'clipped', 'identity', or None / 'none' for a real input.
-    weight_quantizer: the weight STE: 'clipped' (ReActNet), 'identity' or 'approx'.
-    scale: 'learned' (init mean|w|), 'mean' (detached mean|w|) or 'none'.
-    pad_value: the value written into the padding of the (quantized) input. A binarized input
-      padded with +1 or -1 stays in {-1, +1}; 0 matches zero padding of the peer implementations.
-    dtype: computation dtype (e.g. jnp.bfloat16); None promotes input and parameter dtypes.
-    param_dtype: dtype of the parameters.
-  """
+    Attributes:
+      features: number of output channels.
+      kernel_size: spatial kernel size, e.g. (3, 3).
+      strides: int or one per spatial dimension.
+      padding: 'SAME', 'VALID', an int, or per-dimension ints / (low, high) pairs.
+      kernel_dilation: int or one per spatial dimension.
+      feature_group_count: number of groups; must divide the input and output channels.
+      use_bias: adds a real bias after the scale.
+      input_quantizer: 'approx' (Bi-Real), 'clipped', 'identity', or None / 'none' for a real input.
+      weight_quantizer: the weight STE: 'clipped' (ReActNet), 'identity' or 'approx'.
+      scale: 'learned' (init mean|w|), 'mean' (detached mean|w|) or 'none'.
+      pad_value: the value written into the padding of the (quantized) input. A binarized input
+        padded with +1 or -1 stays in {-1, +1}; 0 matches zero padding of the peer implementations.
+      dtype: computation dtype (e.g. jnp.bfloat16); None promotes input and parameter dtypes.
+      param_dtype: dtype of the parameters.
+    """
 
-  features: int
-  kernel_size: Sequence[int]
-  strides: int | Sequence[int] = 1
-  padding: PaddingLike = "SAME"
-  kernel_dilation: int | Sequence[int] = 1
-  feature_group_count: int = 1
-  use_bias: bool = False
-  input_quantizer: str | None = "approx"
-  weight_quantizer: str = "clipped"
-  scale: str = "learned"
-  pad_value: float = 0.0
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
-  bias_init: Callable = nn.initializers.zeros_init()
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    kernel_dilation: int | Sequence[int] = 1
+    feature_group_count: int = 1
+    use_bias: bool = False
+    input_quantizer: str | None = "approx"
+    weight_quantizer: str = "clipped"
+    scale: str = "learned"
+    pad_value: float = 0.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+    bias_init: Callable = nn.initializers.zeros_init()
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """x: [batch, *spatial, c_in] -> [batch, *spatial_out, features]."""
-    n = len(self.kernel_size)
-    if not 1 <= n <= 3:
-      raise ValueError(f"BinaryConv supports 1-3 spatial dimensions, got kernel {self.kernel_size}")
-    if x.ndim != n + 2:
-      raise ValueError(f"BinaryConv with a {n}-d kernel expects inputs [batch, {n} spatial dims, "
-                       f"channels], got shape {x.shape}")
-    in_features = x.shape[-1]
-    groups = self.feature_group_count
-    if in_features % groups or self.features % groups:
-      raise ValueError(f"feature_group_count={groups} must divide the input channels "
-                       f"({in_features}) and the output channels ({self.features})")
-    strides = _as_tuple(self.strides, n, "strides")
-    dilation = _as_tuple(self.kernel_dilation, n, "kernel_dilation")
-    kernel = self.param("kernel", self.kernel_init,
-                        (*self.kernel_size, in_features // groups, self.features), self.param_dtype)
-    binary_kernel, alpha = _binarize_kernel(self, kernel)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) \
-        if self.use_bias else None
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [batch, *spatial, c_in] -> [batch, *spatial_out, features]."""
+        n = len(self.kernel_size)
+        if not 1 <= n <= 3:
+            raise ValueError(
+                f"BinaryConv supports 1-3 spatial dimensions, got kernel {self.kernel_size}"
+            )
+        if x.ndim != n + 2:
+            raise ValueError(
+                f"BinaryConv with a {n}-d kernel expects inputs [batch, {n} spatial dims, "
+                f"channels], got shape {x.shape}"
+            )
+        in_features = x.shape[-1]
+        groups = self.feature_group_count
+        if in_features % groups or self.features % groups:
+            raise ValueError(
+                f"feature_group_count={groups} must divide the input channels "
+                f"({in_features}) and the output channels ({self.features})"
+            )
+        strides = _as_tuple(self.strides, n, "strides")
+        dilation = _as_tuple(self.kernel_dilation, n, "kernel_dilation")
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (*self.kernel_size, in_features // groups, self.features),
+            self.param_dtype,
+        )
+        binary_kernel, alpha = _binarize_kernel(self, kernel)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
 
-    x = _quantize_input(x, self.input_quantizer)
-    x, binary_kernel = flax_dtypes.promote_dtype(x, binary_kernel, dtype=self.dtype)
-    pads = explicit_padding(self.padding, x.shape[1:-1], self.kernel_size, strides, dilation)
-    # Pad explicitly after quantization: padding inside the conv would write zeros, and padding
-    # before quantization would write sign(0) = +1, neither of which is the chosen value.
-    x = jnp.pad(x, [(0, 0), *pads, (0, 0)], constant_values=self.pad_value)
-    spatial = "DHW"[-n:]
-    y = jax.lax.conv_general_dilated(
-        x, binary_kernel, window_strides=strides, padding="VALID", rhs_dilation=dilation,
-        dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
-        feature_group_count=groups)
-    return _scale_and_bias(y, alpha, bias)
+        x = _quantize_input(x, self.input_quantizer)
+        x, binary_kernel = flax_dtypes.promote_dtype(x, binary_kernel, dtype=self.dtype)
+        pads = explicit_padding(self.padding, x.shape[1:-1], self.kernel_size, strides, dilation)
+        # Pad explicitly after quantization: padding inside the conv would write zeros, and padding
+        # before quantization would write sign(0) = +1, neither of which is the chosen value.
+        x = jnp.pad(x, [(0, 0), *pads, (0, 0)], constant_values=self.pad_value)
+        spatial = "DHW"[-n:]
+        y = jax.lax.conv_general_dilated(
+            x,
+            binary_kernel,
+            window_strides=strides,
+            padding="VALID",
+            rhs_dilation=dilation,
+            dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+            feature_group_count=groups,
+        )
+        return _scale_and_bias(y, alpha, bias)
 
 
 class BinaryDense(nn.Module):
-  """1-bit dense layer: out = alpha * (q_a(x) @ sign(w)) [+ bias] on the last axis.
+    """1-bit dense layer: out = alpha * (q_a(x) @ sign(w)) [+ bias] on the last axis.
 
-  Attributes are those of ``BinaryConv`` that apply to a dense layer.
-  """
+    Attributes are those of ``BinaryConv`` that apply to a dense layer.
+    """
 
-  features: int
-  use_bias: bool = False
-  input_quantizer: str | None = "approx"
-  weight_quantizer: str = "clipped"
-  scale: str = "learned"
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  kernel_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-  bias_init: Callable = nn.initializers.zeros_init()
+    features: int
+    use_bias: bool = False
+    input_quantizer: str | None = "approx"
+    weight_quantizer: str = "clipped"
+    scale: str = "learned"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    bias_init: Callable = nn.initializers.zeros_init()
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """x: [..., c_in] -> [..., features]."""
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-    binary_kernel, alpha = _binarize_kernel(self, kernel)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) \
-        if self.use_bias else None
-    x = _quantize_input(x, self.input_quantizer)
-    x, binary_kernel = flax_dtypes.promote_dtype(x, binary_kernel, dtype=self.dtype)
-    return _scale_and_bias(jnp.matmul(x, binary_kernel), alpha, bias)
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [..., c_in] -> [..., features]."""
+        kernel = self.param(
+            "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
+        )
+        binary_kernel, alpha = _binarize_kernel(self, kernel)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x = _quantize_input(x, self.input_quantizer)
+        x, binary_kernel = flax_dtypes.promote_dtype(x, binary_kernel, dtype=self.dtype)
+        return _scale_and_bias(jnp.matmul(x, binary_kernel), alpha, bias)
 
 
 def _scale_and_bias(y: Array, alpha: Array | None, bias: Array | None) -> Array:
-  """Applies the channel-wise scale and the bias in the dtype of ``y``."""
-  if alpha is not None:
-    y = y * alpha.astype(y.dtype)
-  if bias is not None:
-    y = y + bias.astype(y.dtype)
-  return y
+    """Applies the channel-wise scale and the bias in the dtype of ``y``."""
+    if alpha is not None:
+        y = y * alpha.astype(y.dtype)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y

@@ -24,37 +24,40 @@ Array = jax.Array
 
 
 def sign(x: Array) -> Array:
-  """Hard sign with sign(0) = +1; same shape and dtype as ``x``; its gradient is zero."""
-  one = jnp.ones((), x.dtype)
-  return jnp.where(x >= 0, one, -one)
+    """Hard sign with sign(0) = +1; same shape and dtype as ``x``; its gradient is zero."""
+    one = jnp.ones((), x.dtype)
+    return jnp.where(x >= 0, one, -one)
 
 
 def _clipped_grad(x: Array) -> Array:
-  return (jnp.abs(x) <= 1).astype(x.dtype)
+    return (jnp.abs(x) <= 1).astype(x.dtype)
 
 
 def _approx_sign_grad(x: Array) -> Array:
-  return jnp.maximum(2 - 2 * jnp.abs(x), 0).astype(x.dtype)
+    return jnp.maximum(2 - 2 * jnp.abs(x), 0).astype(x.dtype)
 
 
 def _make_ste(surrogate_grad: Callable[[Array], Array], doc: str):
-  """Builds sign(x) whose backward pass multiplies the cotangent by ``surrogate_grad(x)``."""
+    """Builds sign(x) whose backward pass multiplies the cotangent by ``surrogate_grad(x)``."""
 
-  @jax.custom_vjp
-  def ste(x):
-    return sign(x)
+    @jax.custom_vjp
+    def ste(x):
+        return sign(x)
 
-  ste.defvjp(lambda x: (sign(x), x), lambda x, g: (g * surrogate_grad(x),))
-  ste.__doc__ = doc
-  return ste
+    ste.defvjp(lambda x: (sign(x), x), lambda x, g: (g * surrogate_grad(x),))
+    ste.__doc__ = doc
+    return ste
 
 
 sign_identity_ste = _make_ste(
-    jnp.ones_like, "sign(x) forward; gradient passed through unchanged (d/dx := 1).")
+    jnp.ones_like, "sign(x) forward; gradient passed through unchanged (d/dx := 1)."
+)
 sign_clipped_ste = _make_ste(
-    _clipped_grad, "sign(x) forward; gradient 1 where |x| <= 1 (boundary included), else 0.")
+    _clipped_grad, "sign(x) forward; gradient 1 where |x| <= 1 (boundary included), else 0."
+)
 sign_approx_ste = _make_ste(
-    _approx_sign_grad, "sign(x) forward; Bi-Real ApproxSign gradient 2 - 2|x| for |x| <= 1, else 0.")
+    _approx_sign_grad, "sign(x) forward; Bi-Real ApproxSign gradient 2 - 2|x| for |x| <= 1, else 0."
+)
 
 BINARY_QUANTIZERS: dict[str, Callable[[Array], Array]] = {
     "identity": sign_identity_ste,
@@ -64,62 +67,64 @@ BINARY_QUANTIZERS: dict[str, Callable[[Array], Array]] = {
 
 
 def get_binary_quantizer(name: str | None) -> Callable[[Array], Array] | None:
-  """Returns the binary quantizer called ``name``; ``None`` or "none" means no quantization.
+    """Returns the binary quantizer called ``name``; ``None`` or "none" means no quantization.
 
-  Raises:
-    ValueError: for an unknown name, listing the valid choices.
-  """
-  if name is None or name == "none":
-    return None
-  try:
-    return BINARY_QUANTIZERS[name]
-  except KeyError:
-    valid = sorted(BINARY_QUANTIZERS) + ["none"]
-    raise ValueError(f"Unknown binary quantizer {name!r}; valid choices: {valid}") from None
+    Raises:
+      ValueError: for an unknown name, listing the valid choices.
+    """
+    if name is None or name == "none":
+        return None
+    try:
+        return BINARY_QUANTIZERS[name]
+    except KeyError:
+        valid = sorted(BINARY_QUANTIZERS) + ["none"]
+        raise ValueError(f"Unknown binary quantizer {name!r}; valid choices: {valid}") from None
 
 
 def round_ste(x: Array) -> Array:
-  """round(x) forward (half to even, as jnp.round), identity gradient."""
-  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+    """round(x) forward (half to even, as jnp.round), identity gradient."""
+    return x + jax.lax.stop_gradient(jnp.round(x) - x)
 
 
 def scale_gradient(x: Array, scale: float | Array) -> Array:
-  """Identity forward; multiplies the gradient by ``scale``."""
-  return jax.lax.stop_gradient(x - x * scale) + x * scale
+    """Identity forward; multiplies the gradient by ``scale``."""
+    return jax.lax.stop_gradient(x - x * scale) + x * scale
 
 
 def lsq_levels(bits: int, signed: bool) -> tuple[int, int]:
-  """Integer range (q_min, q_max) of a ``bits``-bit quantizer, e.g. (-8, 7) or (0, 15) for 4 bits."""
-  if bits < 2:
-    raise ValueError(f"LSQ needs at least 2 bits, got {bits}; use a binary quantizer for 1 bit.")
-  if signed:
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-  return 0, 2**bits - 1
+    """Integer range (q_min, q_max) of a ``bits``-bit quantizer, e.g. (-8, 7) or (0, 15) for 4 bits."""
+    if bits < 2:
+        raise ValueError(
+            f"LSQ needs at least 2 bits, got {bits}; use a binary quantizer for 1 bit."
+        )
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
 
 
 def lsq_quantize(x: Array, step: Array, bits: int, signed: bool = True) -> Array:
-  """LSQ fake-quantization: round(clip(x / s, q_min, q_max)) * s with a learned step ``s``.
+    """LSQ fake-quantization: round(clip(x / s, q_min, q_max)) * s with a learned step ``s``.
 
-  Gradients (Esser et al., Eq. 3 and the gradient scale g = 1 / sqrt(numel(x) * q_max)):
-    d/dx = 1 inside the clipping range, else 0;
-    d/ds = g * (round(x/s) - x/s) inside the range, g * q_min below it, g * q_max above it.
+    Gradients (Esser et al., Eq. 3 and the gradient scale g = 1 / sqrt(numel(x) * q_max)):
+      d/dx = 1 inside the clipping range, else 0;
+      d/ds = g * (round(x/s) - x/s) inside the range, g * q_min below it, g * q_max above it.
 
-  Args:
-    x: values to quantize, any shape.
-    step: positive step size, broadcastable to ``x`` (a scalar or per-channel vector).
-    bits: number of bits (>= 2).
-    signed: signed range (weights, signed activations) or unsigned (post-ReLU activations).
+    Args:
+      x: values to quantize, any shape.
+      step: positive step size, broadcastable to ``x`` (a scalar or per-channel vector).
+      bits: number of bits (>= 2).
+      signed: signed range (weights, signed activations) or unsigned (post-ReLU activations).
 
-  Returns:
-    The de-quantized values, same shape and dtype as ``x``.
-  """
-  q_min, q_max = lsq_levels(bits, signed)
-  grad_scale = 1.0 / jnp.sqrt(x.size * q_max)
-  s = scale_gradient(step, grad_scale).astype(x.dtype)
-  return round_ste(jnp.clip(x / s, q_min, q_max)) * s
+    Returns:
+      The de-quantized values, same shape and dtype as ``x``.
+    """
+    q_min, q_max = lsq_levels(bits, signed)
+    grad_scale = 1.0 / jnp.sqrt(x.size * q_max)
+    s = scale_gradient(step, grad_scale).astype(x.dtype)
+    return round_ste(jnp.clip(x / s, q_min, q_max)) * s
 
 
 def lsq_init_step(x: Array, bits: int, signed: bool = True, axis=None) -> Array:
-  """The LSQ initial step 2 * mean|x| / sqrt(q_max), over ``axis`` (None: a scalar)."""
-  _, q_max = lsq_levels(bits, signed)
-  return 2 * jnp.mean(jnp.abs(x), axis=axis) / jnp.sqrt(q_max)
+    """The LSQ initial step 2 * mean|x| / sqrt(q_max), over ``axis`` (None: a scalar)."""
+    _, q_max = lsq_levels(bits, signed)
+    return 2 * jnp.mean(jnp.abs(x), axis=axis) / jnp.sqrt(q_max)

@@ -1,8 +1,8 @@
 """Detection and DFR losses as pure jnp functions; they return sums or means as documented.
 
-  focal  sigmoid focal loss
-  iou    GIoU / IoU box losses, centre-ness target and loss
-  dfr    foreground mask from boxes and the DFR reconstruction loss
+focal  sigmoid focal loss
+iou    GIoU / IoU box losses, centre-ness target and loss
+dfr    foreground mask from boxes and the DFR reconstruction loss
 """
 
 from dfrdet_jax.losses import dfr, focal, iou  # noqa: F401

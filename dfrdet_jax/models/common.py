@@ -17,7 +17,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from dfrdet_jax import layers
 
@@ -28,106 +27,132 @@ NORMS = ("batch", "group", "none")
 
 @dataclasses.dataclass(frozen=True)
 class BinarySpec:
-  """How a part of the network is binarized; ``enabled=False`` means real-valued.
+    """How a part of the network is binarized; ``enabled=False`` means real-valued.
 
-  Attributes:
-    enabled: use 1-bit convolutions.
-    input_quantizer: activation STE ('approx', 'clipped', 'identity').
-    weight_quantizer: weight STE ('clipped', 'identity', 'approx').
-    scale: channel-wise alpha: 'learned' (DFR-Det), 'mean' (detached), 'none'.
-    pad_value: value of the padding around binarized inputs.
-    activation: 'prelu' or 'rprelu' after each binary unit.
-    learnable_bias: RSign's learnable threshold before each sign.
-  """
+    Attributes:
+      enabled: use 1-bit convolutions.
+      input_quantizer: activation STE ('approx', 'clipped', 'identity').
+      weight_quantizer: weight STE ('clipped', 'identity', 'approx').
+      scale: channel-wise alpha: 'learned' (DFR-Det), 'mean' (detached), 'none'.
+      pad_value: value of the padding around binarized inputs.
+      activation: 'prelu' or 'rprelu' after each binary unit.
+      learnable_bias: RSign's learnable threshold before each sign.
+    """
 
-  enabled: bool = False
-  input_quantizer: str = "approx"
-  weight_quantizer: str = "clipped"
-  scale: str = "learned"
-  pad_value: float = 0.0
-  activation: str = "prelu"
-  learnable_bias: bool = True
+    enabled: bool = False
+    input_quantizer: str = "approx"
+    weight_quantizer: str = "clipped"
+    scale: str = "learned"
+    pad_value: float = 0.0
+    activation: str = "prelu"
+    learnable_bias: bool = True
 
-  def __post_init__(self):
-    layers.get_binary_quantizer(self.input_quantizer)
-    layers.get_binary_quantizer(self.weight_quantizer)
-    if self.scale not in layers.SCALE_MODES:
-      raise ValueError(f"Unknown scale {self.scale!r}; valid choices: {list(layers.SCALE_MODES)}")
-    if self.activation not in ("prelu", "rprelu"):
-      raise ValueError(f"Unknown binary activation {self.activation!r}; valid: ['prelu', 'rprelu']")
+    def __post_init__(self):
+        layers.get_binary_quantizer(self.input_quantizer)
+        layers.get_binary_quantizer(self.weight_quantizer)
+        if self.scale not in layers.SCALE_MODES:
+            raise ValueError(
+                f"Unknown scale {self.scale!r}; valid choices: {list(layers.SCALE_MODES)}"
+            )
+        if self.activation not in ("prelu", "rprelu"):
+            raise ValueError(
+                f"Unknown binary activation {self.activation!r}; valid: ['prelu', 'rprelu']"
+            )
 
 
 REAL = BinarySpec(enabled=False)
 
 
 def apply_norm(kind: str, x: Array, train: bool, dtype: Any, name: str) -> Array:
-  """BatchNorm (running stats in 'batch_stats'), GroupNorm (32 groups, fewer for narrow
-  layers), or nothing for 'none'; call inside a compact method."""
-  if kind == "batch":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        name=name)(x)
-  if kind == "group":
-    return nn.GroupNorm(num_groups=math.gcd(32, x.shape[-1]), dtype=dtype, name=name)(x)
-  if kind == "none":
-    return x
-  raise ValueError(f"Unknown norm {kind!r}; valid choices: {list(NORMS)}")
+    """BatchNorm (running stats in 'batch_stats'), GroupNorm (32 groups, fewer for narrow
+    layers), or nothing for 'none'; call inside a compact method."""
+    if kind == "batch":
+        return nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+        )(x)
+    if kind == "group":
+        return nn.GroupNorm(num_groups=math.gcd(32, x.shape[-1]), dtype=dtype, name=name)(x)
+    if kind == "none":
+        return x
+    raise ValueError(f"Unknown norm {kind!r}; valid choices: {list(NORMS)}")
 
 
 class ConvUnit(nn.Module):
-  """conv (+ norm) (+ activation), real or 1-bit; see the module docstring.
+    """conv (+ norm) (+ activation), real or 1-bit; see the module docstring.
 
-  Attributes:
-    features: output channels.
-    kernel_size: square kernel size.
-    strides: spatial stride.
-    binary: how to binarize; real when ``binary.enabled`` is False.
-    norm: 'batch', 'group' or 'none'.
-    activation: real units only: 'relu' or 'none' (1-bit units use ``binary.activation``).
-    shortcut: 1-bit units only: add the Bi-Real shortcut around the binary conv.
-    dtype: computation dtype.
-  """
+    Attributes:
+      features: output channels.
+      kernel_size: square kernel size.
+      strides: spatial stride.
+      binary: how to binarize; real when ``binary.enabled`` is False.
+      norm: 'batch', 'group' or 'none'.
+      activation: real units only: 'relu' or 'none' (1-bit units use ``binary.activation``).
+      shortcut: 1-bit units only: add the Bi-Real shortcut around the binary conv.
+      dtype: computation dtype.
+    """
 
-  features: int
-  kernel_size: int = 3
-  strides: int = 1
-  binary: BinarySpec = REAL
-  norm: str = "batch"
-  activation: str = "relu"
-  shortcut: bool = True
-  dtype: Any = None
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    binary: BinarySpec = REAL
+    norm: str = "batch"
+    activation: str = "relu"
+    shortcut: bool = True
+    dtype: Any = None
 
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    """x: [B, H, W, C] -> [B, ceil(H/strides), ceil(W/strides), features]."""
-    k = (self.kernel_size, self.kernel_size)
-    if not self.binary.enabled:
-      y = nn.Conv(self.features, k, self.strides, padding="SAME", use_bias=self.norm == "none",
-                  dtype=self.dtype, kernel_init=nn.initializers.he_normal(), name="conv")(x)
-      y = apply_norm(self.norm, y, train, self.dtype, "norm")
-      if self.activation == "relu":
-        y = nn.relu(y)
-      elif self.activation != "none":
-        raise ValueError(f"Unknown activation {self.activation!r}; valid: ['relu', 'none']")
-      return y
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        """x: [B, H, W, C] -> [B, ceil(H/strides), ceil(W/strides), features]."""
+        k = (self.kernel_size, self.kernel_size)
+        if not self.binary.enabled:
+            y = nn.Conv(
+                self.features,
+                k,
+                self.strides,
+                padding="SAME",
+                use_bias=self.norm == "none",
+                dtype=self.dtype,
+                kernel_init=nn.initializers.he_normal(),
+                name="conv",
+            )(x)
+            y = apply_norm(self.norm, y, train, self.dtype, "norm")
+            if self.activation == "relu":
+                y = nn.relu(y)
+            elif self.activation != "none":
+                raise ValueError(f"Unknown activation {self.activation!r}; valid: ['relu', 'none']")
+            return y
 
-    spec = self.binary
-    y = layers.LearnableBias(name="bias")(x) if spec.learnable_bias else x
-    y = layers.BinaryConv(
-        self.features, k, strides=self.strides, padding="SAME", input_quantizer=spec.input_quantizer,
-        weight_quantizer=spec.weight_quantizer, scale=spec.scale, pad_value=spec.pad_value,
-        dtype=self.dtype, name="conv")(y)
-    y = apply_norm(self.norm, y, train, self.dtype, "norm")
-    if self.shortcut:
-      y = y + self._shortcut(x, train)
-    return layers.RPReLU(learn_shifts=spec.activation == "rprelu", name="act")(y)
+        spec = self.binary
+        y = layers.LearnableBias(name="bias")(x) if spec.learnable_bias else x
+        y = layers.BinaryConv(
+            self.features,
+            k,
+            strides=self.strides,
+            padding="SAME",
+            input_quantizer=spec.input_quantizer,
+            weight_quantizer=spec.weight_quantizer,
+            scale=spec.scale,
+            pad_value=spec.pad_value,
+            dtype=self.dtype,
+            name="conv",
+        )(y)
+        y = apply_norm(self.norm, y, train, self.dtype, "norm")
+        if self.shortcut:
+            y = y + self._shortcut(x, train)
+        return layers.RPReLU(learn_shifts=spec.activation == "rprelu", name="act")(y)
 
-  def _shortcut(self, x: Array, train: bool) -> Array:
-    if self.strides == 1 and x.shape[-1] == self.features:
-      return x
-    if self.strides > 1:
-      s = self.strides
-      x = nn.avg_pool(x, (s, s), (s, s), padding="SAME", count_include_pad=False)
-    x = nn.Conv(self.features, (1, 1), use_bias=self.norm == "none", dtype=self.dtype,
-                kernel_init=nn.initializers.he_normal(), name="shortcut_conv")(x)
-    return apply_norm(self.norm, x, train, self.dtype, "shortcut_norm")
-
+    def _shortcut(self, x: Array, train: bool) -> Array:
+        if self.strides == 1 and x.shape[-1] == self.features:
+            return x
+        if self.strides > 1:
+            s = self.strides
+            x = nn.avg_pool(x, (s, s), (s, s), padding="SAME", count_include_pad=False)
+        x = nn.Conv(
+            self.features,
+            (1, 1),
+            use_bias=self.norm == "none",
+            dtype=self.dtype,
+            kernel_init=nn.initializers.he_normal(),
+            name="shortcut_conv",
+        )(x)
+        return apply_norm(self.norm, x, train, self.dtype, "shortcut_norm")

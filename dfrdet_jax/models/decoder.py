@@ -28,55 +28,56 @@ Array = jax.Array
 
 
 def pixel_shuffle(x: Array, r: int) -> Array:
-  """[B, h, w, C * r * r] -> [B, h * r, w * r, C], channel index (c, i, j) -> sub-pixel (i, j)."""
-  b, h, w, channels = x.shape
-  c = channels // (r * r)
-  x = x.reshape(b, h, w, c, r, r)
-  x = x.transpose(0, 1, 4, 2, 5, 3)
-  return x.reshape(b, h * r, w * r, c)
+    """[B, h, w, C * r * r] -> [B, h * r, w * r, C], channel index (c, i, j) -> sub-pixel (i, j)."""
+    b, h, w, channels = x.shape
+    c = channels // (r * r)
+    x = x.reshape(b, h, w, c, r, r)
+    x = x.transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, h * r, w * r, c)
 
 
 class ResidualBlock(nn.Module):
-  width: int
-  dtype: Any = None
+    width: int
+    dtype: Any = None
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    y = nn.relu(nn.Conv(self.width, (3, 3), dtype=self.dtype, name="conv1")(x))
-    return x + nn.Conv(self.width, (3, 3), dtype=self.dtype, name="conv2")(y)
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        y = nn.relu(nn.Conv(self.width, (3, 3), dtype=self.dtype, name="conv1")(x))
+        return x + nn.Conv(self.width, (3, 3), dtype=self.dtype, name="conv2")(y)
 
 
 class DFRDecoder(nn.Module):
-  """Attributes:
+    """Attributes:
     width: channels after each transposed conv and in the residual blocks.
     num_blocks: number of residual blocks.
     common_stride: stride of the grid the levels are merged on (4 = P2's grid).
     out_channels: channels of the reconstruction (3 for RGB).
     dtype: computation dtype (the output is float32).
-  """
+    """
 
-  width: int = 64
-  num_blocks: int = 2
-  common_stride: int = 4
-  out_channels: int = 3
-  dtype: Any = None
+    width: int = 64
+    num_blocks: int = 2
+    common_stride: int = 4
+    out_channels: int = 3
+    dtype: Any = None
 
-  @nn.compact
-  def __call__(self, levels: Sequence[Array], image_hw: tuple[int, int]) -> Array:
-    """levels: FPN maps [B, h_l, w_l, C]; image_hw: (H, W) of the input -> [B, H, W, 3]."""
-    h, w = image_hw
-    r = self.common_stride
-    if h % r or w % r:
-      raise ValueError(f"DFR decoder needs an input size divisible by {r}, got {image_hw}")
-    grid = (h // r, w // r)
-    merged = []
-    for index, x in enumerate(levels):
-      x = nn.ConvTranspose(self.width, (2, 2), strides=(2, 2), dtype=self.dtype,
-                           name=f"deconv{index}")(x)
-      x = jax.image.resize(x, (x.shape[0], *grid, x.shape[-1]), method="bilinear")
-      merged.append(x)
-    x = nn.Conv(self.width, (1, 1), dtype=self.dtype, name="fuse")(jnp.concatenate(merged, -1))
-    for index in range(self.num_blocks):
-      x = ResidualBlock(self.width, self.dtype, name=f"block{index}")(x)
-    x = nn.Conv(self.out_channels * r * r, (1, 1), dtype=self.dtype, name="project")(x)
-    return pixel_shuffle(x, r).astype(jnp.float32)
+    @nn.compact
+    def __call__(self, levels: Sequence[Array], image_hw: tuple[int, int]) -> Array:
+        """levels: FPN maps [B, h_l, w_l, C]; image_hw: (H, W) of the input -> [B, H, W, 3]."""
+        h, w = image_hw
+        r = self.common_stride
+        if h % r or w % r:
+            raise ValueError(f"DFR decoder needs an input size divisible by {r}, got {image_hw}")
+        grid = (h // r, w // r)
+        merged = []
+        for index, x in enumerate(levels):
+            x = nn.ConvTranspose(
+                self.width, (2, 2), strides=(2, 2), dtype=self.dtype, name=f"deconv{index}"
+            )(x)
+            x = jax.image.resize(x, (x.shape[0], *grid, x.shape[-1]), method="bilinear")
+            merged.append(x)
+        x = nn.Conv(self.width, (1, 1), dtype=self.dtype, name="fuse")(jnp.concatenate(merged, -1))
+        for index in range(self.num_blocks):
+            x = ResidualBlock(self.width, self.dtype, name=f"block{index}")(x)
+        x = nn.Conv(self.out_channels * r * r, (1, 1), dtype=self.dtype, name="project")(x)
+        return pixel_shuffle(x, r).astype(jnp.float32)

@@ -28,73 +28,94 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 def normalize_images(images: Array, dtype: Any = jnp.float32) -> Array:
-  """uint8 [B, H, W, 3] -> (x - mean) / std in ``dtype``; the DFR loss compares against this."""
-  x = images.astype(jnp.float32)
-  return ((x - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)).astype(dtype)
+    """uint8 [B, H, W, 3] -> (x - mean) / std in ``dtype``; the DFR loss compares against this."""
+    x = images.astype(jnp.float32)
+    return ((x - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)).astype(dtype)
 
 
 class FCOS(nn.Module):
-  """ResNet + FPN + FCOS head, real or 1-bit, with an optional DFR decoder.
+    """ResNet + FPN + FCOS head, real or 1-bit, with an optional DFR decoder.
 
-  Attributes:
-    num_classes: foreground classes.
-    depth: ResNet depth (18 or 34).
-    backbone_width: first-stage channels (64 standard).
-    fpn_width: FPN and head channels (256 standard).
-    min_level, max_level: FPN levels used for detection (2..6: strides 4..64).
-    head_convs: convs per head tower.
-    backbone_binary, neck_binary, head_binary: binarization of each part.
-    decoder_levels: FPN levels fed to the DFR decoder, e.g. (2, 3, 4); empty: no decoder.
-    decoder_width, decoder_blocks: DFR decoder size.
-    dtype: computation dtype (parameters stay float32).
-  """
-
-  num_classes: int
-  depth: int = 18
-  backbone_width: int = 64
-  fpn_width: int = 256
-  min_level: int = 2
-  max_level: int = 6
-  head_convs: int = 4
-  backbone_binary: BinarySpec = REAL
-  neck_binary: BinarySpec = REAL
-  head_binary: BinarySpec = REAL
-  decoder_levels: Sequence[int] = ()
-  decoder_width: int = 64
-  decoder_blocks: int = 2
-  dtype: Any = None
-
-  @property
-  def strides(self) -> tuple[int, ...]:
-    return tuple(2**level for level in range(self.min_level, self.max_level + 1))
-
-  @nn.compact
-  def __call__(self, images: Array, train: bool, reconstruct: bool = False) -> dict[str, Array]:
-    """images: normalised [B, H, W, 3], H and W multiples of 2**max_level.
-
-    Returns the head outputs (``FCOSHead``) and, with ``reconstruct``, 'reconstruction'
-    [B, H, W, 3] float32.
+    Attributes:
+      num_classes: foreground classes.
+      depth: ResNet depth (18 or 34).
+      backbone_width: first-stage channels (64 standard).
+      fpn_width: FPN and head channels (256 standard).
+      min_level, max_level: FPN levels used for detection (2..6: strides 4..64).
+      head_convs: convs per head tower.
+      backbone_binary, neck_binary, head_binary: binarization of each part.
+      decoder_levels: FPN levels fed to the DFR decoder, e.g. (2, 3, 4); empty: no decoder.
+      decoder_width, decoder_blocks: DFR decoder size.
+      dtype: computation dtype (parameters stay float32).
     """
-    stride = 2**self.max_level
-    if images.shape[1] % stride or images.shape[2] % stride:
-      raise ValueError(f"FCOS with P{self.max_level} needs image sides divisible by {stride}, "
-                       f"got {images.shape[1:3]}; pad the images to a multiple of {stride}")
-    features = ResNet(self.depth, self.backbone_width, self.backbone_binary, self.dtype,
-                      name="backbone")(images, train)
-    pyramid = FPN(self.fpn_width, self.min_level, self.max_level, self.neck_binary, self.dtype,
-                  name="neck")(features, train)
-    levels = [pyramid[f"P{level}"] for level in range(self.min_level, self.max_level + 1)]
-    outputs = FCOSHead(self.num_classes, self.strides, self.fpn_width, self.head_convs,
-                       binary=self.head_binary, dtype=self.dtype, name="head")(levels, train)
-    if reconstruct:
-      if not self.decoder_levels:
-        raise ValueError("reconstruct=True needs decoder_levels, e.g. (2, 3, 4)")
-      missing = [l for l in self.decoder_levels if not self.min_level <= l <= self.max_level]
-      if missing:
-        raise ValueError(f"decoder levels {missing} are outside the FPN levels "
-                         f"{self.min_level}..{self.max_level}")
-      outputs["reconstruction"] = DFRDecoder(
-          self.decoder_width, self.decoder_blocks, common_stride=2**min(self.decoder_levels),
-          dtype=self.dtype, name="decoder")([pyramid[f"P{l}"] for l in self.decoder_levels],
-                                            images.shape[1:3])
-    return outputs
+
+    num_classes: int
+    depth: int = 18
+    backbone_width: int = 64
+    fpn_width: int = 256
+    min_level: int = 2
+    max_level: int = 6
+    head_convs: int = 4
+    backbone_binary: BinarySpec = REAL
+    neck_binary: BinarySpec = REAL
+    head_binary: BinarySpec = REAL
+    decoder_levels: Sequence[int] = ()
+    decoder_width: int = 64
+    decoder_blocks: int = 2
+    dtype: Any = None
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return tuple(2**level for level in range(self.min_level, self.max_level + 1))
+
+    @nn.compact
+    def __call__(self, images: Array, train: bool, reconstruct: bool = False) -> dict[str, Array]:
+        """images: normalised [B, H, W, 3], H and W multiples of 2**max_level.
+
+        Returns the head outputs (``FCOSHead``) and, with ``reconstruct``, 'reconstruction'
+        [B, H, W, 3] float32.
+        """
+        stride = 2**self.max_level
+        if images.shape[1] % stride or images.shape[2] % stride:
+            raise ValueError(
+                f"FCOS with P{self.max_level} needs image sides divisible by {stride}, "
+                f"got {images.shape[1:3]}; pad the images to a multiple of {stride}"
+            )
+        features = ResNet(
+            self.depth, self.backbone_width, self.backbone_binary, self.dtype, name="backbone"
+        )(images, train)
+        pyramid = FPN(
+            self.fpn_width,
+            self.min_level,
+            self.max_level,
+            self.neck_binary,
+            self.dtype,
+            name="neck",
+        )(features, train)
+        levels = [pyramid[f"P{level}"] for level in range(self.min_level, self.max_level + 1)]
+        outputs = FCOSHead(
+            self.num_classes,
+            self.strides,
+            self.fpn_width,
+            self.head_convs,
+            binary=self.head_binary,
+            dtype=self.dtype,
+            name="head",
+        )(levels, train)
+        if reconstruct:
+            if not self.decoder_levels:
+                raise ValueError("reconstruct=True needs decoder_levels, e.g. (2, 3, 4)")
+            missing = [l for l in self.decoder_levels if not self.min_level <= l <= self.max_level]
+            if missing:
+                raise ValueError(
+                    f"decoder levels {missing} are outside the FPN levels "
+                    f"{self.min_level}..{self.max_level}"
+                )
+            outputs["reconstruction"] = DFRDecoder(
+                self.decoder_width,
+                self.decoder_blocks,
+                common_stride=2 ** min(self.decoder_levels),
+                dtype=self.dtype,
+                name="decoder",
+            )([pyramid[f"P{l}"] for l in self.decoder_levels], images.shape[1:3])
+        return outputs

@@ -20,51 +20,60 @@ Array = jax.Array
 
 
 def upsample_nearest_to(x: Array, hw: tuple[int, int]) -> Array:
-  """Nearest-neighbour upsampling of [B, h, w, C] by integer factors to [B, H, W, C]."""
-  fh, fw = hw[0] // x.shape[1], hw[1] // x.shape[2]
-  return jnp.repeat(jnp.repeat(x, fh, axis=1), fw, axis=2)[:, :hw[0], :hw[1]]
+    """Nearest-neighbour upsampling of [B, h, w, C] by integer factors to [B, H, W, C]."""
+    fh, fw = hw[0] // x.shape[1], hw[1] // x.shape[2]
+    return jnp.repeat(jnp.repeat(x, fh, axis=1), fw, axis=2)[:, : hw[0], : hw[1]]
 
 
 class FPN(nn.Module):
-  """FPN over backbone features {'C2'..'C5'} -> {'P{min_level}'..'P{max_level}'}.
+    """FPN over backbone features {'C2'..'C5'} -> {'P{min_level}'..'P{max_level}'}.
 
-  Attributes:
-    width: channels of every output level (256 in the paper's detectors).
-    min_level: lowest level (2: stride 4), at least 2.
-    max_level: highest level (6: stride 64).
-    binary: binarization of the lateral and output convs.
-    dtype: computation dtype.
-  """
+    Attributes:
+      width: channels of every output level (256 in the paper's detectors).
+      min_level: lowest level (2: stride 4), at least 2.
+      max_level: highest level (6: stride 64).
+      binary: binarization of the lateral and output convs.
+      dtype: computation dtype.
+    """
 
-  width: int = 256
-  min_level: int = 2
-  max_level: int = 6
-  binary: BinarySpec = REAL
-  dtype: Any = None
+    width: int = 256
+    min_level: int = 2
+    max_level: int = 6
+    binary: BinarySpec = REAL
+    dtype: Any = None
 
-  @nn.compact
-  def __call__(self, features: dict[str, Array], train: bool) -> dict[str, Array]:
-    if not 2 <= self.min_level <= 5 or self.max_level < self.min_level:
-      raise ValueError(f"FPN levels must satisfy 2 <= min_level <= 5 and max_level >= min_level, "
-                       f"got {self.min_level}..{self.max_level}")
-    norm = "group" if self.binary.enabled else "none"
-    unit = dict(binary=self.binary, norm=norm, activation="none", dtype=self.dtype)
-    top = min(self.max_level, 5)
-    laterals = {
-        level: ConvUnit(self.width, 1, shortcut=False, name=f"lateral{level}", **unit)(
-            features[f"C{level}"], train)
-        for level in range(self.min_level, top + 1)
-    }
-    merged = {top: laterals[top]}
-    for level in range(top - 1, self.min_level - 1, -1):
-      merged[level] = laterals[level] + upsample_nearest_to(merged[level + 1],
-                                                             laterals[level].shape[1:3])
-    outputs = {f"P{level}": ConvUnit(self.width, 3, name=f"output{level}", **unit)(
-        merged[level], train) for level in range(self.min_level, top + 1)}
-    for level in range(top + 1, self.max_level + 1):
-      source = outputs[f"P{level - 1}"]
-      if level > top + 1 and not self.binary.enabled:
-        source = nn.relu(source)  # as FCOS/RetinaNet: ReLU between the extra stride-2 convs
-      outputs[f"P{level}"] = ConvUnit(self.width, 3, 2, name=f"extra{level}", **unit)(
-          source, train)
-    return outputs
+    @nn.compact
+    def __call__(self, features: dict[str, Array], train: bool) -> dict[str, Array]:
+        if not 2 <= self.min_level <= 5 or self.max_level < self.min_level:
+            raise ValueError(
+                f"FPN levels must satisfy 2 <= min_level <= 5 and max_level >= min_level, "
+                f"got {self.min_level}..{self.max_level}"
+            )
+        norm = "group" if self.binary.enabled else "none"
+        unit = dict(binary=self.binary, norm=norm, activation="none", dtype=self.dtype)
+        top = min(self.max_level, 5)
+        laterals = {
+            level: ConvUnit(self.width, 1, shortcut=False, name=f"lateral{level}", **unit)(
+                features[f"C{level}"], train
+            )
+            for level in range(self.min_level, top + 1)
+        }
+        merged = {top: laterals[top]}
+        for level in range(top - 1, self.min_level - 1, -1):
+            merged[level] = laterals[level] + upsample_nearest_to(
+                merged[level + 1], laterals[level].shape[1:3]
+            )
+        outputs = {
+            f"P{level}": ConvUnit(self.width, 3, name=f"output{level}", **unit)(
+                merged[level], train
+            )
+            for level in range(self.min_level, top + 1)
+        }
+        for level in range(top + 1, self.max_level + 1):
+            source = outputs[f"P{level - 1}"]
+            if level > top + 1 and not self.binary.enabled:
+                source = nn.relu(source)  # as FCOS/RetinaNet: ReLU between the extra stride-2 convs
+            outputs[f"P{level}"] = ConvUnit(self.width, 3, 2, name=f"extra{level}", **unit)(
+                source, train
+            )
+        return outputs

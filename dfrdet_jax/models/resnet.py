@@ -23,58 +23,85 @@ STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
 class BasicBlock(nn.Module):
-  """Real: conv-BN-ReLU-conv-BN + shortcut, ReLU. 1-bit: two Bi-Real units, each with a shortcut."""
+    """Real: conv-BN-ReLU-conv-BN + shortcut, ReLU. 1-bit: two Bi-Real units, each with a shortcut."""
 
-  features: int
-  strides: int
-  binary: BinarySpec = REAL
-  dtype: Any = None
+    features: int
+    strides: int
+    binary: BinarySpec = REAL
+    dtype: Any = None
 
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    if self.binary.enabled:
-      x = ConvUnit(self.features, 3, self.strides, self.binary, dtype=self.dtype, name="unit1")(
-          x, train)
-      return ConvUnit(self.features, 3, 1, self.binary, dtype=self.dtype, name="unit2")(x, train)
-    y = ConvUnit(self.features, 3, self.strides, dtype=self.dtype, name="unit1")(x, train)
-    y = ConvUnit(self.features, 3, 1, activation="none", dtype=self.dtype, name="unit2")(y, train)
-    if self.strides != 1 or x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False, dtype=self.dtype,
-                  kernel_init=nn.initializers.he_normal(), name="shortcut_conv")(x)
-      x = apply_norm("batch", x, train, self.dtype, "shortcut_norm")
-    return nn.relu(y + x)
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if self.binary.enabled:
+            x = ConvUnit(
+                self.features, 3, self.strides, self.binary, dtype=self.dtype, name="unit1"
+            )(x, train)
+            return ConvUnit(self.features, 3, 1, self.binary, dtype=self.dtype, name="unit2")(
+                x, train
+            )
+        y = ConvUnit(self.features, 3, self.strides, dtype=self.dtype, name="unit1")(x, train)
+        y = ConvUnit(self.features, 3, 1, activation="none", dtype=self.dtype, name="unit2")(
+            y, train
+        )
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = nn.Conv(
+                self.features,
+                (1, 1),
+                self.strides,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=nn.initializers.he_normal(),
+                name="shortcut_conv",
+            )(x)
+            x = apply_norm("batch", x, train, self.dtype, "shortcut_norm")
+        return nn.relu(y + x)
 
 
 class ResNet(nn.Module):
-  """ResNet backbone returning C2..C5.
+    """ResNet backbone returning C2..C5.
 
-  Attributes:
-    depth: 18 or 34.
-    width: channels of the first stage (64 in the standard network; smaller in tests).
-    binary: binarization of the stage convs (the stem always stays real).
-    dtype: computation dtype.
-  """
+    Attributes:
+      depth: 18 or 34.
+      width: channels of the first stage (64 in the standard network; smaller in tests).
+      binary: binarization of the stage convs (the stem always stays real).
+      dtype: computation dtype.
+    """
 
-  depth: int = 18
-  width: int = 64
-  binary: BinarySpec = REAL
-  dtype: Any = None
+    depth: int = 18
+    width: int = 64
+    binary: BinarySpec = REAL
+    dtype: Any = None
 
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> dict[str, Array]:
-    """x: [B, H, W, 3] normalised image -> {'C2': [B, H/4, W/4, width], ..., 'C5': stride 32}."""
-    if self.depth not in STAGE_BLOCKS:
-      raise ValueError(f"Unknown ResNet depth {self.depth}; valid choices: {sorted(STAGE_BLOCKS)}")
-    x = nn.Conv(self.width, (7, 7), 2, padding=[(3, 3), (3, 3)], use_bias=False, dtype=self.dtype,
-                kernel_init=nn.initializers.he_normal(), name="stem_conv")(x)
-    x = nn.relu(apply_norm("batch", x, train, self.dtype, "stem_norm"))
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
-    features = {}
-    for stage, num_blocks in enumerate(STAGE_BLOCKS[self.depth]):
-      channels = self.width * 2**stage
-      for block in range(num_blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(channels, strides, self.binary, self.dtype,
-                       name=f"stage{stage + 1}_block{block + 1}")(x, train)
-      features[f"C{stage + 2}"] = x
-    return features
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> dict[str, Array]:
+        """x: [B, H, W, 3] normalised image -> {'C2': [B, H/4, W/4, width], ..., 'C5': stride 32}."""
+        if self.depth not in STAGE_BLOCKS:
+            raise ValueError(
+                f"Unknown ResNet depth {self.depth}; valid choices: {sorted(STAGE_BLOCKS)}"
+            )
+        x = nn.Conv(
+            self.width,
+            (7, 7),
+            2,
+            padding=[(3, 3), (3, 3)],
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.he_normal(),
+            name="stem_conv",
+        )(x)
+        x = nn.relu(apply_norm("batch", x, train, self.dtype, "stem_norm"))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
+        features = {}
+        for stage, num_blocks in enumerate(STAGE_BLOCKS[self.depth]):
+            channels = self.width * 2**stage
+            for block in range(num_blocks):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = BasicBlock(
+                    channels,
+                    strides,
+                    self.binary,
+                    self.dtype,
+                    name=f"stage{stage + 1}_block{block + 1}",
+                )(x, train)
+            features[f"C{stage + 2}"] = x
+        return features

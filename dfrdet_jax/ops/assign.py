@@ -79,8 +79,19 @@ def tiny_object_regress_ranges(strides: Sequence[int], multiple: float = 4.0) ->
 DEFAULT_TINY_REGRESS_RANGES = tiny_object_regress_ranges((4, 8, 16, 32, 64))
 
 
-def _assign_chunk(points, level, ranges, strides, boxes, labels, positive_ok, ignore_ok,
-                  num_classes, center_sampling, center_radius):
+def _assign_chunk(
+    points,
+    level,
+    ranges,
+    strides,
+    boxes,
+    labels,
+    positive_ok,
+    ignore_ok,
+    num_classes,
+    center_sampling,
+    center_radius,
+):
     """Assignment for one chunk: points [c, 2], level [c] -> dict of [c, ...] targets."""
     ltrb = ltrb_encode(points[:, None, :], boxes[None, :, :])  # [c, N, 4]
     inside_box = ltrb.min(-1) > 0
@@ -89,8 +100,12 @@ def _assign_chunk(points, level, ranges, strides, boxes, labels, positive_ok, ig
         radius = (strides[level] * center_radius)[:, None, None]  # [c, 1, 1]
         centre = 0.5 * (boxes[None, :, :2] + boxes[None, :, 2:])  # [1, N, 2]
         region = jnp.concatenate(
-            [jnp.maximum(centre - radius, boxes[None, :, :2]),
-             jnp.minimum(centre + radius, boxes[None, :, 2:])], axis=-1)
+            [
+                jnp.maximum(centre - radius, boxes[None, :, :2]),
+                jnp.minimum(centre + radius, boxes[None, :, 2:]),
+            ],
+            axis=-1,
+        )
         inside = ltrb_encode(points[:, None, :], region).min(-1) > 0
     else:
         inside = inside_box
@@ -174,16 +189,18 @@ def fcos_targets(
             f"fcos_targets: level_of_point {level_of_point.shape} does not match points "
             f"{points.shape}"
         )
-    for name, arr in (("gt_labels", gt_labels), ("gt_valid", gt_valid),
-                      ("gt_ignore", gt_ignore)):
+    for name, arr in (("gt_labels", gt_labels), ("gt_valid", gt_valid), ("gt_ignore", gt_ignore)):
         if arr.shape != (num_gt,):
-            raise ValueError(f"fcos_targets: {name} {arr.shape} does not match gt_boxes "
-                             f"{gt_boxes.shape}")
+            raise ValueError(
+                f"fcos_targets: {name} {arr.shape} does not match gt_boxes {gt_boxes.shape}"
+            )
     ranges = jnp.asarray(regress_ranges, jnp.float32)
     strides = jnp.asarray(strides, jnp.float32)
     if ranges.shape != (strides.shape[0], 2):
-        raise ValueError(f"fcos_targets: regress_ranges {ranges.shape} must be "
-                         f"[{strides.shape[0]}, 2], one per stride")
+        raise ValueError(
+            f"fcos_targets: regress_ranges {ranges.shape} must be "
+            f"[{strides.shape[0]}, 2], one per stride"
+        )
     if num_gt == 0:  # argmin needs at least one column: add one invalid padding box
         gt_boxes, gt_labels = jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32)
         gt_valid, gt_ignore = jnp.zeros((1,), bool), jnp.zeros((1,), bool)
@@ -192,8 +209,19 @@ def fcos_targets(
     ignore_ok = gt_valid & gt_ignore
 
     def assign(pts, lvl):
-        return _assign_chunk(pts, lvl, ranges, strides, gt_boxes, gt_labels, positive_ok,
-                             ignore_ok, num_classes, center_sampling, center_radius)
+        return _assign_chunk(
+            pts,
+            lvl,
+            ranges,
+            strides,
+            gt_boxes,
+            gt_labels,
+            positive_ok,
+            ignore_ok,
+            num_classes,
+            center_sampling,
+            center_radius,
+        )
 
     chunk = num_points if chunk_size is None else min(chunk_size, num_points)
     num_chunks = -(-num_points // chunk)

@@ -102,8 +102,6 @@ def class_wise_nms(
     slot = jnp.where(keep, jnp.cumsum(keep) - 1, max_detections)
     out_boxes = jnp.zeros((max_detections, 4), boxes.dtype).at[slot].set(top_boxes, mode="drop")
     out_scores = jnp.zeros((max_detections,), scores.dtype).at[slot].set(top_scores, mode="drop")
-    out_classes = jnp.full((max_detections,), -1, jnp.int32).at[slot].set(
-        top_classes, mode="drop"
-    )
+    out_classes = jnp.full((max_detections,), -1, jnp.int32).at[slot].set(top_classes, mode="drop")
     out_valid = jnp.zeros((max_detections,), bool).at[slot].set(True, mode="drop")
     return Detections(out_boxes, out_scores, out_classes, out_valid)

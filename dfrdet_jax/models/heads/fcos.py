@@ -29,7 +29,7 @@ Array = jax.Array
 
 
 class FCOSHead(nn.Module):
-  """Attributes:
+    """Attributes:
     num_classes: number of foreground classes.
     strides: stride of each input level, in the order the levels are given.
     width: tower channels.
@@ -37,128 +37,186 @@ class FCOSHead(nn.Module):
     prior_prob: initial foreground probability of the classifier.
     binary: binarization of the tower convs.
     dtype: computation dtype.
-  """
+    """
 
-  num_classes: int
-  strides: Sequence[int]
-  width: int = 256
-  num_convs: int = 4
-  prior_prob: float = 0.01
-  binary: BinarySpec = REAL
-  dtype: Any = None
+    num_classes: int
+    strides: Sequence[int]
+    width: int = 256
+    num_convs: int = 4
+    prior_prob: float = 0.01
+    binary: BinarySpec = REAL
+    dtype: Any = None
 
-  @nn.compact
-  def __call__(self, levels: Sequence[Array], train: bool) -> dict[str, Array]:
-    """levels: one [B, h_l, w_l, C] map per stride -> {'cls_logits': [B, P, num_classes],
-    'ltrb': [B, P, 4] pixels, 'centerness': [B, P]} with P = sum_l h_l * w_l (float32)."""
-    if len(levels) != len(self.strides):
-      raise ValueError(f"FCOSHead got {len(levels)} levels for {len(self.strides)} strides")
-    unit = dict(binary=self.binary, norm="group", dtype=self.dtype)
-    cls_tower = [ConvUnit(self.width, 3, name=f"cls_tower{i}", **unit) for i in range(self.num_convs)]
-    reg_tower = [ConvUnit(self.width, 3, name=f"reg_tower{i}", **unit) for i in range(self.num_convs)]
-    bias_init = nn.initializers.constant(-math.log((1 - self.prior_prob) / self.prior_prob))
-    predict = dict(kernel_size=(3, 3), padding="SAME", dtype=self.dtype,
-                   kernel_init=nn.initializers.normal(0.01))
-    cls_out = nn.Conv(self.num_classes, bias_init=bias_init, name="cls_logits", **predict)
-    reg_out = nn.Conv(4, name="bbox_pred", **predict)
-    ctr_out = nn.Conv(1, name="centerness", **predict)
-    scales = self.param("level_scales", nn.initializers.ones, (len(self.strides),))
+    @nn.compact
+    def __call__(self, levels: Sequence[Array], train: bool) -> dict[str, Array]:
+        """levels: one [B, h_l, w_l, C] map per stride -> {'cls_logits': [B, P, num_classes],
+        'ltrb': [B, P, 4] pixels, 'centerness': [B, P]} with P = sum_l h_l * w_l (float32)."""
+        if len(levels) != len(self.strides):
+            raise ValueError(f"FCOSHead got {len(levels)} levels for {len(self.strides)} strides")
+        unit = dict(binary=self.binary, norm="group", dtype=self.dtype)
+        cls_tower = [
+            ConvUnit(self.width, 3, name=f"cls_tower{i}", **unit) for i in range(self.num_convs)
+        ]
+        reg_tower = [
+            ConvUnit(self.width, 3, name=f"reg_tower{i}", **unit) for i in range(self.num_convs)
+        ]
+        bias_init = nn.initializers.constant(-math.log((1 - self.prior_prob) / self.prior_prob))
+        predict = dict(
+            kernel_size=(3, 3),
+            padding="SAME",
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.01),
+        )
+        cls_out = nn.Conv(self.num_classes, bias_init=bias_init, name="cls_logits", **predict)
+        reg_out = nn.Conv(4, name="bbox_pred", **predict)
+        ctr_out = nn.Conv(1, name="centerness", **predict)
+        scales = self.param("level_scales", nn.initializers.ones, (len(self.strides),))
 
-    outputs = {"cls_logits": [], "ltrb": [], "centerness": []}
-    for index, (x, stride) in enumerate(zip(levels, self.strides)):
-      c, r = x, x
-      for conv in cls_tower:
-        c = conv(c, train)
-      for conv in reg_tower:
-        r = conv(r, train)
-      batch = x.shape[0]
-      outputs["cls_logits"].append(cls_out(c).reshape(batch, -1, self.num_classes))
-      ltrb = nn.relu(scales[index] * reg_out(r).astype(jnp.float32)) * stride
-      outputs["ltrb"].append(ltrb.reshape(batch, -1, 4))
-      outputs["centerness"].append(ctr_out(r).reshape(batch, -1))
-    return {k: jnp.concatenate(v, axis=1).astype(jnp.float32) for k, v in outputs.items()}
+        outputs = {"cls_logits": [], "ltrb": [], "centerness": []}
+        for index, (x, stride) in enumerate(zip(levels, self.strides)):
+            c, r = x, x
+            for conv in cls_tower:
+                c = conv(c, train)
+            for conv in reg_tower:
+                r = conv(r, train)
+            batch = x.shape[0]
+            outputs["cls_logits"].append(cls_out(c).reshape(batch, -1, self.num_classes))
+            ltrb = nn.relu(scales[index] * reg_out(r).astype(jnp.float32)) * stride
+            outputs["ltrb"].append(ltrb.reshape(batch, -1, 4))
+            outputs["centerness"].append(ctr_out(r).reshape(batch, -1))
+        return {k: jnp.concatenate(v, axis=1).astype(jnp.float32) for k, v in outputs.items()}
 
 
 def feature_sizes(image_hw: tuple[int, int], strides: Sequence[int]) -> list[tuple[int, int]]:
-  """(h, w) of each level's map for an input of ``image_hw`` (sides divisible by the strides)."""
-  return [(-(-image_hw[0] // s), -(-image_hw[1] // s)) for s in strides]
+    """(h, w) of each level's map for an input of ``image_hw`` (sides divisible by the strides)."""
+    return [(-(-image_hw[0] // s), -(-image_hw[1] // s)) for s in strides]
 
 
-def fcos_loss(outputs: dict[str, Array], batch: dict[str, Array], *, strides: Sequence[int],
-              regress_ranges, num_classes: int, center_sampling: bool = True,
-              center_radius: float = 1.5, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-              chunk_size: int | None = 4096) -> dict[str, Array]:
-  """FCOS detection loss of a batch: focal + GIoU + centerness, as mmdetection's FCOSHead.
+def fcos_loss(
+    outputs: dict[str, Array],
+    batch: dict[str, Array],
+    *,
+    strides: Sequence[int],
+    regress_ranges,
+    num_classes: int,
+    center_sampling: bool = True,
+    center_radius: float = 1.5,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    chunk_size: int | None = 4096,
+) -> dict[str, Array]:
+    """FCOS detection loss of a batch: focal + GIoU + centerness, as mmdetection's FCOSHead.
 
-  Normalisation: the focal and centerness sums are divided by the number of positive points in
-  the whole (global) batch; the GIoU sum, weighted by each positive's centerness target, by the
-  sum of those targets.
+    Normalisation: the focal and centerness sums are divided by the number of positive points in
+    the whole (global) batch; the GIoU sum, weighted by each positive's centerness target, by the
+    sum of those targets.
 
-  Args:
-    outputs: head outputs, 'cls_logits' [B, P, C], 'ltrb' [B, P, 4] px, 'centerness' [B, P].
-    batch: the standard batch ('image' [B, H, W, 3], 'boxes', 'labels', 'box_valid', 'ignore').
-    strides, regress_ranges ([L, 2] px), num_classes, center_sampling, center_radius, chunk_size:
-      target assignment settings, see ``dfrdet_jax.ops.assign.fcos_targets``.
-    focal_alpha, focal_gamma: focal loss settings.
+    Args:
+      outputs: head outputs, 'cls_logits' [B, P, C], 'ltrb' [B, P, 4] px, 'centerness' [B, P].
+      batch: the standard batch ('image' [B, H, W, 3], 'boxes', 'labels', 'box_valid', 'ignore').
+      strides, regress_ranges ([L, 2] px), num_classes, center_sampling, center_radius, chunk_size:
+        target assignment settings, see ``dfrdet_jax.ops.assign.fcos_targets``.
+      focal_alpha, focal_gamma: focal loss settings.
 
-  Returns:
-    {'loss_cls', 'loss_box', 'loss_centerness', 'num_positive'} float32 scalars.
-  """
-  points, level = assign.fcos_flat_points(feature_sizes(batch["image"].shape[1:3], strides),
-                                          strides)
-  targets = jax.vmap(lambda boxes, labels, valid, ignore: assign.fcos_targets(
-      points, level, jnp.asarray(regress_ranges), strides, boxes, labels, valid, ignore,
-      num_classes, center_sampling=center_sampling, center_radius=center_radius,
-      chunk_size=chunk_size))(batch["boxes"], batch["labels"], batch["box_valid"], batch["ignore"])
-  positive = targets["positive"].astype(jnp.float32)
-  num_positive = positive.sum()
-  normaliser = jnp.maximum(num_positive, 1.0)
-  loss_cls = focal.sigmoid_focal_loss(outputs["cls_logits"], targets["labels"],
-                                      weights=1.0 - targets["ignore"].astype(jnp.float32),
-                                      alpha=focal_alpha, gamma=focal_gamma) / normaliser
-  predicted_boxes = boxes_ops.ltrb_decode(jnp.asarray(points), outputs["ltrb"])
-  box_weight = targets["centerness"] * positive
-  loss_box = iou.giou_loss(predicted_boxes, targets["box_targets"], box_weight) / jnp.maximum(
-      box_weight.sum(), 1e-6)
-  loss_centerness = iou.centerness_loss(outputs["centerness"], targets["centerness"],
-                                        positive) / normaliser
-  return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_centerness": loss_centerness,
-          "num_positive": num_positive}
+    Returns:
+      {'loss_cls', 'loss_box', 'loss_centerness', 'num_positive'} float32 scalars.
+    """
+    points, level = assign.fcos_flat_points(
+        feature_sizes(batch["image"].shape[1:3], strides), strides
+    )
+    targets = jax.vmap(
+        lambda boxes, labels, valid, ignore: assign.fcos_targets(
+            points,
+            level,
+            jnp.asarray(regress_ranges),
+            strides,
+            boxes,
+            labels,
+            valid,
+            ignore,
+            num_classes,
+            center_sampling=center_sampling,
+            center_radius=center_radius,
+            chunk_size=chunk_size,
+        )
+    )(batch["boxes"], batch["labels"], batch["box_valid"], batch["ignore"])
+    positive = targets["positive"].astype(jnp.float32)
+    num_positive = positive.sum()
+    normaliser = jnp.maximum(num_positive, 1.0)
+    loss_cls = (
+        focal.sigmoid_focal_loss(
+            outputs["cls_logits"],
+            targets["labels"],
+            weights=1.0 - targets["ignore"].astype(jnp.float32),
+            alpha=focal_alpha,
+            gamma=focal_gamma,
+        )
+        / normaliser
+    )
+    predicted_boxes = boxes_ops.ltrb_decode(jnp.asarray(points), outputs["ltrb"])
+    box_weight = targets["centerness"] * positive
+    loss_box = iou.giou_loss(predicted_boxes, targets["box_targets"], box_weight) / jnp.maximum(
+        box_weight.sum(), 1e-6
+    )
+    loss_centerness = (
+        iou.centerness_loss(outputs["centerness"], targets["centerness"], positive) / normaliser
+    )
+    return {
+        "loss_cls": loss_cls,
+        "loss_box": loss_box,
+        "loss_centerness": loss_centerness,
+        "num_positive": num_positive,
+    }
 
 
-def fcos_postprocess(outputs: dict[str, Array], image_hw: Array, *, input_hw: tuple[int, int],
-                     strides: Sequence[int], score_threshold: float = 0.05,
-                     iou_threshold: float = 0.5, max_detections: int = 100,
-                     pre_nms_top_k: int = 1000) -> nms.Detections:
-  """Boxes, scores and classes of a batch, static-shape and jit-compatible.
+def fcos_postprocess(
+    outputs: dict[str, Array],
+    image_hw: Array,
+    *,
+    input_hw: tuple[int, int],
+    strides: Sequence[int],
+    score_threshold: float = 0.05,
+    iou_threshold: float = 0.5,
+    max_detections: int = 100,
+    pre_nms_top_k: int = 1000,
+) -> nms.Detections:
+    """Boxes, scores and classes of a batch, static-shape and jit-compatible.
 
-  Score of a (point, class) pair: sqrt(sigmoid(class logit) * sigmoid(centerness logit)); the
-  ``pre_nms_top_k`` best pairs above ``score_threshold`` of each image go through class-wise NMS.
-  Boxes are clipped to the valid (unpadded) region of each image.
+    Score of a (point, class) pair: sqrt(sigmoid(class logit) * sigmoid(centerness logit)); the
+    ``pre_nms_top_k`` best pairs above ``score_threshold`` of each image go through class-wise NMS.
+    Boxes are clipped to the valid (unpadded) region of each image.
 
-  Args:
-    outputs: head outputs as in ``fcos_loss``.
-    image_hw: int [B, 2] valid (h, w) of each image in px.
-    input_hw: static (H, W) of the padded input.
-    strides: the head's strides.
+    Args:
+      outputs: head outputs as in ``fcos_loss``.
+      image_hw: int [B, 2] valid (h, w) of each image in px.
+      input_hw: static (H, W) of the padded input.
+      strides: the head's strides.
 
-  Returns:
-    ``Detections`` with a leading batch axis: boxes [B, D, 4] px of the padded input, scores
-    [B, D], classes [B, D], valid [B, D], D = max_detections.
-  """
-  points, _ = assign.fcos_flat_points(feature_sizes(input_hw, strides), strides)
-  num_classes = outputs["cls_logits"].shape[-1]
+    Returns:
+      ``Detections`` with a leading batch axis: boxes [B, D, 4] px of the padded input, scores
+      [B, D], classes [B, D], valid [B, D], D = max_detections.
+    """
+    points, _ = assign.fcos_flat_points(feature_sizes(input_hw, strides), strides)
+    num_classes = outputs["cls_logits"].shape[-1]
 
-  def one_image(cls_logits, ltrb, centerness, hw):
-    scores = jnp.sqrt(jax.nn.sigmoid(cls_logits) * jax.nn.sigmoid(centerness)[:, None])
-    k = min(pre_nms_top_k, scores.size)
-    top_scores, flat_index = jax.lax.top_k(scores.reshape(-1), k)
-    point_index, classes = flat_index // num_classes, flat_index % num_classes
-    boxes = boxes_ops.ltrb_decode(jnp.asarray(points)[point_index], ltrb[point_index])
-    boxes = boxes_ops.clip_boxes(boxes, hw[0].astype(jnp.float32), hw[1].astype(jnp.float32))
-    return nms.class_wise_nms(boxes, top_scores, classes, jnp.ones((k,), bool),
-                              iou_threshold=iou_threshold, score_threshold=score_threshold,
-                              max_detections=max_detections, pre_nms_top_k=k)
+    def one_image(cls_logits, ltrb, centerness, hw):
+        scores = jnp.sqrt(jax.nn.sigmoid(cls_logits) * jax.nn.sigmoid(centerness)[:, None])
+        k = min(pre_nms_top_k, scores.size)
+        top_scores, flat_index = jax.lax.top_k(scores.reshape(-1), k)
+        point_index, classes = flat_index // num_classes, flat_index % num_classes
+        boxes = boxes_ops.ltrb_decode(jnp.asarray(points)[point_index], ltrb[point_index])
+        boxes = boxes_ops.clip_boxes(boxes, hw[0].astype(jnp.float32), hw[1].astype(jnp.float32))
+        return nms.class_wise_nms(
+            boxes,
+            top_scores,
+            classes,
+            jnp.ones((k,), bool),
+            iou_threshold=iou_threshold,
+            score_threshold=score_threshold,
+            max_detections=max_detections,
+            pre_nms_top_k=k,
+        )
 
-  return jax.vmap(one_image)(outputs["cls_logits"], outputs["ltrb"], outputs["centerness"],
-                             image_hw)
+    return jax.vmap(one_image)(
+        outputs["cls_logits"], outputs["ltrb"], outputs["centerness"], image_hw
+    )
