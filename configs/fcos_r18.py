@@ -116,6 +116,13 @@ def get_config(arg: str = "synthetic,dfr"):
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 3
     config.train.num_workers = 0
+    # Multi-process start-up, see dfrdet_jax/distributed.py ('auto': from the environment).
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.mode = "auto"
+    config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+    config.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+    config.distributed.process_id = ml_collections.config_dict.placeholder(int)
+
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 2
     config.eval.split = "val"

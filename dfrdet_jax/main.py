@@ -24,6 +24,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dfrdet_jax import distributed
+
 # mode -> (module, function); imported lazily so `--help` stays fast.
 MODES = {
     "train": ("dfrdet_jax.train", "train_and_evaluate"),
@@ -83,6 +85,7 @@ def main(argv):
         if _INPUT.value is None:
             raise app.UsageError("--mode predict needs --input (a folder of images)")
         kwargs["input_path"] = _INPUT.value
+    distributed.initialize(_CONFIG.value)
     logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
     run(_MODE.value, _CONFIG.value, _WORKDIR.value, **kwargs)
 

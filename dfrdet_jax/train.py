@@ -103,12 +103,14 @@ def create_train_state(
     variables = jax.jit(
         functools.partial(model.init, train=True, reconstruct=bool(config.dfr.levels))
     )(rng, dummy)
-    return TrainState.create(
+    state = TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=make_optimizer(config, total_steps),
     )
+    # A concrete int32 step (not a weakly typed Python 0), so the step compiles only once.
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def compute_losses(
@@ -168,7 +170,7 @@ def train_step(
         functools.partial(compute_losses, model=model, config=config), has_aux=True
     )
     (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate(state.step)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return new_state, metrics
@@ -205,6 +207,25 @@ def check_batch_divides(batch_size: int, what: str) -> None:
             f"{what}={batch_size} does not divide over {devices} devices; set it to a "
             f"multiple of {devices}"
         )
+
+
+def make_sharded_train_step(
+    config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh, total_steps: int
+):
+    """``train_step`` jit-compiled for ``mesh``: state replicated (and donated), batch split
+    over the ``data`` axis. Call it with a replicated state and ``to_global_batch`` output."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            config=config,
+            learning_rate=make_learning_rate(config, total_steps),
+        ),
+        in_shardings=(replicated, NamedSharding(mesh, PartitionSpec(DATA_AXIS))),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding):
@@ -296,17 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start_step:
         logging.info("Resumed from step %d in %s", start_step, workdir)
 
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            config=config,
-            learning_rate=make_learning_rate(config, total_steps),
-        ),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
-    )
+    step_fn = make_sharded_train_step(config, model, mesh, total_steps)
     writer = MetricsWriter(workdir)
     logging.info(
         "Training %s (%s) for %d steps (%d per epoch), global batch %d on %d devices",
