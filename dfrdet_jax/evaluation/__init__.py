@@ -1,0 +1,14 @@
+"""Tiny-object detection metrics: AI-TOD (COCO API with tiny area ranges), TinyPerson (ignore
+regions, tiny size ranges) and DOTA-v2.0 horizontal boxes (tile merging + VOC AP50).
+
+    metrics = evaluate("ann.json", "results.json", protocol="aitod")
+    print(format_table(metrics))
+
+or ``python -m dfrdet_jax.evaluation --gt ann.json --dt results.json --protocol aitod``.
+``detections_to_coco`` turns batched model outputs into COCO results in original-image pixels.
+"""
+
+from dfrdet_jax.evaluation.api import PROTOCOLS, evaluate, format_table
+from dfrdet_jax.evaluation.results import EvaluationInputError, detections_to_coco
+
+__all__ = ["PROTOCOLS", "EvaluationInputError", "detections_to_coco", "evaluate", "format_table"]

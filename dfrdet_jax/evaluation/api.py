@@ -1,0 +1,85 @@
+"""``evaluate``: score COCO-format detections with a tiny-object protocol; ``format_table``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dfrdet_jax.evaluation import coco_tiny, dota, results, tinyperson
+
+PROTOCOLS = ("aitod", "tinyperson", "dota")
+
+
+def evaluate(
+    gt: results.GroundTruth,
+    detections: results.Detections,
+    protocol: str = "aitod",
+    backend: str = "faster_coco_eval",
+) -> dict[str, Any]:
+    """Metrics of ``detections`` against ``gt``.
+
+    Args:
+      gt: COCO ground truth, a JSON path or a dict (not modified).
+      detections: COCO results (image_id, category_id, bbox [x, y, w, h] in original-image px,
+        score), a JSON path or a list of dicts; an empty list scores 0.
+      protocol: 'aitod' (AP, AP50, AP75, AP_vt/t/s/m, AR@1/100/1500, AR_vt/t/s/m),
+        'tinyperson' (AP{25,50,75}_{all,tiny,tiny1,tiny2,tiny3,small,reasonable}, AR50_*) or
+        'dota' (mAP50 after merging tile predictions with class-wise NMS).
+      backend: 'faster_coco_eval' (C++, default) or 'pycocotools' for the COCOeval protocols;
+        both give the same numbers. DOTA's scoring is numpy only.
+    Returns:
+      JSON-serialisable dict: headline metrics as top-level floats in [0, 1] (-1 where no
+      ground truth exists for them), 'per_class' {category name: metrics}, 'summary' (lines for
+      printing), 'protocol', 'backend', 'num_images', 'num_detections' and 'skipped' counts.
+    Raises:
+      results.EvaluationInputError (a ValueError) for bad input, naming the offending record.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if backend not in coco_tiny.BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; choose one of {coco_tiny.BACKENDS}")
+    gt_data, skipped = results.load_ground_truth(gt)
+    dets = results.load_detections(detections, gt_data)
+    if protocol == "aitod":
+        metrics = coco_tiny.evaluate_aitod(gt_data, dets, backend=backend)
+    elif protocol == "tinyperson":
+        metrics = tinyperson.evaluate_tinyperson(gt_data, dets, backend=backend)
+    else:
+        metrics = dota.evaluate_dota(gt_data, dets)
+        backend = "numpy"
+    return {
+        **metrics,
+        "protocol": protocol,
+        "backend": backend,
+        "num_images": len(gt_data["images"]),
+        "num_detections": len(dets),
+        "skipped": skipped,
+    }
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Printable report of ``evaluate``'s output: summary lines, then a per-class table."""
+    per_class = metrics.get("per_class", {})
+    lines = [
+        (
+            f"protocol={metrics.get('protocol')} backend={metrics.get('backend')} "
+            f"images={metrics.get('num_images')} detections={metrics.get('num_detections')}"
+        ),
+        *metrics.get("summary", []),
+    ]
+    if per_class:
+        columns = list(next(iter(per_class.values())))
+        if metrics.get("protocol") == "tinyperson":
+            columns = [c for c in columns if c.startswith("AP50_")]
+        width = max(5, *(len(name) for name in per_class))
+        lines.append("")
+        widths = [max(8, len(c)) for c in columns]
+        lines.append(
+            f"{'class':<{width}s} " + " ".join(f"{c:>{w}s}" for c, w in zip(columns, widths))
+        )
+        for name, values in per_class.items():
+            cells = " ".join(f"{values[c]:{w}.4f}" for c, w in zip(columns, widths))
+            lines.append(f"{name:<{width}s} {cells}")
+    skipped = {k: v for k, v in metrics.get("skipped", {}).items() if v}
+    if skipped:
+        lines.append(f"skipped: {skipped}")
+    return "\n".join(lines)
