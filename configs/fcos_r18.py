@@ -116,6 +116,8 @@ def get_config(arg: str = "synthetic,dfr"):
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 3
     config.train.num_workers = 0
+    config.train.profile_num_steps = 0  # > 0: jax.profiler trace of these steps in workdir/profile
+    config.train.profile_start_step = 10
     # Multi-process start-up, see dfrdet_jax/distributed.py ('auto': from the environment).
     config.distributed = ml_collections.ConfigDict()
     config.distributed.mode = "auto"
@@ -127,6 +129,8 @@ def get_config(arg: str = "synthetic,dfr"):
     config.eval.batch_size = 2
     config.eval.split = "val"
     config.eval.protocol = {"tinyperson": "tinyperson", "dota2": "dota"}.get(dataset, "aitod")
+    # checkpoints_best keeps the checkpoint with the highest value of this metric.
+    config.eval.best_metric = {"tinyperson": "AP50_tiny", "dota2": "mAP50"}.get(dataset, "AP")
 
     if demo:
         _make_demo(config)

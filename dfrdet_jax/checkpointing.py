@@ -1,8 +1,13 @@
 """Checkpoints of training in the workdir with orbax: model, optimizer, step and data iterator.
 
-Layout: ``workdir/checkpoints/<step>/{state,data}``; the last ``keep`` steps are kept. The data
-item is the input pipeline's iterator state (JSON), so a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+Layout: ``workdir/checkpoints/<step>/{state,data}`` keeps the last ``keep`` steps, written
+asynchronously (training goes on while files are written); ``workdir/checkpoints_best/<step>``
+keeps the one with the best evaluation metric. ``state`` holds the step, parameters, BatchNorm
+statistics and optimizer state; ``data`` the input pipeline's iterator state (JSON), so a resumed
+run sees exactly the batches an uninterrupted run would have seen.
+
+Restoring walks back from the newest step: a checkpoint that cannot be read (a run killed while
+writing it, a damaged file) is reported and the one before it is used.
 """
 
 from __future__ import annotations
@@ -24,49 +29,84 @@ def _state_items(state) -> dict[str, Any]:
     }
 
 
-class Checkpointer:
-    """Saves and restores a ``TrainState`` (+ iterator state) under ``workdir/checkpoints``."""
+def _save_args(state, data_state: dict | None) -> ocp.args.Composite:
+    items = {"state": ocp.args.StandardSave(_state_items(state))}
+    if data_state is not None:
+        items["data"] = ocp.args.JsonSave(data_state)
+    return ocp.args.Composite(**items)
 
-    def __init__(self, workdir: str, keep: int = 3):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+
+class Checkpointer:
+    """Saves and restores a ``TrainState`` (+ iterator state) under ``workdir``."""
+
+    def __init__(self, workdir: str, keep: int = 3, best_mode: str = "max"):
+        workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(workdir, "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
+        self.best = ocp.CheckpointManager(
+            os.path.join(workdir, "checkpoints_best"),
+            item_names=("state", "data"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1,
+                create=True,
+                best_fn=lambda metrics: metrics["value"],
+                best_mode=best_mode,
+            ),
+        )
 
     def save(self, step: int, state, data_state: dict | None) -> None:
-        items = {"state": ocp.args.StandardSave(_state_items(state))}
-        if data_state is not None:
-            items["data"] = ocp.args.JsonSave(data_state)
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        """Starts writing checkpoint ``step`` (returns once the arrays are copied to host)."""
+        self.manager.save(step, args=_save_args(state, data_state))
+
+    def save_best(self, step: int, state, value: float | None) -> None:
+        """Keeps ``state`` in checkpoints_best if ``value`` beats the best so far (None: skip)."""
+        if value is None or value < 0:  # -1: the metric is undefined (no ground truth)
+            return
+        self.best.save(step, args=_save_args(state, None), metrics={"value": float(value)})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def restore_latest(self, state):
-        """(state restored from the latest checkpoint, its iterator state or None); the given
-        ``state`` (as target structure and shardings) and None when there is no checkpoint."""
-        step = self.manager.latest_step()
-        if step is None:
-            return state, None
+        """(state from the newest readable checkpoint, its iterator state or None).
+
+        ``state`` gives the target structure and shardings; it is returned unchanged, with None,
+        when there is no readable checkpoint.
+        """
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_items(state))
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )
-        items = restored["state"]
-        data_state = None
-        if "data" in (self.manager.item_metadata(step) or {}):
-            data_state = self.manager.restore(
-                step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
-            )["data"]
-        logging.info("Restored checkpoint of step %d from %s", step, self.directory)
-        return state.replace(
-            step=items["step"],
-            params=items["params"],
-            batch_stats=items["batch_stats"],
-            opt_state=items["opt_state"],
-        ), data_state
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                items = self.manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+                )["state"]
+                data_state = None
+                if os.path.isdir(os.path.join(self.directory, str(step), "data")):
+                    data_state = self.manager.restore(
+                        step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
+                    )["data"]
+            except Exception as error:  # pylint: disable=broad-except
+                logging.error(
+                    "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one",
+                    step,
+                    self.directory,
+                    type(error).__name__,
+                    error,
+                )
+                continue
+            logging.info("Restored checkpoint of step %d from %s", step, self.directory)
+            restored = state.replace(
+                step=items["step"],
+                params=items["params"],
+                batch_stats=items["batch_stats"],
+                opt_state=items["opt_state"],
+            )
+            return restored, data_state
+        return state, None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self.best.wait_until_finished()

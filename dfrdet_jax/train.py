@@ -11,6 +11,9 @@ import functools
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -240,21 +243,86 @@ def to_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding)
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``workdir/metrics.jsonl`` and logs a summary line."""
+    """Writes metrics as JSON lines to ``workdir/metrics.jsonl``, to TensorBoard event files in
+    ``workdir/tensorboard`` when ``tensorboardX`` is installed, and logs a summary line.
+
+    Only process 0 writes files; every process logs.
+    """
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
+        self.tensorboard = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+            except ImportError:
+                logging.info("tensorboardX is not installed: metrics go to %s only", self.path)
+            else:
+                self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
         record = {"step": int(step), **{prefix + k: _to_python(v) for k, v in metrics.items()}}
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, float)}
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        numbers = " ".join(
-            f"{k}={v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, float)
-        )
-        logging.info("step %d %s", step, numbers)
+            if self.tensorboard is not None:
+                for name, value in scalars.items():
+                    self.tensorboard.add_scalar(name, value, step)
+                self.tensorboard.flush()
+        logging.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+class Progress:
+    """A tqdm bar with ETA on an interactive terminal; nothing otherwise (the periodic log lines
+    carry steps/s and the ETA there)."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.bar = None
+        if sys.stderr.isatty() and jax.process_index() == 0:
+            import tqdm  # pylint: disable=g-import-not-at-top
+
+            self.bar = tqdm.tqdm(
+                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True
+            )
+
+    def update(self, metrics: dict[str, float] | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if metrics:
+                self.bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (how clusters pre-empt a job) into a flag the loop polls, so training can
+    save a checkpoint and return instead of dying mid-step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):  # pylint: disable=unused-argument
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
 
 
 def _to_python(value):
@@ -318,7 +386,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("Resumed from step %d in %s", start_step, workdir)
 
     step_fn = make_sharded_train_step(config, model, mesh, total_steps)
-    writer = MetricsWriter(workdir)
     logging.info(
         "Training %s (%s) for %d steps (%d per epoch), global batch %d on %d devices",
         config.model.name,
@@ -328,40 +395,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.train.batch_size,
         jax.device_count(),
     )
+    writer = MetricsWriter(workdir)
+    progress = Progress(total_steps, start_step)
+    profile_start, profile_stop = _profile_window(config)
     eval_metrics: dict[str, Any] = {}
     pending = None  # the previous step's metrics, read one step late so the host never stalls
-    timer = time.time()
-    for step in range(start_step, total_steps):
-        local_batch = next(train_iter)
-        state, metrics = step_fn(state, to_global_batch(local_batch, data_sharding))
-        if pending is not None:
-            _check_finite(*pending)
-        pending = (step + 1, metrics, local_batch.get("image_id"))
-        done = step + 1
-        last = done == total_steps
-        log_now = done % config.train.log_every_steps == 0 or last
-        save_now = done % config.train.checkpoint_every_steps == 0 or last
-        eval_now = done % eval_every == 0 or last
-        if log_now or save_now or eval_now:
-            _check_finite(*pending)  # never save or report a broken state
-        if log_now:
-            elapsed = time.time() - timer
-            steps_done = done - max(start_step, done - config.train.log_every_steps)
-            summary = dict(jax.device_get(metrics))
-            summary["steps_per_second"] = steps_done / max(elapsed, 1e-9)
-            summary["images_per_second"] = summary["steps_per_second"] * config.train.batch_size
-            summary["eta_minutes"] = (
-                (total_steps - done) / max(summary["steps_per_second"], 1e-9) / 60
-            )
-            writer.write(done, summary, "train/")
-            timer = time.time()
-        if save_now:
-            checkpoints.save(done, state, train_data.get_iterator_state(train_iter))
-        if eval_now:
-            eval_metrics = evaluate_lib.evaluate_state(config, model, state, mesh)
-            writer.write(done, eval_metrics, "eval/")
+    timer, timed_steps = time.time(), 0
+    with PreemptionGuard() as preemption:
+        for step in range(start_step, total_steps):
+            if step == profile_start:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            local_batch = next(train_iter)
+            state, metrics = step_fn(state, to_global_batch(local_batch, data_sharding))
+            if pending is not None:
+                _check_finite(*pending)
+            pending = (step + 1, metrics, local_batch.get("image_id"))
+            done, timed_steps = step + 1, timed_steps + 1
+            if done == profile_stop:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+            stop = done == total_steps or preemption.requested
+            log_now = done % config.train.log_every_steps == 0 or stop
+            save_now = done % config.train.checkpoint_every_steps == 0 or stop
+            eval_now = done % eval_every == 0 or done == total_steps
+            if log_now or save_now or eval_now:
+                _check_finite(*pending)  # never save or report a broken state
+            progress.update()
+            if log_now:
+                summary = dict(jax.device_get(metrics))
+                rate = timed_steps / max(time.time() - timer, 1e-9)
+                summary.update(
+                    steps_per_second=rate,
+                    images_per_second=rate * config.train.batch_size,
+                    eta_minutes=(total_steps - done) / max(rate, 1e-9) / 60,
+                )
+                writer.write(done, summary, "train/")
+                timer, timed_steps = time.time(), 0
+            if save_now:
+                checkpoints.save(done, state, train_data.get_iterator_state(train_iter))
+            if eval_now:
+                eval_metrics = evaluate_lib.evaluate_state(config, model, state, mesh)
+                writer.write(done, eval_metrics, "eval/")
+                checkpoints.save_best(done, state, eval_metrics.get(config.eval.best_metric))
+                timer, timed_steps = time.time(), 0  # evaluation time is not training speed
+            if preemption.requested:
+                logging.warning("Stopped at step %d on SIGTERM; the checkpoint is saved", done)
+                break
+    progress.close()
+    writer.close()
     checkpoints.wait()
     return eval_metrics
+
+
+def _profile_window(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(first step traced, step after the last) from config.train.profile_*; (-1, -1): none."""
+    num = config.train.get("profile_num_steps", 0)
+    if num <= 0:
+        return -1, -1
+    first = config.train.get("profile_start_step", 10)
+    return first, first + num
 
 
 def _check_finite(step: int, metrics: dict[str, Array], image_ids) -> None:
