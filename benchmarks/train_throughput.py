@@ -1,0 +1,224 @@
+"""Train-step throughput (images/s) and peak device memory of FCOS-R18 real / bnn / dfr.
+
+Runs the jit-compiled, sharded train step of ``dfrdet_jax.train`` on whatever devices are
+present, with the input either produced in memory (``--pipeline off``: the step alone) or read
+through the grain pipeline on the synthetic data set (``--pipeline on``: what training sees),
+and, where PyTorch with torchvision is installed, times torchvision's FCOS with a ResNet-18 FPN
+backbone on the same image size and batch for comparison.
+
+  python benchmarks/train_throughput.py --size 800 --batch 8 --steps 20        # GPU
+  python benchmarks/train_throughput.py --size 128 --batch 4 --steps 5 --width small  # CPU
+
+Prints one line per setting and, with --out, writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dfrdet_jax import train
+from dfrdet_jax.models import registry
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(arg: str):
+    spec = importlib.util.spec_from_file_location("fcos_r18", ROOT / "configs" / "fcos_r18.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def random_batch(rng, batch: int, size: int, num_boxes: int, max_boxes: int):
+    """A batch in the standard format with ``num_boxes`` random tiny boxes per image."""
+    image = rng.integers(0, 255, (batch, size, size, 3), dtype=np.uint8)
+    wh = rng.uniform(2, 32, (batch, max_boxes, 2))
+    xy = rng.uniform(0, size - 32, (batch, max_boxes, 2))
+    boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+    valid = np.arange(max_boxes)[None, :] < num_boxes
+    valid = np.broadcast_to(valid, (batch, max_boxes))
+    return {
+        "image": image,
+        "boxes": np.where(valid[..., None], boxes, 0).astype(np.float32),
+        "labels": np.where(valid, rng.integers(0, 8, (batch, max_boxes)), -1).astype(np.int32),
+        "box_valid": valid.copy(),
+        "ignore": np.zeros((batch, max_boxes), bool),
+        "image_id": np.arange(batch, dtype=np.int32),
+        "image_hw": np.full((batch, 2), size, np.int32),
+        "scale": np.ones(batch, np.float32),
+    }
+
+
+def peak_memory_gb() -> float | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def time_jax(variant: str, args) -> dict:
+    config = load_config(f"synthetic,{variant}")
+    config.train.batch_size = args.batch
+    config.data.image_size = args.size
+    config.model.dtype = args.dtype
+    if args.width == "small":
+        config.model.backbone_width, config.model.fpn_width, config.model.head_convs = 16, 32, 2
+        config.dfr.decoder_width = 16
+    model = registry.build_model(config, num_classes=8)
+    mesh = train.make_mesh()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    data_sharding = NamedSharding(mesh, PartitionSpec(train.DATA_AXIS))
+    state = train.create_train_state(
+        config, model, jax.random.key(0), (args.size, args.size), args.steps
+    )
+    state = jax.device_put(state, replicated)
+    step = train.make_sharded_train_step(config, model, mesh, args.steps + 1)
+    batches = pipeline_batches(config, args) if args.pipeline == "on" else None
+    rng = np.random.default_rng(0)
+    fixed = random_batch(rng, args.batch, args.size, args.boxes, args.max_boxes)
+
+    def next_batch():
+        return next(batches) if batches is not None else fixed
+
+    start = time.perf_counter()
+    state, metrics = step(state, train.to_global_batch(next_batch(), data_sharding))
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = step(state, train.to_global_batch(next_batch(), data_sharding))
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - start
+    return {
+        "framework": "jax",
+        "variant": variant,
+        "pipeline": args.pipeline,
+        "images_per_second": args.steps * args.batch / elapsed,
+        "step_ms": 1000 * elapsed / args.steps,
+        "first_step_s": compile_s,
+        "peak_memory_gb": peak_memory_gb(),
+    }
+
+
+def pipeline_batches(config, args):
+    """Endless batches of the synthetic training set through the grain pipeline."""
+    from dfrdet_jax import data  # pylint: disable=g-import-not-at-top
+
+    config.data.max_boxes = args.max_boxes
+    dataset = data.build_dataset(
+        config.data,
+        "train",
+        train=True,
+        batch_size=args.batch,
+        seed=0,
+        num_workers=args.workers,
+    )
+    return iter(dataset.loader)
+
+
+def time_torchvision(args) -> dict | None:
+    """torchvision FCOS (ResNet-18 FPN) train step on the same size and batch, or None."""
+    try:
+        import torch  # pylint: disable=g-import-not-at-top
+        from torchvision.models.detection import FCOS  # pylint: disable=g-import-not-at-top
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    except ImportError:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet18", weights=None, trainable_layers=5, returned_layers=[2, 3, 4]
+    )
+    model = FCOS(backbone, num_classes=9, min_size=args.size, max_size=args.size).to(device)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rng = np.random.default_rng(0)
+    batch = random_batch(rng, args.batch, args.size, args.boxes, args.max_boxes)
+    images = [
+        torch.as_tensor(im).permute(2, 0, 1).float().div(255).to(device) for im in batch["image"]
+    ]
+    targets = [
+        {
+            "boxes": torch.as_tensor(b[v]).to(device),
+            "labels": torch.as_tensor(l[v].astype(np.int64) + 1).to(device),
+        }
+        for b, l, v in zip(batch["boxes"], batch["labels"], batch["box_valid"])
+    ]
+
+    def step():
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return {
+        "framework": "torchvision",
+        "variant": "real",
+        "pipeline": "off",
+        "images_per_second": args.steps * args.batch / elapsed,
+        "step_ms": 1000 * elapsed / args.steps,
+        "peak_memory_gb": peak,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=800)
+    parser.add_argument("--batch", type=int, default=8, help="global batch")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps after the first")
+    parser.add_argument("--boxes", type=int, default=100, help="objects per image")
+    parser.add_argument("--max_boxes", type=int, default=1500, help="padded box slots N")
+    parser.add_argument("--variants", default="real,bnn,dfr")
+    parser.add_argument("--pipeline", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--workers", type=int, default=4, help="pipeline worker processes")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--width", choices=("full", "small"), default="full")
+    parser.add_argument("--torchvision", action="store_true", help="also time torchvision FCOS")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    print(f"devices: {jax.devices()}")
+    results = []
+    pipelines = ("off", "on") if args.pipeline == "both" else (args.pipeline,)
+    for variant in args.variants.split(","):
+        for pipeline in pipelines:
+            args.pipeline = pipeline
+            results.append(time_jax(variant, args))
+            print(json.dumps(results[-1]))
+    if args.torchvision:
+        result = time_torchvision(args)
+        print(json.dumps(result) if result else "torchvision: not installed")
+        if result:
+            results.append(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                {
+                    "devices": [str(d) for d in jax.devices()],
+                    "args": vars(args),
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
