@@ -19,6 +19,7 @@ Modes:
 from __future__ import annotations
 
 import importlib
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -47,6 +48,14 @@ _MODE = flags.DEFINE_enum("mode", "train", sorted(MODES), "What to do: " + ", ".
 _INPUT = flags.DEFINE_string(
     "input", None, "predict mode: a folder of images (or a single image) to run the detector on."
 )
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops the per-save INFO chatter of orbax and grain; their warnings and errors still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        noisy = any(part in record.pathname for part in ("/orbax/", "/grain/"))
+        return record.levelno >= std_logging.WARNING or not noisy
 
 
 def run(mode: str, config, workdir: str, **kwargs):
@@ -85,6 +94,7 @@ def main(argv):
         if _INPUT.value is None:
             raise app.UsageError("--mode predict needs --input (a folder of images)")
         kwargs["input_path"] = _INPUT.value
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     distributed.initialize(_CONFIG.value)
     logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
     run(_MODE.value, _CONFIG.value, _WORKDIR.value, **kwargs)

@@ -1,0 +1,42 @@
+"""Input data for dfrdet_jax: sources, the grain pipeline and the standard batch.
+
+Standard batch (dict of fixed-shape numpy arrays, B images, N = config.max_boxes):
+  image      uint8   [B, H, W, 3]  padded image (H = W = config.image_size)
+  boxes      float32 [B, N, 4]     (x1, y1, x2, y2) pixels of the padded/resized image; 0 pad
+  labels     int32   [B, N]        class index in [0, num_classes), -1 for padding
+  box_valid  bool    [B, N]        real rows (ground truth and ignore regions)
+  ignore     bool    [B, N]        TinyPerson ignore regions / DOTA difficult: not ground truth
+  image_id   int64   [B]           COCO image id; -1 for pad images of a final eval batch
+  image_hw   int32   [B, 2]        (h, w) of the valid region before padding
+  scale      float32 [B]           resize factor: resized = original * scale
+  tile_offset float32 [B, 2]       DOTA only: (x, y) of the tile in the full image
+
+Entry points: default_data_config, build_dataset, dataset_info, image_folder_dataset,
+max_boxes_per_image, ensure_synthetic.
+"""
+
+from dfrdet_jax.data.config import default_data_config
+from dfrdet_jax.data.errors import DataError
+from dfrdet_jax.data.pipeline import (
+    DatasetInfo,
+    DetectionDataset,
+    build_dataset,
+    dataset_info,
+    image_folder_dataset,
+    load_records,
+    max_boxes_per_image,
+)
+from dfrdet_jax.data.sources.synthetic import ensure_synthetic
+
+__all__ = [
+    "DataError",
+    "DatasetInfo",
+    "DetectionDataset",
+    "build_dataset",
+    "dataset_info",
+    "default_data_config",
+    "ensure_synthetic",
+    "image_folder_dataset",
+    "load_records",
+    "max_boxes_per_image",
+]

@@ -1,0 +1,317 @@
+"""The grain input pipeline: records -> decode -> resize -> flip -> pad -> batch.
+
+Batch format: see dfrdet_jax.data.transforms. Training iterators repeat forever with a
+per-epoch reshuffle fixed by the seed; evaluation iterators go once over every image in a
+deterministic order, the last partial batch padded with image_id -1 images (never dropped).
+
+Iterator state (for exact resume): ``state = dataset.get_iterator_state(it)`` is a JSON-able
+dict; ``dataset.set_iterator_state(it, state)`` on a fresh ``it = iter(dataset.loader)``
+makes ``it`` yield exactly the batches the saved iterator would have yielded next (same
+seed, batch size, sharding and records). Underneath: grain's ``it.get_state()`` /
+``it.set_state()``.
+"""
+
+import dataclasses
+import hashlib
+import os
+
+import grain.python as grain
+import ml_collections
+import numpy as np
+from absl import flags, logging
+from PIL import Image
+
+from dfrdet_jax.data import transforms
+from dfrdet_jax.data.errors import DataError, SkipReport
+from dfrdet_jax.data.sources import coco, dota, synthetic
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+    """Class table of a data set: class index i <-> COCO category id category_ids[i]."""
+
+    num_classes: int
+    class_names: list[str]
+    category_ids: list[int]
+
+
+@dataclasses.dataclass
+class DetectionDataset:
+    """A built pipeline. ``loader`` is a grain.DataLoader; iterate with ``iter(loader)``.
+
+    num_images: records of the whole split over all shards (tiles for DOTA), before padding.
+    annotation_file: COCO ground-truth json for evaluation (DOTA: full images).
+    report: counts of everything skipped or repaired while loading.
+    """
+
+    loader: grain.DataLoader
+    num_images: int
+    num_classes: int
+    class_names: list[str]
+    category_ids: list[int]
+    annotation_file: str
+    report: SkipReport
+    files: list[str] = dataclasses.field(default_factory=list)
+
+    @staticmethod
+    def get_iterator_state(iterator) -> dict[str, str]:
+        """JSON-able state of an iterator of ``loader``."""
+        state = iterator.get_state()
+        return {"grain": state.decode() if isinstance(state, bytes) else state}
+
+    @staticmethod
+    def set_iterator_state(iterator, state: dict[str, str]) -> None:
+        """Restore a state from get_iterator_state into a fresh iterator of ``loader``."""
+        iterator.set_state(state["grain"].encode())
+
+
+class _RecordSource(grain.RandomAccessDataSource):
+    """Records (a list, or a lazy sequence such as a tfds build) plus ``num_pad`` pad images."""
+
+    def __init__(self, records, num_pad: int = 0):
+        self._records, self._num_pad = records, num_pad
+        # grain checks repr(source) on set_state: make it stable across runs and content-keyed.
+        key = getattr(records, "cache_key", None) or repr(
+            [(r["path"], r["image_id"], r.get("tile_offset")) for r in records]
+        )
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        self._repr = f"_RecordSource(n={len(records)}, pad={num_pad}, sha1={digest})"
+
+    def __len__(self) -> int:
+        return len(self._records) + self._num_pad
+
+    def __getitem__(self, index: int) -> dict:
+        if index >= len(self._records):
+            return {"path": None, "image_id": -1}  # pad image of a final partial eval batch
+        return self._records[index]
+
+    def __repr__(self) -> str:
+        return self._repr
+
+
+class _ToExample(grain.RandomMapTransform):
+    """Decode, resize, random flip (with probability flip_prob) and pad one record."""
+
+    def __init__(self, image_size: int, max_boxes: int, flip_prob: float):
+        self.image_size, self.max_boxes, self.flip_prob = image_size, max_boxes, flip_prob
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        flip = self.flip_prob > 0 and rng.random() < self.flip_prob
+        return transforms.example_from_record(element, self.image_size, self.max_boxes, flip)
+
+
+def _expand(path: str) -> str:
+    return os.path.expanduser(path)
+
+
+def _coco_paths(config, split: str) -> tuple[str, str]:
+    """(COCO json, image folder) of a split of a COCO-format data set."""
+    if config.name == "synthetic":
+        s = config.synthetic
+        paths = synthetic.ensure_synthetic(
+            _expand(config.root),
+            num_train=s.num_train,
+            num_val=s.num_val,
+            image_size=config.image_size,
+            seed=s.seed,
+            min_size=s.min_size,
+            max_size=s.max_size,
+            min_objects=s.min_objects,
+            max_objects=s.max_objects,
+            max_distractors=s.max_distractors,
+        )
+        if split not in paths:
+            raise ValueError(f"synthetic data has splits {sorted(paths)}, not {split!r}")
+        return paths[split]
+    file_split = config.splits.get(split, split)
+    root = _expand(config.root)
+    return (
+        os.path.join(root, config.ann_pattern.format(split=file_split)),
+        os.path.join(root, config.image_pattern.format(split=file_split)),
+    )
+
+
+def load_records(config: ml_collections.ConfigDict, split: str):
+    """(records, DatasetInfo, GT json, report) of a split; see sources/coco.py for records."""
+    if config.get("source", "raw") == "tfds":
+        from dfrdet_jax.data.tfds import reader  # pylint: disable=g-import-not-at-top
+
+        records, category_ids, names = reader.tfds_records(config, split)
+        ann_file, _ = _coco_paths(config, split)
+        return records, DatasetInfo(len(names), names, category_ids), ann_file, SkipReport(False)
+    if config.name == "dota2":
+        gt_json = os.path.join(_expand(config.cache_dir), f"{split}_full_gt.json")
+        records, _, _, report = dota.dota_records(
+            _expand(config.root),
+            config.splits.get(split, split),
+            tile_size=config.tile_size,
+            overlap=config.tile_overlap,
+            min_visible=config.min_visible,
+            lenient=config.lenient,
+            gt_json=gt_json,
+        )
+        names = list(dota.CLASS_NAMES)
+        return records, DatasetInfo(len(names), names, list(range(1, 19))), gt_json, report
+    ann_file, image_dir = _coco_paths(config, split)
+    records, cat_ids, names, report = coco.coco_records(
+        ann_file, image_dir, lenient=config.lenient, degenerate=config.degenerate
+    )
+    return records, DatasetInfo(len(names), names, cat_ids), ann_file, report
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+    """Class table of the data set, without loading images."""
+    if config.name == "synthetic":
+        names = list(synthetic.CLASS_NAMES)
+        return DatasetInfo(len(names), names, list(range(1, len(names) + 1)))
+    if config.name == "dota2":
+        return DatasetInfo(18, list(dota.CLASS_NAMES), list(range(1, 19)))
+    ann_file, _ = _coco_paths(config, "train")
+    cat_ids, names = coco.category_table(coco.load_coco_json(ann_file))
+    return DatasetInfo(len(names), names, cat_ids)
+
+
+def max_boxes_per_image(config: ml_collections.ConfigDict, split: str) -> int:
+    """Largest number of boxes (ground truth + ignore regions) of one image (DOTA: one tile).
+
+    Set ``config.max_boxes`` to at least this. Logs which image has it.
+    """
+    records, *_ = load_records(config, split)
+    if not records:
+        return 0
+    worst = max(records, key=lambda r: len(r["boxes"]))
+    logging.info(
+        "max boxes per image of %s/%s: %d (%s)",
+        config.name,
+        split,
+        len(worst["boxes"]),
+        worst["path"],
+    )
+    return len(worst["boxes"])
+
+
+def _make_loader(
+    records, config, *, train, batch_size, seed, num_workers, shard_index, shard_count
+):
+    if shard_index is None or shard_count is None:
+        shard_index, shard_count = 0, 1
+    if train:
+        if len(records) < batch_size * shard_count:
+            raise DataError(
+                f"{config.name}: {len(records)} training images are fewer than "
+                f"one global batch ({batch_size} x {shard_count} processes)"
+            )
+        source = _RecordSource(records)
+        shard = grain.ShardOptions(shard_index, shard_count, drop_remainder=True)
+        sampler = grain.IndexSampler(len(records), shard, shuffle=True, num_epochs=None, seed=seed)
+    else:
+        # Pad to whole batches on every shard and worker (each grain worker batches its own
+        # records) so no image is dropped, no batch is partial and shards stay in step.
+        per_step = batch_size * shard_count * max(num_workers, 1)
+        source = _RecordSource(records, num_pad=-len(records) % per_step)
+        shard = grain.ShardOptions(shard_index, shard_count, drop_remainder=False)
+        sampler = grain.IndexSampler(len(source), shard, shuffle=False, num_epochs=1, seed=seed)
+    if num_workers > 0 and not flags.FLAGS.is_parsed():
+        # grain's worker processes read absl flags; outside an absl app use their defaults.
+        flags.FLAGS.mark_as_parsed()
+    flip_prob = config.flip_prob if train else 0.0
+    operations = [
+        _ToExample(config.image_size, config.max_boxes, flip_prob),
+        grain.Batch(batch_size, drop_remainder=train),
+    ]
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=operations,
+        worker_count=num_workers,
+        shard_options=shard,
+    )
+
+
+def build_dataset(
+    config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    train: bool,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    shard_index=None,
+    shard_count=None,
+) -> DetectionDataset:
+    """The input pipeline of ``split`` yielding standard batches of ``batch_size`` images.
+
+    shard_index/shard_count: this process's shard (multi-host: jax.process_index() and
+    jax.process_count()); None = one shard. num_workers > 0 decodes in worker processes.
+    """
+    records, info, gt_json, report = load_records(config, split)
+    loader = _make_loader(
+        records,
+        config,
+        train=train,
+        batch_size=batch_size,
+        seed=seed,
+        num_workers=num_workers,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+    return DetectionDataset(
+        loader, len(records), info.num_classes, info.class_names, info.category_ids, gt_json, report
+    )
+
+
+def image_folder_dataset(
+    config: ml_collections.ConfigDict, path: str, *, batch_size: int
+) -> DetectionDataset:
+    """Standard batches (no boxes) of the images of a folder, or of one image file.
+
+    ``image_id`` is the position in the sorted file list (``dataset.files``).
+    """
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(path, f)
+            for f in os.listdir(path)
+            if f.lower().endswith(dota.IMAGE_EXTENSIONS)
+        )
+    else:
+        files = [path]
+    if not files:
+        raise DataError(f"{path}: no images ({', '.join(dota.IMAGE_EXTENSIONS)})")
+    records = []
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                w, h = im.size
+        except OSError as e:
+            raise DataError(f"{f}: cannot read image: {e}") from e
+        records.append(
+            {
+                "path": f,
+                "image_id": i,
+                "hw": (h, w),
+                "boxes": np.zeros((0, 4), np.float32),
+                "labels": np.zeros(0, np.int32),
+                "ignore": np.zeros(0, bool),
+            }
+        )
+    info = dataset_info(config)
+    loader = _make_loader(
+        records,
+        config,
+        train=False,
+        batch_size=batch_size,
+        seed=0,
+        num_workers=0,
+        shard_index=None,
+        shard_count=None,
+    )
+    return DetectionDataset(
+        loader,
+        len(records),
+        info.num_classes,
+        info.class_names,
+        info.category_ids,
+        "",
+        SkipReport(False),
+        files,
+    )

@@ -1,0 +1,1 @@
+"""Data sources: synthetic, COCO-format (AI-TOD, TinyPerson) and DOTA-v2.0."""

@@ -1,0 +1,1 @@
+"""tfds builders (AI-TOD, TinyPerson) that build and read without TensorFlow."""

@@ -1,0 +1,106 @@
+"""Per-image transforms to the standard batch: decode, aspect-preserving resize, flip, pad.
+
+THE BATCH every model consumes (stacked by the pipeline over B images; N = max_boxes):
+  image      uint8   [B, H, W, 3]  padded image (H = W = image_size), valid region top-left
+  boxes      float32 [B, N, 4]     (x1, y1, x2, y2) pixels of the padded/resized image; 0 pad
+  labels     int32   [B, N]        class index in [0, num_classes), -1 for padding
+  box_valid  bool    [B, N]        real rows (ground truth and ignore regions)
+  ignore     bool    [B, N]        True for ignore regions (TinyPerson), which are NOT ground truth
+  image_id   int64   [B]           id in the COCO json; -1 for pad images of a final eval batch
+  image_hw   int32   [B, 2]        (h, w) of the valid region after resize, before padding
+  scale      float32 [B]           resize factor: resized = original * scale
+  tile_offset float32 [B, 2]       (DOTA only) (x, y) of the tile in the full image
+"""
+
+import numpy as np
+from PIL import Image
+
+from dfrdet_jax.data.errors import DataError
+
+
+def decode_image(path: str) -> np.ndarray:
+    """uint8 [h, w, 3] RGB pixels of an image file; DataError naming the file if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image: {e}") from e
+
+
+def resize_keep_aspect(image: np.ndarray, boxes: np.ndarray, size: int):
+    """(resized image, boxes * scale, scale) with the longer side = ``size`` px.
+
+    scale = size / max(h, w); the resized image is round(h*scale) x round(w*scale) px.
+    """
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    new_h, new_w = max(round(h * scale), 1), max(round(w * scale), 1)
+    if (new_h, new_w) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    return image, boxes * np.float32(scale), np.float32(scale)
+
+
+def hflip(image: np.ndarray, boxes: np.ndarray):
+    """Mirror image [h, w, 3] and boxes [M, 4] left-right: x -> w - x (box edges swap)."""
+    w = image.shape[1]
+    flipped = boxes.copy()
+    flipped[:, 0] = w - boxes[:, 2]
+    flipped[:, 2] = w - boxes[:, 0]
+    return image[:, ::-1], flipped
+
+
+def pad_example(image, boxes, labels, ignore, size: int, max_boxes: int, *, name: str):
+    """Image padded to [size, size, 3] and the box arrays to N = max_boxes rows.
+
+    Raises DataError naming the image when it has more than ``max_boxes`` boxes: boxes are
+    never dropped; the message says to raise ``data.max_boxes``.
+    """
+    count = len(boxes)
+    if count > max_boxes:
+        raise DataError(
+            f"{name}: {count} boxes (incl. ignore regions) exceed data.max_boxes={max_boxes}; "
+            "raise data.max_boxes (see dfrdet_jax.data.max_boxes_per_image)"
+        )
+    h, w = image.shape[:2]
+    padded = np.zeros((size, size, 3), np.uint8)
+    padded[:h, :w] = image
+    out_boxes = np.zeros((max_boxes, 4), np.float32)
+    out_boxes[:count] = boxes
+    out_labels = np.full((max_boxes,), -1, np.int32)
+    out_labels[:count] = labels
+    valid = np.zeros((max_boxes,), bool)
+    valid[:count] = True
+    out_ignore = np.zeros((max_boxes,), bool)
+    out_ignore[:count] = ignore
+    return {
+        "image": padded,
+        "boxes": out_boxes,
+        "labels": out_labels,
+        "box_valid": valid,
+        "ignore": out_ignore,
+        "image_hw": np.array([h, w], np.int32),
+    }
+
+
+def example_from_record(record: dict, size: int, max_boxes: int, flip: bool) -> dict:
+    """One standard example (unbatched) from a source record (see sources/coco.py)."""
+    if record["path"] is None:  # pad image of a final partial eval batch
+        image = np.zeros((size, size, 3), np.uint8)
+        out = pad_example(image, np.zeros((0, 4), np.float32), [], [], size, max_boxes, name="pad")
+        out.update(image_hw=np.zeros(2, np.int32), image_id=np.int64(-1), scale=np.float32(1))
+    else:
+        # tfds builds carry decoded pixels; raw sources a path.
+        image = record["image"] if "image" in record else decode_image(record["path"])
+        if "tile_offset" in record:  # DOTA tile: crop [x0, x0+tile) x [y0, y0+tile)
+            x0, y0 = (int(v) for v in record["tile_offset"])
+            image = image[y0 : y0 + record["tile_size"], x0 : x0 + record["tile_size"]]
+        image, boxes, scale = resize_keep_aspect(image, record["boxes"], size)
+        if flip:
+            image, boxes = hflip(image, boxes)
+        out = pad_example(
+            image, boxes, record["labels"], record["ignore"], size, max_boxes, name=record["path"]
+        )
+        out.update(image_id=np.int64(record["image_id"]), scale=scale)
+    if "tile_offset" in record:
+        out["tile_offset"] = np.asarray(record["tile_offset"], np.float32)
+    return out
