@@ -3,8 +3,8 @@
 Argument: comma-separated ``<dataset>,<variant>[,demo]``:
   dataset  synthetic | aitod | tinyperson | dota2
   variant  real (32-bit) | bnn (1-bit baseline) | dfr (1-bit + DFR decoder, DFR-Det)
-  demo     a small, fast setting (narrow network, 128 px images, a few hundred steps) that
-           trains on 2 CPU cores in a few minutes; meant for the synthetic data.
+  demo     a small, fast setting (narrow network, 128 px images, 1,200 steps) that trains on
+           2 CPU cores in about 6 minutes; meant for the synthetic data.
 
 Examples::
 
@@ -138,20 +138,21 @@ def get_config(arg: str = "synthetic,dfr"):
 
 
 def _make_demo(config):
-    """Narrow network, 128 px synthetic images, a few hundred steps: minutes on 2 CPU cores."""
+    """Narrow network, 128 px synthetic images, 1,200 steps: about 6 minutes on 2 CPU cores."""
+    config.data.synthetic.num_train = 512
+    config.data.synthetic.min_objects = 20  # denser scenes: more positives per step
     config.model.backbone_width = 16
     config.model.fpn_width = 32
     config.model.head_convs = 2
     config.dfr.decoder_width = 16
     config.dfr.decoder_blocks = 1
-    config.fcos.max_detections = 100
+    config.fcos.max_detections = 300
     config.fcos.pre_nms_top_k = 1000
-    config.optimizer.base_learning_rate = 0.01
-    config.optimizer.base_batch_size = 8
-    config.optimizer.warmup_steps = 50
+    config.optimizer.base_batch_size = 2  # the paper's lr 0.005 at batch 2, scaled to batch 8
+    config.optimizer.warmup_steps = 100
     config.train.batch_size = 8
-    config.train.num_steps = 400
-    config.train.log_every_steps = 20
-    config.train.eval_every_steps = 200
-    config.train.checkpoint_every_steps = 200
+    config.train.num_steps = 1200
+    config.train.log_every_steps = 50
+    config.train.eval_every_steps = 600
+    config.train.checkpoint_every_steps = 300
     config.eval.batch_size = 8
