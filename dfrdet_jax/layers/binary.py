@@ -102,9 +102,19 @@ def _binarize_kernel(module: nn.Module, kernel: Array) -> tuple[Array, Array | N
     return quantize_weight(kernel), alpha
 
 
-def _quantize_input(x: Array, name: str | None) -> Array:
-    quantize = quantizers.get_binary_quantizer(name)
-    return x if quantize is None else quantize(x)
+def _binary_operands(module: nn.Module, x: Array, kernel_shape: tuple[int, ...]):
+    """Declares ``module``'s kernel (and alpha, bias); returns (q_a(x), sign(kernel), alpha or
+    None, bias or None) with x and sign(kernel) in the computation dtype."""
+    kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
+    binary_kernel, alpha = _binarize_kernel(module, kernel)
+    bias = None
+    if module.use_bias:
+        bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+    quantize = quantizers.get_binary_quantizer(module.input_quantizer)
+    if quantize is not None:
+        x = quantize(x)
+    x, binary_kernel = flax_dtypes.promote_dtype(x, binary_kernel, dtype=module.dtype)
+    return x, binary_kernel, alpha, bias
 
 
 def _as_tuple(value: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
@@ -210,21 +220,9 @@ class BinaryConv(nn.Module):
             )
         strides = _as_tuple(self.strides, n, "strides")
         dilation = _as_tuple(self.kernel_dilation, n, "kernel_dilation")
-        kernel = self.param(
-            "kernel",
-            self.kernel_init,
-            (*self.kernel_size, in_features // groups, self.features),
-            self.param_dtype,
+        x, binary_kernel, alpha, bias = _binary_operands(
+            self, x, (*self.kernel_size, in_features // groups, self.features)
         )
-        binary_kernel, alpha = _binarize_kernel(self, kernel)
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-
-        x = _quantize_input(x, self.input_quantizer)
-        x, binary_kernel = flax_dtypes.promote_dtype(x, binary_kernel, dtype=self.dtype)
         pads = explicit_padding(self.padding, x.shape[1:-1], self.kernel_size, strides, dilation)
         # Pad explicitly after quantization: padding inside the conv would write zeros, and padding
         # before quantization would write sign(0) = +1, neither of which is the chosen value.
@@ -261,17 +259,7 @@ class BinaryDense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """x: [..., c_in] -> [..., features]."""
-        kernel = self.param(
-            "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
-        )
-        binary_kernel, alpha = _binarize_kernel(self, kernel)
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        x = _quantize_input(x, self.input_quantizer)
-        x, binary_kernel = flax_dtypes.promote_dtype(x, binary_kernel, dtype=self.dtype)
+        x, binary_kernel, alpha, bias = _binary_operands(self, x, (x.shape[-1], self.features))
         return _scale_and_bias(jnp.matmul(x, binary_kernel), alpha, bias)
 
 
