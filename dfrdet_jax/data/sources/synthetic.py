@@ -19,6 +19,10 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+# Part of the cache key: bump it whenever generation changes, so old caches are not reused.
+GENERATOR_VERSION = 2
+PLACEMENT_ATTEMPTS = 10  # random spots tried for an object before the scene is declared full
+
 CLASS_NAMES = (
     "square",
     "ring",
@@ -105,17 +109,31 @@ def _sample_size(rng: np.random.Generator, min_size: int, max_size: int) -> int:
 
 
 def _paste(img, mask, x, y, colour):
-    """Paint ``colour`` into float image ``img`` where ``mask`` [h, w] is set, at (x, y).
-
-    Later objects may partly cover earlier ones (as in crowded aerial scenes); boxes are kept.
-    """
+    """Paint ``colour`` into float image ``img`` where ``mask`` [h, w] is set, at (x, y)."""
     h, w = mask.shape
     region = img[y : y + h, x : x + w]
     region[mask] = colour
 
 
+def _tight_box(mask: np.ndarray, x: int, y: int) -> tuple[int, int, int, int]:
+    """(x, y, w, h) px of the set pixels of ``mask`` placed at (x, y)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (
+        x + int(cols[0]),
+        y + int(rows[0]),
+        int(cols[-1] - cols[0] + 1),
+        int(rows[-1] - rows[0] + 1),
+    )
+
+
 def generate_scene(rng, size, num_objects, min_size, max_size, num_distractors):
-    """(uint8 [size, size, 3] image, list of (class, x, y, w, h)) of one scene."""
+    """(uint8 [size, size, 3] image, list of (class, x, y, w, h)) of one scene.
+
+    Objects never overlap one another (a box always holds a fully visible object; a scene too
+    crowded for the next object gets fewer), distractors lie underneath them, and every box is
+    tight around the painted pixels.
+    """
     img = _background(rng, size)
     for _ in range(num_distractors):
         s = _sample_size(rng, min_size, max_size)
@@ -128,18 +146,27 @@ def generate_scene(rng, size, num_objects, min_size, max_size, num_distractors):
             colour = img[y + s // 2, x + s // 2] + rng.uniform(-20, 20, 3)
         _paste(img, mask, x, y, colour)
     objects = []
+    occupied = np.zeros((size, size), bool)
     for _ in range(num_objects):
         cls = int(rng.integers(len(CLASS_NAMES)))
         s = _sample_size(rng, min_size, max_size)
-        x, y = (int(v) for v in rng.integers(0, size - s + 1, 2))
+        for _attempt in range(PLACEMENT_ATTEMPTS):
+            x, y = (int(v) for v in rng.integers(0, size - s + 1, 2))
+            if not occupied[y : y + s, x : x + s].any():
+                break
+        else:
+            continue
+        occupied[y : y + s, x : x + s] = True
         colour = _CLASS_COLOURS[cls] * rng.uniform(0.75, 1.1) + rng.normal(0, 10, 3)
-        _paste(img, _shape_mask(cls, s), x, y, colour)
-        objects.append((cls, x, y, s, s))
+        mask = _shape_mask(cls, s)
+        _paste(img, mask, x, y, colour)
+        objects.append((cls, *_tight_box(mask, x, y)))
     return np.clip(img, 0, 255).astype(np.uint8), objects
 
 
 def _params_key(params: dict) -> str:
-    return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    keyed = {**params, "generator_version": GENERATOR_VERSION}
+    return hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _write_split(root, split, num_images, seed, params):
