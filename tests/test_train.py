@@ -121,3 +121,33 @@ def test_batch_must_divide_over_devices(monkeypatch):
         ValueError, match=r"config.train.batch_size=6 does not divide over 4 devices"
     ):
         train.check_batch_divides(6, "config.train.batch_size")
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    config = tiny_config("dfr")
+    config.model.dtype = "bfloat16"
+    model = registry.build_model(config, num_classes=3)
+    state = train.create_train_state(config, model, jax.random.key(0), (64, 64), 3)
+    step = jax.jit(
+        functools.partial(
+            train.train_step,
+            model=model,
+            config=config,
+            learning_rate=train.make_learning_rate(config, 3),
+        )
+    )
+    for _ in range(2):
+        state, metrics = step(state, make_batch())
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["loss_dfr"]))
+    assert {p.dtype for p in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+    assert {m.dtype for m in jax.tree.leaves(state.opt_state) if hasattr(m, "dtype")} <= {
+        np.dtype("float32"),
+        np.dtype("int32"),
+    }
+
+
+def test_non_finite_loss_names_the_step_and_images():
+    metrics = {"loss": np.float32("nan"), "loss_cls": np.float32(1.0)}
+    with pytest.raises(FloatingPointError, match=r"at step 7 \(images \[11, 12\]\).*loss_cls"):
+        train._check_finite(7, metrics, np.array([11, 12]))  # pylint: disable=protected-access
+    train._check_finite(8, {"loss": np.float32(2.0)}, None)  # pylint: disable=protected-access
