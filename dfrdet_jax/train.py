@@ -363,11 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_every = (
         config.train.eval_every_steps if config.train.eval_every_steps > 0 else steps_per_epoch
     )
-    image_hw = (
-        tuple(config.data.image_size for _ in range(2))
-        if isinstance(config.data.image_size, int)
-        else tuple(config.data.image_size)
-    )
+    image_hw = (config.data.image_size, config.data.image_size)  # square padded batches
 
     model = registry.build_model(config, num_classes=train_data.num_classes)
     mesh = make_mesh()
