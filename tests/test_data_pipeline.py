@@ -138,6 +138,21 @@ def test_eval_batches_cover_each_image_once_with_padding(tmp_path):
     assert len(shard_ids[0]) == len(shard_ids[1])
 
 
+def test_training_shards_leave_no_image_out(tmp_path):
+    # 3 images over 2 processes: one shard holds two. drop_remainder would never show image 12.
+    config, _ = _aitod_like(tmp_path)
+    seen = []
+    for k in range(2):
+        ds = data.build_dataset(
+            config, "train", train=True, batch_size=1, seed=0, shard_index=k, shard_count=2
+        )
+        it = iter(ds.loader)
+        ids = [int(next(it)["image_id"][0]) for _ in range(4)]  # two epochs of a shard
+        seen.append(set(ids))
+    assert seen[0] | seen[1] == {10, 11, 12}
+    assert not seen[0] & seen[1]
+
+
 def test_train_flip_keeps_boxes_consistent_and_resume_is_exact(tmp_path):
     config, truth = _aitod_like(tmp_path)
     config.flip_prob = 0.5

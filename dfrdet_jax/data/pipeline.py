@@ -202,7 +202,9 @@ def _make_loader(
                 f"one global batch ({batch_size} x {shard_count} processes)"
             )
         source = _RecordSource(records)
-        shard = grain.ShardOptions(shard_index, shard_count, drop_remainder=True)
+        # Shards may differ by one record: every process still yields one batch per step (the
+        # stream is endless), and no record is left out of every shard as drop_remainder would.
+        shard = grain.ShardOptions(shard_index, shard_count, drop_remainder=False)
         sampler = grain.IndexSampler(len(records), shard, shuffle=True, num_epochs=None, seed=seed)
     else:
         # Pad to whole batches on every shard and worker (each grain worker batches its own
