@@ -115,7 +115,8 @@ def get_config(arg: str = "synthetic,dfr"):
     config.train.eval_every_steps = -1  # -1: at the end of every epoch
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 3
-    config.train.num_workers = 0
+    config.train.num_workers = 0  # grain decoding processes (0: in the training process)
+    config.train.prefetch_batches = 2  # batches read ahead and copied to the devices
     config.train.profile_num_steps = 0  # > 0: jax.profiler trace of these steps in workdir/profile
     config.train.profile_start_step = 10
     # Multi-process start-up, see dfrdet_jax/distributed.py ('auto': from the environment).

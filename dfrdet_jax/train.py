@@ -27,7 +27,7 @@ from absl import logging
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dfrdet_jax import checkpointing, layers
+from dfrdet_jax import checkpointing, layers, prefetch
 from dfrdet_jax.losses import dfr
 from dfrdet_jax.models import registry
 from dfrdet_jax.models.detectors import normalize_images
@@ -397,12 +397,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_metrics: dict[str, Any] = {}
     pending = None  # the previous step's metrics, read one step late so the host never stalls
     timer, timed_steps = time.time(), 0
-    with PreemptionGuard() as preemption:
+    batches = prefetch.DevicePrefetcher(
+        train_iter,
+        functools.partial(to_global_batch, sharding=data_sharding),
+        train_data.get_iterator_state,
+        depth=config.train.prefetch_batches,
+    )
+    with PreemptionGuard() as preemption, batches:
         for step in range(start_step, total_steps):
             if step == profile_start:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            local_batch = next(train_iter)
-            state, metrics = step_fn(state, to_global_batch(local_batch, data_sharding))
+            local_batch, global_batch, input_state = next(batches)
+            state, metrics = step_fn(state, global_batch)
             if pending is not None:
                 _check_finite(*pending)
             pending = (step + 1, metrics, local_batch.get("image_id"))
@@ -428,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.write(done, summary, "train/")
                 timer, timed_steps = time.time(), 0
             if save_now:
-                checkpoints.save(done, state, train_data.get_iterator_state(train_iter))
+                checkpoints.save(done, state, input_state)
             if eval_now:
                 eval_metrics = evaluate_lib.evaluate_state(config, model, state, mesh)
                 writer.write(done, eval_metrics, "eval/")
