@@ -15,16 +15,20 @@ Prints one line per setting and, with --out, writes them as JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import pathlib
+import resource
+import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dfrdet_jax import train
+from dfrdet_jax import data, prefetch, train
 from dfrdet_jax.models import registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,16 +61,21 @@ def random_batch(rng, batch: int, size: int, num_boxes: int, max_boxes: int):
     }
 
 
-def peak_memory_gb() -> float | None:
+def peak_memory_gb() -> tuple[str, float | None]:
+    """(what, GiB): the first device's peak memory, or the process's peak RSS on CPU."""
     stats = jax.local_devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / 2**30
+    if "peak_bytes_in_use" in stats:
+        return "device_peak_gb", stats["peak_bytes_in_use"] / 2**30
+    return "host_peak_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def time_jax(variant: str, args) -> dict:
+    """The train step of ``variant``: 'off' = one batch already on the devices, every step;
+    'on' = the grain pipeline read ahead by train's DevicePrefetcher, as training runs."""
     config = load_config(f"synthetic,{variant}")
     config.train.batch_size = args.batch
     config.data.image_size = args.size
+    config.data.max_boxes = args.max_boxes
     config.model.dtype = args.dtype
     if args.width == "small":
         config.model.backbone_width, config.model.fpn_width, config.model.head_convs = 16, 32, 2
@@ -80,22 +89,41 @@ def time_jax(variant: str, args) -> dict:
     )
     state = jax.device_put(state, replicated)
     step = train.make_sharded_train_step(config, model, mesh, args.steps + 1)
-    batches = pipeline_batches(config, args) if args.pipeline == "on" else None
-    rng = np.random.default_rng(0)
-    fixed = random_batch(rng, args.batch, args.size, args.boxes, args.max_boxes)
-
-    def next_batch():
-        return next(batches) if batches is not None else fixed
+    if args.pipeline == "on":
+        dataset = data.build_dataset(
+            config.data,
+            "train",
+            train=True,
+            batch_size=args.batch,
+            seed=0,
+            num_workers=args.workers,
+        )
+        place = functools.partial(train.to_global_batch, sharding=data_sharding)
+        batches = prefetch.DevicePrefetcher(
+            iter(dataset.loader),
+            place,
+            dataset.get_iterator_state,
+            depth=config.train.prefetch_batches,
+        )
+        next_batch = lambda: next(batches)[1]  # noqa: E731
+    else:
+        rng = np.random.default_rng(0)
+        fixed = random_batch(rng, args.batch, args.size, args.boxes, args.max_boxes)
+        placed = train.to_global_batch(fixed, data_sharding)
+        next_batch = lambda: placed  # noqa: E731
 
     start = time.perf_counter()
-    state, metrics = step(state, train.to_global_batch(next_batch(), data_sharding))
+    state, metrics = step(state, next_batch())
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(args.steps):
-        state, metrics = step(state, train.to_global_batch(next_batch(), data_sharding))
+        state, metrics = step(state, next_batch())
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - start
+    if args.pipeline == "on":
+        batches.close()
+    what, peak = peak_memory_gb()
     return {
         "framework": "jax",
         "variant": variant,
@@ -103,24 +131,8 @@ def time_jax(variant: str, args) -> dict:
         "images_per_second": args.steps * args.batch / elapsed,
         "step_ms": 1000 * elapsed / args.steps,
         "first_step_s": compile_s,
-        "peak_memory_gb": peak_memory_gb(),
+        what: peak,
     }
-
-
-def pipeline_batches(config, args):
-    """Endless batches of the synthetic training set through the grain pipeline."""
-    from dfrdet_jax import data  # pylint: disable=g-import-not-at-top
-
-    config.data.max_boxes = args.max_boxes
-    dataset = data.build_dataset(
-        config.data,
-        "train",
-        train=True,
-        batch_size=args.batch,
-        seed=0,
-        num_workers=args.workers,
-    )
-    return iter(dataset.loader)
 
 
 def time_torchvision(args) -> dict | None:
@@ -146,9 +158,9 @@ def time_torchvision(args) -> dict | None:
     targets = [
         {
             "boxes": torch.as_tensor(b[v]).to(device),
-            "labels": torch.as_tensor(l[v].astype(np.int64) + 1).to(device),
+            "labels": torch.as_tensor(labels[v].astype(np.int64) + 1).to(device),
         }
-        for b, l, v in zip(batch["boxes"], batch["labels"], batch["box_valid"])
+        for b, labels, v in zip(batch["boxes"], batch["labels"], batch["box_valid"], strict=True)
     ]
 
     def step():
@@ -168,15 +180,45 @@ def time_torchvision(args) -> dict | None:
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    if device == "cuda":
+        memory = {"device_peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    else:
+        memory = {"host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return {
         "framework": "torchvision",
         "variant": "real",
         "pipeline": "off",
         "images_per_second": args.steps * args.batch / elapsed,
         "step_ms": 1000 * elapsed / args.steps,
-        "peak_memory_gb": peak,
+        **memory,
     }
+
+
+def run_isolated(variant: str, pipeline: str) -> dict:
+    """One setting in a fresh process, so its peak memory and compile are its own."""
+    argv = [a for a in sys.argv[1:] if a != "--torchvision"]
+    command = [sys.executable, __file__, *argv, "--variants", variant, "--pipeline", pipeline]
+    output = subprocess.run(
+        [*command, "--single"], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def pipeline_overhead(results: list[dict]) -> list[dict]:
+    """Per variant: how much slower training is with the pipeline on than with it off."""
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in results if r["framework"] == "jax"):
+        ips = {r["pipeline"]: r["images_per_second"] for r in results if r["variant"] == variant}
+        if {"on", "off"} <= ips.keys():
+            slowdown = 100 * (1 - ips["on"] / ips["off"])
+            rows.append(
+                {
+                    "variant": variant,
+                    "pipeline_slowdown_percent": slowdown,
+                    "within_5": slowdown <= 5,
+                }
+            )
+    return rows
 
 
 def main():
@@ -193,20 +235,28 @@ def main():
     parser.add_argument("--width", choices=("full", "small"), default="full")
     parser.add_argument("--torchvision", action="store_true", help="also time torchvision FCOS")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.single:  # one setting, in a process of its own (see run_isolated)
+        print(json.dumps(time_jax(args.variants, args)))
+        return
     print(f"devices: {jax.devices()}")
     results = []
     pipelines = ("off", "on") if args.pipeline == "both" else (args.pipeline,)
     for variant in args.variants.split(","):
         for pipeline in pipelines:
-            args.pipeline = pipeline
-            results.append(time_jax(variant, args))
-            print(json.dumps(results[-1]))
-    if args.torchvision:
+            results.append(run_isolated(variant, pipeline))
+            print(json.dumps(results[-1]), flush=True)
+    if args.torchvision and args.width != "full":
+        print("torchvision: skipped, its FCOS-R18 has full widths only (use --width full)")
+    elif args.torchvision:
         result = time_torchvision(args)
         print(json.dumps(result) if result else "torchvision: not installed")
         if result:
             results.append(result)
+    overhead = pipeline_overhead(results)
+    for row in overhead:
+        print(json.dumps(row))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(
@@ -214,6 +264,7 @@ def main():
                     "devices": [str(d) for d in jax.devices()],
                     "args": vars(args),
                     "results": results,
+                    "pipeline_overhead": overhead,
                 },
                 f,
                 indent=1,

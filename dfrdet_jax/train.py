@@ -186,7 +186,7 @@ def predict_step(
     model: nn.Module,
     config: ml_collections.ConfigDict,
 ):
-    """Detections of a batch (inference: no decoder), static shapes: see ``registry.postprocess``."""
+    """Detections of a batch (inference: no decoder), static shapes (see registry.postprocess)."""
     images = normalize_images(batch["image"], model.dtype or jnp.float32)
     outputs = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
