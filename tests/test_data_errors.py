@@ -4,8 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from dfrdet_jax import data
+from dfrdet_jax.data import transforms
 from dfrdet_jax.data.fixtures import write_coco_fixture, write_dota_fixture
 from dfrdet_jax.data.sources import coco, dota
 
@@ -50,6 +52,17 @@ def test_unreadable_image(tmp_path):
     )
     with pytest.raises(data.DataError, match=r"a\.png: cannot read image"):
         next(iter(ds))
+
+
+def test_image_over_the_pixel_limit_names_the_file(tmp_path, monkeypatch):
+    # DOTA-v2.0's largest images (0.8 Gpx) are allowed; a file past the limit is a clear error.
+    assert Image.MAX_IMAGE_PIXELS >= transforms.MAX_IMAGE_PIXELS
+    write_coco_fixture(str(tmp_path), IMAGES[:1], CATS, [_ann(1)])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL errors above twice the limit
+    path = str(tmp_path / "images" / "a.png")
+    for read in (transforms.image_hw, transforms.decode_image):
+        with pytest.raises(data.DataError, match=r"a\.png: cannot read image"):
+            read(path)
 
 
 @pytest.mark.parametrize(

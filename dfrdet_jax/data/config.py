@@ -8,13 +8,16 @@ Fields of ``config.data`` (an ml_collections.ConfigDict):
   flip_prob    probability of a horizontal flip (training only)
   lenient      False: bad records raise DataError; True: they are counted, reported, skipped
   degenerate   'expand' | 'error': zero-width/height boxes grown to 1 px (counted) or rejected
-  source       'raw' (the files under root) | 'tfds' (a build of dfrdet_jax.data.tfds)
+  source       'raw' (the files under root) | 'tfds' (a build of dfrdet_jax.data.tfds, which
+               carries the images, class table, load report and evaluation ground truth:
+               build_dataset does not read root; DOTA: the build of the config's tiling)
   tfds_dir     tfds data_dir for source='tfds'
   splits       {split name -> file-name split}, e.g. AI-TOD 'val' -> 'val'
   ann_pattern  COCO json path under root, '{split}' replaced (aitod, tinyperson)
   image_pattern image folder under root, '{split}' replaced (aitod, tinyperson)
   synthetic.*  generation parameters of sources/synthetic.ensure_synthetic
   tile_size, tile_overlap, min_visible   DOTA tiling (sources/dota.py)
+  cache_dir    DOTA, source='raw': where the full-image ground-truth json is written
 """
 
 import ml_collections
@@ -68,7 +71,7 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
         c.tile_size = 1024
         c.tile_overlap = 200
         c.min_visible = 0.5
-        c.cache_dir = "~/.cache/dfrdet_jax/dota2"  # full-image GT json for evaluation
+        c.cache_dir = "~/.cache/dfrdet_jax/dota2"  # full-image GT json (source='raw')
     c.splits = ml_collections.ConfigDict(
         {"train": "train", "val": "val", "test": "test", "trainval": "trainval"}
     )

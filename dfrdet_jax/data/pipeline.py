@@ -19,7 +19,6 @@ import grain.python as grain
 import ml_collections
 import numpy as np
 from absl import flags, logging
-from PIL import Image
 
 from dfrdet_jax.data import transforms
 from dfrdet_jax.data.errors import DataError, SkipReport
@@ -70,6 +69,10 @@ class _RecordSource(grain.RandomAccessDataSource):
 
     def __init__(self, records, num_pad: int = 0):
         self._records, self._num_pad = records, num_pad
+        # Pad images must have the structure of real ones to batch with them (DOTA: a tile).
+        self._pad = {"path": None, "image_id": -1}
+        if num_pad and len(records) and "tile_offset" in records[0]:
+            self._pad["tile_offset"] = (0, 0)
         # grain checks repr(source) on set_state: make it stable across runs and content-keyed.
         key = getattr(records, "cache_key", None) or repr(
             [(r["path"], r["image_id"], r.get("tile_offset")) for r in records]
@@ -82,7 +85,7 @@ class _RecordSource(grain.RandomAccessDataSource):
 
     def __getitem__(self, index: int) -> dict:
         if index >= len(self._records):
-            return {"path": None, "image_id": -1}  # pad image of a final partial eval batch
+            return dict(self._pad)  # pad image of a final partial eval batch
         return self._records[index]
 
     def __repr__(self) -> str:
@@ -136,9 +139,8 @@ def load_records(config: ml_collections.ConfigDict, split: str):
     if config.get("source", "raw") == "tfds":
         from dfrdet_jax.data.tfds import reader  # pylint: disable=g-import-not-at-top
 
-        records, category_ids, names = reader.tfds_records(config, split)
-        ann_file, _ = _coco_paths(config, split)
-        return records, DatasetInfo(len(names), names, category_ids), ann_file, SkipReport(False)
+        records, category_ids, names, gt_json, report = reader.tfds_records(config, split)
+        return records, DatasetInfo(len(names), names, category_ids), gt_json, report
     if config.name == "dota2":
         gt_json = os.path.join(_expand(config.cache_dir), f"{split}_full_gt.json")
         records, _, _, report = dota.dota_records(
@@ -166,6 +168,12 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
         return DatasetInfo(len(names), names, list(range(1, len(names) + 1)))
     if config.name == "dota2":
         return DatasetInfo(18, list(dota.CLASS_NAMES), list(range(1, 19)))
+    if config.get("source", "raw") == "tfds":  # the build carries the class table
+        from dfrdet_jax.data.tfds import reader  # pylint: disable=g-import-not-at-top
+
+        meta = reader.tfds_builder(config).info.metadata
+        names = list(meta["class_names"])
+        return DatasetInfo(len(names), names, list(meta["category_ids"]))
     ann_file, _ = _coco_paths(config, "train")
     cat_ids, names = coco.category_table(coco.load_coco_json(ann_file))
     return DatasetInfo(len(names), names, cat_ids)
@@ -281,11 +289,7 @@ def image_folder_dataset(
         raise DataError(f"{path}: no images ({', '.join(dota.IMAGE_EXTENSIONS)})")
     records = []
     for i, f in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                w, h = im.size
-        except OSError as e:
-            raise DataError(f"{f}: cannot read image: {e}") from e
+        h, w = transforms.image_hw(f)
         records.append(
             {
                 "path": f,

@@ -17,14 +17,32 @@ from PIL import Image
 
 from dfrdet_jax.data.errors import DataError
 
+# DOTA-v2.0 holds aerial images of up to about 29,000 x 27,000 px (0.8 Gpx), past PIL's guard
+# against decompression bombs (an error above 0.18 Gpx). Allow 1 Gpx; never lower a set limit.
+MAX_IMAGE_PIXELS = 1_000_000_000
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# What PIL raises for a file it cannot read (the guard's error is no OSError).
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
 
 def decode_image(path: str) -> np.ndarray:
     """uint8 [h, w, 3] RGB pixels of an image file; DataError naming the file if unreadable."""
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as e:
+    except UNREADABLE_IMAGE_ERRORS as e:
         raise DataError(f"{path}: cannot read image: {e}") from e
+
+
+def image_hw(path: str) -> tuple[int, int]:
+    """(h, w) of an image file from its header; DataError naming the file if unreadable."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except UNREADABLE_IMAGE_ERRORS as e:
+        raise DataError(f"{path}: cannot read image: {e}") from e
+    return h, w
 
 
 def resize_keep_aspect(image: np.ndarray, boxes: np.ndarray, size: int):
@@ -89,11 +107,13 @@ def example_from_record(record: dict, size: int, max_boxes: int, flip: bool) -> 
         out = pad_example(image, np.zeros((0, 4), np.float32), [], [], size, max_boxes, name="pad")
         out.update(image_hw=np.zeros(2, np.int32), image_id=np.int64(-1), scale=np.float32(1))
     else:
-        # tfds builds carry decoded pixels; raw sources a path.
-        image = record["image"] if "image" in record else decode_image(record["path"])
-        if "tile_offset" in record:  # DOTA tile: crop [x0, x0+tile) x [y0, y0+tile)
-            x0, y0 = (int(v) for v in record["tile_offset"])
-            image = image[y0 : y0 + record["tile_size"], x0 : x0 + record["tile_size"]]
+        if "image" in record:  # tfds builds carry decoded pixels (DOTA: the tile's own)
+            image = record["image"]
+        else:  # raw sources a path (DOTA: of the full image)
+            image = decode_image(record["path"])
+            if "tile_offset" in record:  # DOTA tile: crop [x0, x0+tile) x [y0, y0+tile)
+                x0, y0 = (int(v) for v in record["tile_offset"])
+                image = image[y0 : y0 + record["tile_size"], x0 : x0 + record["tile_size"]]
         image, boxes, scale = resize_keep_aspect(image, record["boxes"], size)
         if flip:
             image, boxes = hflip(image, boxes)

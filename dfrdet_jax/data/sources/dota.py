@@ -19,8 +19,8 @@ import json
 import os
 
 import numpy as np
-from PIL import Image
 
+from dfrdet_jax.data import transforms
 from dfrdet_jax.data.errors import DataError, SkipReport
 
 CLASS_NAMES = (
@@ -147,11 +147,7 @@ def dota_records(
                 "missing image file", f"{label_path}: no image {name[:-4]}.* in {image_dir}"
             )
             continue
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except OSError as e:
-            raise DataError(f"{path}: cannot read image: {e}") from e
+        h, w = transforms.image_hw(path)
         boxes, labels, difficult = parse_label_file(label_path, report)
         # Released DOTA polygons often reach slightly past the border: clip, and count.
         clipped = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
@@ -161,7 +157,7 @@ def dota_records(
         images.append(
             {"id": image_id, "file_name": os.path.relpath(path, image_dir), "height": h, "width": w}
         )
-        for box, label, diff in zip(boxes, labels, difficult):
+        for box, label, diff in zip(boxes, labels, difficult, strict=True):
             annotations.append(
                 {
                     "id": len(annotations) + 1,

@@ -1,1 +1,1 @@
-"""tfds builders (AI-TOD, TinyPerson) that build and read without TensorFlow."""
+"""tfds builders (AI-TOD, TinyPerson, DOTA-v2.0) that build and read without TensorFlow."""
