@@ -14,6 +14,8 @@ Modes:
   eval     scores the latest checkpoint in --workdir with the tiny-object metrics.
   predict  runs the latest checkpoint on the images of --input and writes COCO results JSON
            and drawn boxes into --workdir/predictions.
+  complexity  the model's size (MB) and OPs as the paper counts them, at data.image_size;
+           needs no checkpoint, and --workdir only to write complexity.json there.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ MODES = {
     "train": ("dfrdet_jax.train", "train_and_evaluate"),
     "eval": ("dfrdet_jax.evaluate", "evaluate_checkpoint"),
     "predict": ("dfrdet_jax.evaluate", "predict_folder"),
+    "complexity": ("dfrdet_jax.complexity", "model_complexity"),
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -87,7 +90,7 @@ def main(argv):
         raise app.UsageError(
             "--config is required, e.g. --config configs/fcos_r18.py:synthetic,dfr"
         )
-    if _WORKDIR.value is None:
+    if _WORKDIR.value is None and _MODE.value != "complexity":
         raise app.UsageError("--workdir is required")
     kwargs = {}
     if _MODE.value == "predict":

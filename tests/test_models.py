@@ -9,6 +9,7 @@ import pytest
 from dfrdet_jax.models.common import BinarySpec
 from dfrdet_jax.models.decoder import DFRDecoder, pixel_shuffle
 from dfrdet_jax.models.detectors import FCOS
+from dfrdet_jax.models.fpn import upsample_nearest_to
 from dfrdet_jax.models.heads import fcos as fcos_head
 from dfrdet_jax.models.resnet import ResNet
 
@@ -107,11 +108,16 @@ def test_decoder_rejects_levels_outside_the_pyramid():
         )
 
 
-def test_input_must_be_divisible_by_the_top_stride():
-    with pytest.raises(ValueError, match="divisible by 64"):
-        jax.eval_shape(
-            lambda: _tiny_fcos().init(jax.random.key(0), jnp.zeros((1, 96, 64, 3)), train=False)
-        )
+@pytest.mark.parametrize("hw", [(72, 88), (50, 37)])
+def test_any_input_size_gives_ceil_sized_levels(hw):
+    # 800 px (AI-TOD) is no multiple of P6's stride 64; odd sides exercise every ceil.
+    model = _tiny_fcos()
+    images = jnp.zeros((1, *hw, 3))
+    variables = model.init(jax.random.key(0), images, train=False)
+    outputs = model.apply(variables, images, train=False)
+    sizes = fcos_head.feature_sizes(hw, model.strides)
+    assert sizes[0] == (-(-hw[0] // 4), -(-hw[1] // 4)) and sizes[-1][0] == 1 + (hw[0] > 64)
+    assert outputs["cls_logits"].shape[1] == sum(h * w for h, w in sizes)
 
 
 def test_pixel_shuffle_matches_index_definition():
@@ -155,3 +161,11 @@ def test_postprocess_decodes_and_clips_the_best_point():
     assert int(dets.classes[0, 0]) == 1
     expected_score = np.sqrt(1 / (1 + np.exp(-10.0)) ** 2)
     np.testing.assert_allclose(float(dets.scores[0, 0]), expected_score, rtol=1e-6)
+
+
+def test_upsample_nearest_to_an_odd_size_repeats_and_crops():
+    x = np.arange(6, dtype=np.float32).reshape(1, 2, 3, 1)
+    y = np.asarray(upsample_nearest_to(jnp.asarray(x), (3, 5)))
+    expected = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)[:, :3, :5]
+    np.testing.assert_array_equal(y, expected)
+    assert y[0, 2, 4, 0] == x[0, 1, 2, 0]

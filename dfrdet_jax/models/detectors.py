@@ -70,17 +70,12 @@ class FCOS(nn.Module):
 
     @nn.compact
     def __call__(self, images: Array, train: bool, reconstruct: bool = False) -> dict[str, Array]:
-        """images: normalised [B, H, W, 3], H and W multiples of 2**max_level.
+        """images: normalised [B, H, W, 3] of any size; level l is ceil(H / 2^l) x ceil(W / 2^l)
+        (stride-2 convs with SAME padding), so e.g. AI-TOD's 800 px need no padding to 832.
 
         Returns the head outputs (``FCOSHead``) and, with ``reconstruct``, 'reconstruction'
         [B, H, W, 3] float32.
         """
-        stride = 2**self.max_level
-        if images.shape[1] % stride or images.shape[2] % stride:
-            raise ValueError(
-                f"FCOS with P{self.max_level} needs image sides divisible by {stride}, "
-                f"got {images.shape[1:3]}; pad the images to a multiple of {stride}"
-            )
         features = ResNet(
             self.depth, self.backbone_width, self.backbone_binary, self.dtype, name="backbone"
         )(images, train)
@@ -105,7 +100,7 @@ class FCOS(nn.Module):
         if reconstruct:
             if not self.decoder_levels:
                 raise ValueError("reconstruct=True needs decoder_levels, e.g. (2, 3, 4)")
-            missing = [l for l in self.decoder_levels if not self.min_level <= l <= self.max_level]
+            missing = [v for v in self.decoder_levels if not self.min_level <= v <= self.max_level]
             if missing:
                 raise ValueError(
                     f"decoder levels {missing} are outside the FPN levels "
@@ -117,5 +112,5 @@ class FCOS(nn.Module):
                 common_stride=2 ** min(self.decoder_levels),
                 dtype=self.dtype,
                 name="decoder",
-            )([pyramid[f"P{l}"] for l in self.decoder_levels], images.shape[1:3])
+            )([pyramid[f"P{v}"] for v in self.decoder_levels], images.shape[1:3])
         return outputs

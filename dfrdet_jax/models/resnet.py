@@ -23,7 +23,8 @@ STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
 class BasicBlock(nn.Module):
-    """Real: conv-BN-ReLU-conv-BN + shortcut, ReLU. 1-bit: two Bi-Real units, each with a shortcut."""
+    """Real: conv-BN-ReLU-conv-BN + shortcut, ReLU. 1-bit: two Bi-Real units, each with its own
+    shortcut."""
 
     features: int
     strides: int
@@ -74,7 +75,8 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> dict[str, Array]:
-        """x: [B, H, W, 3] normalised image -> {'C2': [B, H/4, W/4, width], ..., 'C5': stride 32}."""
+        """x: [B, H, W, 3] normalised image -> {'C2': [B, ceil(H/4), ceil(W/4), width], ...,
+        'C5': stride 32}."""
         if self.depth not in STAGE_BLOCKS:
             raise ValueError(
                 f"Unknown ResNet depth {self.depth}; valid choices: {sorted(STAGE_BLOCKS)}"

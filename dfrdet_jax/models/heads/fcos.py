@@ -73,7 +73,7 @@ class FCOSHead(nn.Module):
         scales = self.param("level_scales", nn.initializers.ones, (len(self.strides),))
 
         outputs = {"cls_logits": [], "ltrb": [], "centerness": []}
-        for index, (x, stride) in enumerate(zip(levels, self.strides)):
+        for index, (x, stride) in enumerate(zip(levels, self.strides, strict=True)):
             c, r = x, x
             for conv in cls_tower:
                 c = conv(c, train)
@@ -88,7 +88,8 @@ class FCOSHead(nn.Module):
 
 
 def feature_sizes(image_hw: tuple[int, int], strides: Sequence[int]) -> list[tuple[int, int]]:
-    """(h, w) of each level's map for an input of ``image_hw`` (sides divisible by the strides)."""
+    """(h, w) of each level's map for an input of ``image_hw``: ceil(side / stride), as the
+    backbone's stride-2 convs with SAME padding give."""
     return [(-(-image_hw[0] // s), -(-image_hw[1] // s)) for s in strides]
 
 

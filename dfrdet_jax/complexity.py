@@ -1,0 +1,133 @@
+"""Model size and operations, counted as the paper counts them (its Tables 2 and 3).
+
+  size (MB)  = (32 x real-valued parameters + 1 x binary weights) / 8 / 10^6   (BiDet's memory)
+  OPs        = real multiply-accumulates + binary multiply-accumulates / 64   (Bi-Real-Net)
+
+for one image of the given size through the inference network: the training-only DFR decoder
+and the post-processing (decoding, NMS) are not part of it. Operations are those of the
+convolution and dense layers (normalisation, activations and additions are not counted, as in
+Bi-Real-Net); a layer called several times (FCOS's head, shared over the pyramid levels) counts
+each call, its parameters once. A binary multiply-accumulate is one of a BinaryConv/BinaryDense
+whose input is binarized too (XNOR + popcount); a 1-bit kernel applied to a real-valued input
+counts as real. Every parameter that is not a 1-bit kernel (BatchNorm, scales alpha, biases,
+PReLU slopes) counts as 32-bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from flax import traverse_util
+
+from dfrdet_jax import layers
+
+_COUNTED_LAYERS = (nn.Conv, nn.ConvTranspose, nn.Dense, layers.BinaryConv, layers.BinaryDense)
+_BINARY_LAYERS = (layers.BinaryConv, layers.BinaryDense)
+
+
+@dataclasses.dataclass(frozen=True)
+class Complexity:
+    """Parameter and multiply-accumulate counts of one inference pass of one image."""
+
+    real_params: int
+    binary_params: int
+    real_macs: int
+    binary_macs: int
+
+    @property
+    def size_mb(self) -> float:
+        """Storage in MB (10^6 bytes): 32 bits per real parameter, 1 per binary weight."""
+        return (32 * self.real_params + self.binary_params) / 8 / 1e6
+
+    @property
+    def ops(self) -> float:
+        """Real multiply-accumulates plus 1/64 of the binary ones."""
+        return self.real_macs + self.binary_macs / 64
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "size_mb": self.size_mb,
+            "ops_g": self.ops / 1e9,
+            "real_params": self.real_params,
+            "binary_params": self.binary_params,
+            "real_macs_g": self.real_macs / 1e9,
+            "binary_macs_g": self.binary_macs / 1e9,
+        }
+
+
+def _binary_input(module: nn.Module) -> bool:
+    return module.input_quantizer not in (None, "none")
+
+
+def count(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any) -> Complexity:
+    """Counts ``model`` called on one [1, h, w, 3] image with ``call_kwargs`` (e.g. train=False).
+
+    Nothing is computed: the model is traced abstractly (jax.eval_shape), so a full-size
+    network at 800 x 800 px costs a second of tracing, not a forward pass.
+    """
+    real_macs, binary_macs, binary_kernels = 0, 0, set()
+
+    def interceptor(next_fun, args, kwargs, context):
+        nonlocal real_macs, binary_macs
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, _COUNTED_LAYERS):
+            kernel = module.get_variable("params", "kernel")
+            # Per output element: the kernel's fan-in (kh * kw * c_in / groups, or c_in).
+            macs = (out.size // out.shape[0]) * (kernel.size // kernel.shape[-1])
+            if isinstance(module, _BINARY_LAYERS):
+                binary_kernels.add((*module.path, "kernel"))
+                if _binary_input(module):
+                    binary_macs += macs
+                    return out
+            real_macs += macs
+        return out
+
+    image = jax.ShapeDtypeStruct((1, *image_hw, 3), jnp.float32)
+    init = functools.partial(model.init, **call_kwargs)
+    with nn.intercept_methods(interceptor):
+        variables = jax.eval_shape(init, jax.random.key(0), image)
+    params = traverse_util.flatten_dict(variables["params"])
+    binary = sum(leaf.size for path, leaf in params.items() if path in binary_kernels)
+    total = sum(leaf.size for leaf in params.values())
+    return Complexity(total - binary, binary, real_macs, binary_macs)
+
+
+def model_complexity(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+    """Size and OPs of the config's detector at ``config.data.image_size`` (square), logged and,
+    with a workdir, written to ``workdir/complexity.json``."""
+    from dfrdet_jax import data  # pylint: disable=g-import-not-at-top
+    from dfrdet_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+    num_classes = data.dataset_info(config.data).num_classes
+    model = registry.build_model(config, num_classes=num_classes)
+    size = config.data.image_size
+    result = count(model, (size, size), train=False).summary()
+    result.update(
+        model=config.model.name, variant=config.variant, image_size=size, num_classes=num_classes
+    )
+    logging.info(
+        "%s (%s) at %d x %d px: %.2f MB, %.2f G OPs (%.2f G real + %.2f G binary MACs)",
+        config.model.name,
+        config.variant,
+        size,
+        size,
+        result["size_mb"],
+        result["ops_g"],
+        result["real_macs_g"],
+        result["binary_macs_g"],
+    )
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "complexity.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result
