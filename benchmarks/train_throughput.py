@@ -144,8 +144,9 @@ def time_torchvision(args) -> dict | None:
     except ImportError:
         return None
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # P2-P5 plus a pooled P6: five levels of strides 4-64, as our FCOS (P6 is a conv there).
     backbone = resnet_fpn_backbone(
-        backbone_name="resnet18", weights=None, trainable_layers=5, returned_layers=[2, 3, 4]
+        backbone_name="resnet18", weights=None, trainable_layers=5, returned_layers=[1, 2, 3, 4]
     )
     model = FCOS(backbone, num_classes=9, min_size=args.size, max_size=args.size).to(device)
     model.train()
@@ -228,7 +229,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="timed steps after the first")
     parser.add_argument("--boxes", type=int, default=100, help="objects per image")
     parser.add_argument("--max_boxes", type=int, default=1500, help="padded box slots N")
-    parser.add_argument("--variants", default="real,bnn,dfr")
+    parser.add_argument("--variants", default="real,bnn,dfr", help="'' for torchvision only")
     parser.add_argument("--pipeline", choices=("off", "on", "both"), default="both")
     parser.add_argument("--workers", type=int, default=4, help="pipeline worker processes")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -243,7 +244,7 @@ def main():
     print(f"devices: {jax.devices()}")
     results = []
     pipelines = ("off", "on") if args.pipeline == "both" else (args.pipeline,)
-    for variant in args.variants.split(","):
+    for variant in filter(None, args.variants.split(",")):
         for pipeline in pipelines:
             results.append(run_isolated(variant, pipeline))
             print(json.dumps(results[-1]), flush=True)
