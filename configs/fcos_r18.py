@@ -11,61 +11,18 @@ Examples::
   --config configs/fcos_r18.py:aitod,dfr          the paper's setting on AI-TOD
   --config configs/fcos_r18.py:synthetic,dfr,demo the README's quick run
 
-Which parts are binary is visible under ``config.model.binary_parts``; the stem conv,
-the downsampling shortcuts and the three prediction convs of the head always stay real.
+The sections shared by every detector (data, model, postprocess, loss, dfr, optimizer, train,
+eval) are documented in ``dfrdet_jax/base_config.py``; ``config.fcos`` holds FCOS's own.
 """
 
 import ml_collections
 
-from dfrdet_jax.data import default_data_config
-
-DATASETS = ("synthetic", "aitod", "tinyperson", "dota2")
-VARIANTS = ("real", "bnn", "dfr")
-
-
-def parse_arg(arg: str) -> tuple[str, str, bool]:
-    """'aitod,dfr[,demo]' -> ('aitod', 'dfr', False); a clear error for anything else."""
-    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-    demo = "demo" in tokens
-    tokens = [t for t in tokens if t != "demo"]
-    if len(tokens) != 2 or tokens[0] not in DATASETS or tokens[1] not in VARIANTS:
-        raise ValueError(
-            f"configs/fcos_r18.py takes '<dataset>,<variant>[,demo]' with dataset in "
-            f"{list(DATASETS)} and variant in {list(VARIANTS)}; got {arg!r}"
-        )
-    return tokens[0], tokens[1], demo
+from dfrdet_jax import base_config
 
 
 def get_config(arg: str = "synthetic,dfr"):
-    dataset, variant, demo = parse_arg(arg)
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.variant = variant
-
-    config.data = default_data_config(dataset)
-
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "fcos"
-    config.model.depth = 18
-    config.model.backbone_width = 64
-    config.model.fpn_width = 256
-    config.model.min_level = 2
-    config.model.max_level = 6
-    config.model.head_convs = 4
-    config.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 parameters and optimizer state
-    # 1-bit settings (paper, Sec. 4.1): every conv of these parts is binary except the real ones
-    # named in the module docstring.
-    config.model.binary_parts = () if variant == "real" else ("backbone", "neck", "head")
-    config.model.binary = ml_collections.ConfigDict(
-        dict(
-            input_quantizer="approx",
-            weight_quantizer="clipped",
-            scale="learned",
-            pad_value=0.0,
-            activation="prelu",
-            learnable_bias=True,
-        )
-    )
+    dataset, variant, demo = base_config.parse_arg(arg, "configs/fcos_r18.py")
+    config = base_config.base_config("fcos", dataset, variant)
 
     config.fcos = ml_collections.ConfigDict()
     # Max regression distance per level, px; P2..P6, each level ~4-8x its stride (tiny objects).
@@ -81,79 +38,7 @@ def get_config(arg: str = "synthetic,dfr"):
     config.fcos.focal_alpha = 0.25
     config.fcos.focal_gamma = 2.0
     config.fcos.assign_chunk_size = 4096
-    config.fcos.score_threshold = 0.05
-    config.fcos.nms_iou_threshold = 0.5
-    config.fcos.max_detections = 1500
-    config.fcos.pre_nms_top_k = 5000
-
-    # L = L_det + gamma * sum L_R + lambda * L_DFR (paper, Eq. 11).
-    config.loss = ml_collections.ConfigDict()
-    config.loss.reconstruction_weight = 0.0 if variant == "real" else 1e-4  # gamma
-    config.loss.dfr_weight = 0.04 if variant == "dfr" else 0.0  # lambda
-    config.dfr = ml_collections.ConfigDict()
-    config.dfr.levels = (2, 3, 4) if variant == "dfr" else ()
-    config.dfr.mode = "decoupled"  # Eq. 10; or "full", "foreground", "background" (Table 1)
-    config.dfr.decoder_width = 64
-    config.dfr.decoder_blocks = 2
-
-    config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.base_learning_rate = 0.005  # at base_batch_size, scaled linearly
-    config.optimizer.base_batch_size = 2
-    config.optimizer.momentum = 0.9
-    config.optimizer.weight_decay = 1e-4
-    config.optimizer.warmup_steps = 500
-    config.optimizer.warmup_factor = 1.0 / 3
-    config.optimizer.decay_epochs = (8, 11)
-    config.optimizer.decay_factor = 0.1
-    config.optimizer.grad_clip_norm = 35.0
-
-    config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 2  # global, over all devices
-    config.train.num_epochs = 12
-    config.train.num_steps = -1  # > 0 overrides num_epochs
-    config.train.log_every_steps = 50
-    config.train.eval_every_steps = -1  # -1: at the end of every epoch
-    config.train.checkpoint_every_steps = 1000
-    config.train.keep_checkpoints = 3
-    config.train.num_workers = 0  # grain decoding processes (0: in the training process)
-    config.train.prefetch_batches = 2  # batches read ahead and copied to the devices
-    config.train.profile_num_steps = 0  # > 0: jax.profiler trace of these steps in workdir/profile
-    config.train.profile_start_step = 10
-    # Multi-process start-up, see dfrdet_jax/distributed.py ('auto': from the environment).
-    config.distributed = ml_collections.ConfigDict()
-    config.distributed.mode = "auto"
-    config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
-    config.distributed.num_processes = ml_collections.config_dict.placeholder(int)
-    config.distributed.process_id = ml_collections.config_dict.placeholder(int)
-
-    config.eval = ml_collections.ConfigDict()
-    config.eval.batch_size = 2
-    config.eval.split = "val"
-    config.eval.protocol = {"tinyperson": "tinyperson", "dota2": "dota"}.get(dataset, "aitod")
-    # checkpoints_best keeps the checkpoint with the highest value of this metric.
-    config.eval.best_metric = {"tinyperson": "AP50_tiny", "dota2": "mAP50"}.get(dataset, "AP")
 
     if demo:
-        _make_demo(config)
+        base_config.make_demo(config)
     return config
-
-
-def _make_demo(config):
-    """Narrow network, 128 px synthetic images, 1,200 steps: about 6 minutes on 2 CPU cores."""
-    config.data.synthetic.num_train = 512
-    config.data.synthetic.min_objects = 20  # denser scenes: more positives per step
-    config.model.backbone_width = 16
-    config.model.fpn_width = 32
-    config.model.head_convs = 2
-    config.dfr.decoder_width = 16
-    config.dfr.decoder_blocks = 1
-    config.fcos.max_detections = 300
-    config.fcos.pre_nms_top_k = 1000
-    config.optimizer.base_batch_size = 2  # the paper's lr 0.005 at batch 2, scaled to batch 8
-    config.optimizer.warmup_steps = 100
-    config.train.batch_size = 8
-    config.train.num_steps = 1200
-    config.train.log_every_steps = 50
-    config.train.eval_every_steps = 600
-    config.train.checkpoint_every_steps = 300
-    config.eval.batch_size = 8

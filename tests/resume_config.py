@@ -1,6 +1,7 @@
-"""A config for whole training runs in tests: the tiny 1-bit FCOS on a small synthetic set.
+"""A config for whole training runs in tests: a tiny 1-bit detector on a small synthetic set.
 
-Loaded by path (``--config tests/resume_config.py``), like any file in configs/.
+Loaded by path (``--config tests/resume_config.py[:family]``), like any file in configs/; the
+argument is the detector family, FCOS by default.
 """
 
 import os
@@ -12,7 +13,7 @@ from training_fixtures import tiny_config  # noqa: E402
 
 
 def get_config(arg=None):
-    config = tiny_config("bnn")
+    config = tiny_config("bnn", family=arg or "fcos")
     config.data.root = os.environ.get("DFRDET_TEST_DATA", config.data.root)
     config.data.image_size = 64
     config.data.max_boxes = 64
@@ -25,6 +26,6 @@ def get_config(arg=None):
     config.train.checkpoint_every_steps = 2
     config.train.eval_every_steps = 1000  # only at the end
     config.eval.batch_size = 2
-    config.fcos.max_detections = 20
-    config.fcos.pre_nms_top_k = 100
+    config.postprocess.max_detections = 20
+    config.postprocess.pre_nms_top_k = 100
     return config

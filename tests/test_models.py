@@ -8,8 +8,9 @@ import pytest
 
 from dfrdet_jax.models.common import BinarySpec
 from dfrdet_jax.models.decoder import DFRDecoder, pixel_shuffle
-from dfrdet_jax.models.detectors import FCOS
+from dfrdet_jax.models.detectors import Detector
 from dfrdet_jax.models.fpn import upsample_nearest_to
+from dfrdet_jax.models.heads import dense
 from dfrdet_jax.models.heads import fcos as fcos_head
 from dfrdet_jax.models.resnet import ResNet
 
@@ -47,14 +48,13 @@ def test_binary_resnet_keeps_stem_and_shortcuts_real():
 
 
 def _tiny_fcos(binary=BINARY, decoder_levels=(2, 3, 4)):
-    return FCOS(
-        num_classes=3,
+    head = fcos_head.FCOSHead(3, (4, 8, 16, 32, 64), width=16, num_convs=1, binary=binary)
+    return Detector(
+        head=head,
         backbone_width=8,
         fpn_width=16,
-        head_convs=1,
         backbone_binary=binary,
         neck_binary=binary,
-        head_binary=binary,
         decoder_levels=decoder_levels,
         decoder_width=8,
         decoder_blocks=1,
@@ -66,7 +66,7 @@ def test_fcos_outputs_cover_every_level_point():
     x = jnp.zeros((2, 64, 128, 3))
     variables = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
     out = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
-    sizes = fcos_head.feature_sizes((64, 128), model.strides)
+    sizes = dense.feature_sizes((64, 128), model.strides)
     assert sizes == [(16, 32), (8, 16), (4, 8), (2, 4), (1, 2)]
     points = sum(h * w for h, w in sizes)
     assert out["cls_logits"].shape == (2, points, 3)
@@ -115,7 +115,7 @@ def test_any_input_size_gives_ceil_sized_levels(hw):
     images = jnp.zeros((1, *hw, 3))
     variables = model.init(jax.random.key(0), images, train=False)
     outputs = model.apply(variables, images, train=False)
-    sizes = fcos_head.feature_sizes(hw, model.strides)
+    sizes = dense.feature_sizes(hw, model.strides)
     assert sizes[0] == (-(-hw[0] // 4), -(-hw[1] // 4)) and sizes[-1][0] == 1 + (hw[0] > 64)
     assert outputs["cls_logits"].shape[1] == sum(h * w for h, w in sizes)
 
@@ -140,7 +140,7 @@ def test_decoder_from_single_level_and_common_stride():
 
 def test_postprocess_decodes_and_clips_the_best_point():
     strides = (4, 8)
-    sizes = fcos_head.feature_sizes((16, 16), strides)
+    sizes = dense.feature_sizes((16, 16), strides)
     num_points = sum(h * w for h, w in sizes)
     cls = jnp.full((1, num_points, 2), -10.0)
     ltrb = jnp.zeros((1, num_points, 4))

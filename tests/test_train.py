@@ -15,9 +15,18 @@ from training_fixtures import ROOT, load_config, make_batch, tiny_config
 
 
 # 68 px is no multiple of P6's stride 64 (as AI-TOD's 800 px): levels are ceil-sized.
-@pytest.mark.parametrize(("variant", "size"), [("real", 64), ("bnn", 64), ("dfr", 68)])
-def test_a_few_steps_lower_the_loss_and_compile_once(variant, size):
-    config = tiny_config(variant)
+@pytest.mark.parametrize(
+    ("family", "variant", "size"),
+    [
+        ("fcos", "real", 64),
+        ("fcos", "bnn", 64),
+        ("fcos", "dfr", 68),
+        ("retinanet", "real", 64),
+        ("retinanet", "dfr", 68),
+    ],
+)
+def test_a_few_steps_lower_the_loss_and_compile_once(family, variant, size):
+    config = tiny_config(variant, family=family)
     model = registry.build_model(config, num_classes=3)
     total_steps = 12
     state = train.create_train_state(config, model, jax.random.key(0), (size, size), total_steps)
@@ -72,10 +81,15 @@ def test_weight_decay_only_on_kernels():
         ("model.dtype", "float16", r"Unknown config.model.dtype"),
         ("dfr.mode", "both", r"Unknown config.dfr.mode 'both'"),
         ("dfr.levels", (2, 7), r"config.dfr.levels \[7\]"),
+        ("fcos.regress_ranges", ((-1.0, 1e8),), r"1 ranges for 5 FPN levels"),
+        ("model.name", "retinanet", r"needs a config.retinanet section.*retinanet_r18.py"),
+        ("retinanet.box_loss", "l2", r"Unknown config.retinanet.box_loss 'l2'"),
+        ("retinanet.negative_iou", 0.6, r"negative_iou <= positive_iou"),
+        ("retinanet.aspect_ratios", (), r"at least one aspect ratio"),
     ],
 )
 def test_config_errors_are_clear(field, value, message):
-    config = load_config("synthetic,dfr")
+    config = load_config("synthetic,dfr", "retinanet" if field.startswith("retinanet") else "fcos")
     parent, name = field.rsplit(".", 1) if "." in field else ("", field)
     node = config
     for part in parent.split("."):
@@ -88,6 +102,8 @@ def test_config_errors_are_clear(field, value, message):
 def test_config_argument_errors():
     with pytest.raises(ValueError, match=r"dataset in .*synthetic.*variant in .*real"):
         load_config("synthetic,xnor")
+    with pytest.raises(ValueError, match=r"configs/retinanet_r18.py takes"):
+        load_config("coco,real", "retinanet")
     config = load_config("aitod,bnn")
     assert config.loss.dfr_weight == 0 and config.model.binary_parts
     assert load_config("aitod,real").model.binary_parts == ()

@@ -1,4 +1,4 @@
-"""Tiny FCOS configs and hand-made batches shared by the training tests and their workers."""
+"""Tiny detector configs and hand-made batches shared by the training tests and their workers."""
 
 import importlib.util
 import pathlib
@@ -8,22 +8,24 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(arg):
-    """get_config(arg) of configs/fcos_r18.py."""
-    spec = importlib.util.spec_from_file_location("fcos_r18", ROOT / "configs" / "fcos_r18.py")
+def load_config(arg, family="fcos"):
+    """get_config(arg) of configs/<family>_r18.py."""
+    name = f"{family}_r18"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
 
 
-def tiny_config(variant, batch_size=2):
+def tiny_config(variant, batch_size=2, family="fcos"):
     """The demo config of ``variant`` narrowed to P2-P4, no warm-up, for 64 px images."""
-    config = load_config(f"synthetic,{variant},demo")
+    config = load_config(f"synthetic,{variant},demo", family)
     config.model.backbone_width = 8
     config.model.fpn_width = 16
     config.model.head_convs = 1
     config.model.max_level = 4  # P2-P4: a smaller program, compiled faster
-    config.fcos.regress_ranges = ((-1.0, 16.0), (16.0, 32.0), (32.0, 1e8))
+    if family == "fcos":
+        config.fcos.regress_ranges = ((-1.0, 16.0), (16.0, 32.0), (32.0, 1e8))
     config.dfr.decoder_width = 8
     config.train.batch_size = batch_size
     config.optimizer.base_batch_size = batch_size

@@ -1,6 +1,7 @@
-"""Detectors = backbone + neck + head (+ the training-only DFR decoder), and their registry.
+"""Detectors = backbone + neck + head (+ the training-only DFR decoder).
 
-``FCOS`` maps normalised images to dense per-point predictions (see ``FCOSHead``). When built with
+``Detector`` maps normalised images to its head's dense predictions (``FCOSHead``: per point,
+``RetinaNetHead``: per anchor); ``models.registry`` builds it for each family. When built with
 decoder levels and called with ``reconstruct=True`` it also returns the DFR reconstruction of the
 input; inference calls it with ``reconstruct=False``, so the decoder never runs there (its
 parameters can even be dropped from the checkpoint used for deployment).
@@ -17,7 +18,6 @@ import jax.numpy as jnp
 from dfrdet_jax.models.common import REAL, BinarySpec
 from dfrdet_jax.models.decoder import DFRDecoder
 from dfrdet_jax.models.fpn import FPN
-from dfrdet_jax.models.heads.fcos import FCOSHead
 from dfrdet_jax.models.resnet import ResNet
 
 Array = jax.Array
@@ -33,32 +33,31 @@ def normalize_images(images: Array, dtype: Any = jnp.float32) -> Array:
     return ((x - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)).astype(dtype)
 
 
-class FCOS(nn.Module):
-    """ResNet + FPN + FCOS head, real or 1-bit, with an optional DFR decoder.
+class Detector(nn.Module):
+    """ResNet + FPN + a dense head (FCOS, RetinaNet), real or 1-bit, with an optional DFR decoder.
 
     Attributes:
-      num_classes: foreground classes.
+      head: the head module, called as ``head(levels, train)`` on the FPN levels
+        [P{min_level}, ..., P{max_level}] and returning a dict of outputs (its parameters live
+        under 'head').
       depth: ResNet depth (18 or 34).
       backbone_width: first-stage channels (64 standard).
-      fpn_width: FPN and head channels (256 standard).
+      fpn_width: FPN channels (256 standard).
       min_level, max_level: FPN levels used for detection (2..6: strides 4..64).
-      head_convs: convs per head tower.
-      backbone_binary, neck_binary, head_binary: binarization of each part.
+      backbone_binary, neck_binary: binarization of each part (the head carries its own).
       decoder_levels: FPN levels fed to the DFR decoder, e.g. (2, 3, 4); empty: no decoder.
       decoder_width, decoder_blocks: DFR decoder size.
       dtype: computation dtype (parameters stay float32).
     """
 
-    num_classes: int
+    head: nn.Module
     depth: int = 18
     backbone_width: int = 64
     fpn_width: int = 256
     min_level: int = 2
     max_level: int = 6
-    head_convs: int = 4
     backbone_binary: BinarySpec = REAL
     neck_binary: BinarySpec = REAL
-    head_binary: BinarySpec = REAL
     decoder_levels: Sequence[int] = ()
     decoder_width: int = 64
     decoder_blocks: int = 2
@@ -66,15 +65,14 @@ class FCOS(nn.Module):
 
     @property
     def strides(self) -> tuple[int, ...]:
-        return tuple(2**level for level in range(self.min_level, self.max_level + 1))
+        return level_strides(self.min_level, self.max_level)
 
     @nn.compact
     def __call__(self, images: Array, train: bool, reconstruct: bool = False) -> dict[str, Array]:
         """images: normalised [B, H, W, 3] of any size; level l is ceil(H / 2^l) x ceil(W / 2^l)
         (stride-2 convs with SAME padding), so e.g. AI-TOD's 800 px need no padding to 832.
 
-        Returns the head outputs (``FCOSHead``) and, with ``reconstruct``, 'reconstruction'
-        [B, H, W, 3] float32.
+        Returns the head outputs and, with ``reconstruct``, 'reconstruction' [B, H, W, 3] float32.
         """
         features = ResNet(
             self.depth, self.backbone_width, self.backbone_binary, self.dtype, name="backbone"
@@ -88,15 +86,7 @@ class FCOS(nn.Module):
             name="neck",
         )(features, train)
         levels = [pyramid[f"P{level}"] for level in range(self.min_level, self.max_level + 1)]
-        outputs = FCOSHead(
-            self.num_classes,
-            self.strides,
-            self.fpn_width,
-            self.head_convs,
-            binary=self.head_binary,
-            dtype=self.dtype,
-            name="head",
-        )(levels, train)
+        outputs = self.head(levels, train)
         if reconstruct:
             if not self.decoder_levels:
                 raise ValueError("reconstruct=True needs decoder_levels, e.g. (2, 3, 4)")
@@ -114,3 +104,8 @@ class FCOS(nn.Module):
                 name="decoder",
             )([pyramid[f"P{v}"] for v in self.decoder_levels], images.shape[1:3])
         return outputs
+
+
+def level_strides(min_level: int, max_level: int) -> tuple[int, ...]:
+    """Strides 2^l px of the FPN levels min_level..max_level."""
+    return tuple(2**level for level in range(min_level, max_level + 1))

@@ -16,8 +16,10 @@ import numpy as np
 
 from dfrdet_jax.losses import dfr
 from dfrdet_jax.models.common import REAL, BinarySpec
-from dfrdet_jax.models.detectors import FCOS
+from dfrdet_jax.models.detectors import Detector, level_strides
 from dfrdet_jax.models.heads import fcos as fcos_head
+from dfrdet_jax.models.heads import retinanet as retinanet_head
+from dfrdet_jax.ops.anchors import anchor_shapes, anchors_per_cell
 
 Array = jax.Array
 BINARY_PARTS = ("backbone", "neck", "head")
@@ -28,11 +30,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class DetectorFamily:
     """build(config, num_classes) -> module; loss(config, outputs, batch) -> dict of scalars whose
     'loss_*' entries sum to L_det (others are reported as metrics); postprocess(config, outputs,
-    batch) -> ``dfrdet_jax.ops.nms.Detections`` with a leading batch axis."""
+    batch) -> ``dfrdet_jax.ops.nms.Detections`` with a leading batch axis; validate(config) raises
+    ValueError for a bad setting of the family's own config section."""
 
     build: Callable[[ml_collections.ConfigDict, int], Any]
     loss: Callable[..., dict[str, Array]]
     postprocess: Callable[..., Any]
+    validate: Callable[[ml_collections.ConfigDict], None]
 
 
 def binary_spec(config: ml_collections.ConfigDict, part: str) -> BinarySpec:
@@ -51,19 +55,18 @@ def model_dtype(config: ml_collections.ConfigDict):
         ) from None
 
 
-def _build_fcos(config: ml_collections.ConfigDict, num_classes: int) -> FCOS:
+def _detector(config: ml_collections.ConfigDict, head) -> Detector:
+    """The backbone, neck and decoder of ``config.model`` / ``config.dfr`` around ``head``."""
     m = config.model
-    return FCOS(
-        num_classes=num_classes,
+    return Detector(
+        head=head,
         depth=m.depth,
         backbone_width=m.backbone_width,
         fpn_width=m.fpn_width,
         min_level=m.min_level,
         max_level=m.max_level,
-        head_convs=m.head_convs,
         backbone_binary=binary_spec(config, "backbone"),
         neck_binary=binary_spec(config, "neck"),
-        head_binary=binary_spec(config, "head"),
         decoder_levels=tuple(config.dfr.levels),
         decoder_width=config.dfr.decoder_width,
         decoder_blocks=config.dfr.decoder_blocks,
@@ -71,8 +74,34 @@ def _build_fcos(config: ml_collections.ConfigDict, num_classes: int) -> FCOS:
     )
 
 
-def _fcos_strides(config) -> tuple[int, ...]:
-    return tuple(2**level for level in range(config.model.min_level, config.model.max_level + 1))
+def _strides(config) -> tuple[int, ...]:
+    return level_strides(config.model.min_level, config.model.max_level)
+
+
+def _nms_settings(config) -> dict[str, Any]:
+    p = config.postprocess
+    return dict(
+        score_threshold=p.score_threshold,
+        iou_threshold=p.nms_iou_threshold,
+        max_detections=p.max_detections,
+        pre_nms_top_k=p.pre_nms_top_k,
+    )
+
+
+# FCOS ----------------------------------------------------------------------------------------
+
+
+def _build_fcos(config: ml_collections.ConfigDict, num_classes: int) -> Detector:
+    m = config.model
+    head = fcos_head.FCOSHead(
+        num_classes,
+        _strides(config),
+        m.fpn_width,
+        m.head_convs,
+        binary=binary_spec(config, "head"),
+        dtype=model_dtype(config),
+    )
+    return _detector(config, head)
 
 
 def _fcos_loss(config, outputs, batch):
@@ -80,7 +109,7 @@ def _fcos_loss(config, outputs, batch):
     return fcos_head.fcos_loss(
         outputs,
         batch,
-        strides=_fcos_strides(config),
+        strides=_strides(config),
         regress_ranges=np.asarray(f.regress_ranges),
         num_classes=outputs["cls_logits"].shape[-1],
         center_sampling=f.center_sampling,
@@ -92,21 +121,96 @@ def _fcos_loss(config, outputs, batch):
 
 
 def _fcos_postprocess(config, outputs, batch):
-    f = config.fcos
     return fcos_head.fcos_postprocess(
         outputs,
         batch["image_hw"],
         input_hw=batch["image"].shape[1:3],
-        strides=_fcos_strides(config),
-        score_threshold=f.score_threshold,
-        iou_threshold=f.nms_iou_threshold,
-        max_detections=f.max_detections,
-        pre_nms_top_k=f.pre_nms_top_k,
+        strides=_strides(config),
+        **_nms_settings(config),
     )
 
 
+def _validate_fcos(config) -> None:
+    levels = len(_strides(config))
+    if len(config.fcos.regress_ranges) != levels:
+        raise ValueError(
+            f"config.fcos.regress_ranges has {len(config.fcos.regress_ranges)} ranges "
+            f"for {levels} FPN levels"
+        )
+
+
+# RetinaNet -----------------------------------------------------------------------------------
+
+
+def _build_retinanet(config: ml_collections.ConfigDict, num_classes: int) -> Detector:
+    m, r = config.model, config.retinanet
+    head = retinanet_head.RetinaNetHead(
+        num_classes,
+        anchors_per_cell(r.scales_per_octave, tuple(r.aspect_ratios)),
+        m.fpn_width,
+        m.head_convs,
+        binary=binary_spec(config, "head"),
+        dtype=model_dtype(config),
+    )
+    return _detector(config, head)
+
+
+def _retinanet_anchors(config, batch) -> np.ndarray:
+    return retinanet_head.retinanet_anchors(
+        batch["image"].shape[1:3], _strides(config), config.retinanet
+    )
+
+
+def _retinanet_loss(config, outputs, batch):
+    r = config.retinanet
+    return retinanet_head.retinanet_loss(
+        outputs,
+        batch,
+        anchors=_retinanet_anchors(config, batch),
+        num_classes=outputs["cls_logits"].shape[-1],
+        positive_iou=r.positive_iou,
+        negative_iou=r.negative_iou,
+        low_quality_matches=r.low_quality_matches,
+        ignore_iof=r.ignore_iof,
+        focal_alpha=r.focal_alpha,
+        focal_gamma=r.focal_gamma,
+        box_loss=r.box_loss,
+        smooth_l1_beta=r.smooth_l1_beta,
+        box_weights=tuple(r.box_weights),
+        chunk_size=r.assign_chunk_size,
+    )
+
+
+def _retinanet_postprocess(config, outputs, batch):
+    return retinanet_head.retinanet_postprocess(
+        outputs,
+        batch["image_hw"],
+        anchors=_retinanet_anchors(config, batch),
+        box_weights=tuple(config.retinanet.box_weights),
+        **_nms_settings(config),
+    )
+
+
+def _validate_retinanet(config) -> None:
+    r = config.retinanet
+    if r.box_loss not in retinanet_head.BOX_LOSSES:
+        raise ValueError(
+            f"Unknown config.retinanet.box_loss {r.box_loss!r}; valid choices: "
+            f"{list(retinanet_head.BOX_LOSSES)}"
+        )
+    if not 0.0 <= r.negative_iou <= r.positive_iou <= 1.0:
+        raise ValueError(
+            "config.retinanet needs 0 <= negative_iou <= positive_iou <= 1, got "
+            f"{r.negative_iou} and {r.positive_iou}"
+        )
+    anchor_shapes(4, r.octave_base_scale, r.scales_per_octave, tuple(r.aspect_ratios))
+
+
 FAMILIES: dict[str, DetectorFamily] = {
-    "fcos": DetectorFamily(_build_fcos, _fcos_loss, _fcos_postprocess),
+    "fcos": DetectorFamily(_build_fcos, _fcos_loss, _fcos_postprocess, _validate_fcos),
+    "retinanet": DetectorFamily(
+        _build_retinanet, _retinanet_loss, _retinanet_postprocess, _validate_retinanet
+    ),
 }
 
 
@@ -114,6 +218,11 @@ def family(config: ml_collections.ConfigDict) -> DetectorFamily:
     name = config.model.name
     if name not in FAMILIES:
         raise ValueError(f"Unknown config.model.name {name!r}; valid choices: {sorted(FAMILIES)}")
+    if name not in config:
+        raise ValueError(
+            f"config.model.name={name!r} needs a config.{name} section; start from "
+            f"configs/{name}_r18.py instead of overriding the model name"
+        )
     return FAMILIES[name]
 
 
@@ -138,11 +247,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.dfr.levels {outside} are not FPN levels {list(levels)}")
     if config.loss.dfr_weight > 0 and not config.dfr.levels:
         raise ValueError("config.loss.dfr_weight > 0 needs config.dfr.levels, e.g. (2, 3, 4)")
-    if config.model.name == "fcos" and len(config.fcos.regress_ranges) != len(levels):
-        raise ValueError(
-            f"config.fcos.regress_ranges has {len(config.fcos.regress_ranges)} ranges "
-            f"for {len(levels)} FPN levels"
-        )
+    family(config).validate(config)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):

@@ -2,7 +2,8 @@
 
 boxes   area, IoU/GIoU, format conversions, clipping, FCOS ltrb and R-CNN delta coders
 nms     static-shape class-wise NMS
-assign  FCOS points, tiny-object regression ranges and target assignment
+assign  FCOS points, tiny-object regression ranges and target assignment; max-IoU matching
+anchors anchor boxes of every feature-map cell
 """
 
-from dfrdet_jax.ops import assign, boxes, nms  # noqa: F401
+from dfrdet_jax.ops import anchors, assign, boxes, nms  # noqa: F401

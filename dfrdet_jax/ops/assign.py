@@ -1,10 +1,12 @@
-"""FCOS points and target assignment (Tian et al. 2019, as mmdetection's FCOSHead.get_targets).
+"""Target assignment as pure jnp functions: FCOS points (Tian et al. 2019, as mmdetection's
+FCOSHead.get_targets) and max-IoU anchor matching (RetinaNet, as detectron2's Matcher).
 
 Point ordering, shared with the FCOS head: level by level in the order given (P2 first),
 and within a level row-major over the feature map (row i = y outer, column j = x inner),
 i.e. the order of `feature.reshape(h * w, C)` for an NHWC feature map [h, w, C].
 A point sits at the centre of its cell: (x, y) = ((j + 0.5) * stride, (i + 0.5) * stride) px.
-For even strides this equals mmdetection's `j * stride + stride // 2`.
+For even strides this equals mmdetection's `j * stride + stride // 2`. Anchors: see
+`dfrdet_jax.ops.anchors`.
 
 Label convention: labels are in [0, num_classes) for positives and `num_classes` for
 background (and for ignored points); `losses.focal` reads any label outside
@@ -19,10 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfrdet_jax.ops.boxes import box_area, centerness_target, ltrb_encode
+from dfrdet_jax.ops.boxes import (
+    box_area,
+    centerness_target,
+    ltrb_encode,
+    pairwise_intersection,
+    pairwise_iou,
+)
 
 # Upper bound of the last level's regression range ("infinity").
 INF = 1e8
+# IoUs this close to a box's best count as its best (max-IoU matching's low-quality matches).
+_TIE_TOLERANCE = 1e-6
 
 
 def fcos_points(
@@ -77,6 +87,23 @@ def tiny_object_regress_ranges(strides: Sequence[int], multiple: float = 4.0) ->
 
 # For P2..P6 with strides (4, 8, 16, 32, 64).
 DEFAULT_TINY_REGRESS_RANGES = tiny_object_regress_ranges((4, 8, 16, 32, 64))
+
+
+def _ground_truth(caller: str, gt_boxes, gt_labels, gt_valid, gt_ignore):
+    """Checked ground truth of one image: (boxes float32 [N', 4], labels [N'], positive_ok [N'],
+    ignore_ok [N']) with N' = max(N, 1): an image without rows gets one invalid padding row,
+    because argmin/argmax need at least one column. positive_ok = valid & ~ignore (boxes that
+    can be assigned), ignore_ok = valid & ignore (ignore regions)."""
+    num_gt = gt_boxes.shape[0]
+    for name, arr in (("gt_labels", gt_labels), ("gt_valid", gt_valid), ("gt_ignore", gt_ignore)):
+        if arr.shape != (num_gt,):
+            raise ValueError(
+                f"{caller}: {name} {arr.shape} does not match gt_boxes {gt_boxes.shape}"
+            )
+    if num_gt == 0:
+        gt_boxes, gt_labels = jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32)
+        gt_valid, gt_ignore = jnp.zeros((1,), bool), jnp.zeros((1,), bool)
+    return gt_boxes.astype(jnp.float32), gt_labels, gt_valid & ~gt_ignore, gt_valid & gt_ignore
 
 
 def _assign_chunk(
@@ -183,17 +210,14 @@ def fcos_targets(
       gt_index     int32 [P]     index of the assigned box, -1 when not positive
     """
     num_points = points.shape[0]
-    num_gt = gt_boxes.shape[0]
     if level_of_point.shape != (num_points,):
         raise ValueError(
             f"fcos_targets: level_of_point {level_of_point.shape} does not match points "
             f"{points.shape}"
         )
-    for name, arr in (("gt_labels", gt_labels), ("gt_valid", gt_valid), ("gt_ignore", gt_ignore)):
-        if arr.shape != (num_gt,):
-            raise ValueError(
-                f"fcos_targets: {name} {arr.shape} does not match gt_boxes {gt_boxes.shape}"
-            )
+    gt_boxes, gt_labels, positive_ok, ignore_ok = _ground_truth(
+        "fcos_targets", gt_boxes, gt_labels, gt_valid, gt_ignore
+    )
     ranges = jnp.asarray(regress_ranges, jnp.float32)
     strides = jnp.asarray(strides, jnp.float32)
     if ranges.shape != (strides.shape[0], 2):
@@ -201,12 +225,6 @@ def fcos_targets(
             f"fcos_targets: regress_ranges {ranges.shape} must be "
             f"[{strides.shape[0]}, 2], one per stride"
         )
-    if num_gt == 0:  # argmin needs at least one column: add one invalid padding box
-        gt_boxes, gt_labels = jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32)
-        gt_valid, gt_ignore = jnp.zeros((1,), bool), jnp.zeros((1,), bool)
-    gt_boxes = gt_boxes.astype(jnp.float32)
-    positive_ok = gt_valid & ~gt_ignore
-    ignore_ok = gt_valid & gt_ignore
 
     def assign(pts, lvl):
         return _assign_chunk(
@@ -223,13 +241,132 @@ def fcos_targets(
             center_radius,
         )
 
-    chunk = num_points if chunk_size is None else min(chunk_size, num_points)
-    num_chunks = -(-num_points // chunk)
+    # Padded points sit at level 0 far outside the image; they are cut off again.
+    return map_in_chunks(assign, (points, level_of_point), (-INF, 0), chunk_size)
+
+
+def chunked_map(fn, inputs, pad_values, chunk_size: int | None):
+    """``jax.lax.map(fn, ...)`` over row chunks of ``inputs``, to bound the memory of ``fn``.
+
+    inputs: arrays sharing the leading size P, cut into ceil(P / c) chunks of c =
+    min(chunk_size, P) rows (``None``: one chunk); the last chunk is padded with ``pad_values``
+    (one per input). fn(*chunk) -> a pytree; returns that pytree with a leading chunk axis.
+    """
+    num = inputs[0].shape[0]
+    chunk = num if chunk_size is None else min(chunk_size, num)
+    num_chunks = -(-num // chunk)
+    pad = num_chunks * chunk - num
+    chunked = tuple(
+        jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value).reshape(
+            (num_chunks, chunk) + x.shape[1:]
+        )
+        for x, value in zip(inputs, pad_values, strict=True)
+    )
     if num_chunks == 1:
-        return assign(points, level_of_point)
-    pad = num_chunks * chunk - num_points
-    # Padded points sit at level 0 far outside the image; they are cut off below.
-    pts = jnp.pad(points, ((0, pad), (0, 0)), constant_values=-INF).reshape(num_chunks, chunk, 2)
-    lvl = jnp.pad(level_of_point, (0, pad)).reshape(num_chunks, chunk)
-    out = jax.lax.map(lambda xs: assign(*xs), (pts, lvl))
-    return {k: v.reshape((num_chunks * chunk,) + v.shape[2:])[:num_points] for k, v in out.items()}
+        return jax.tree.map(lambda v: v[None], fn(*(x[0] for x in chunked)))
+    return jax.lax.map(lambda xs: fn(*xs), chunked)
+
+
+def map_in_chunks(fn, inputs, pad_values, chunk_size: int | None):
+    """``fn(*inputs)`` for a row-wise ``fn`` (row i of every output depends on row i of the
+    inputs only), computed ``chunk_size`` rows at a time; see ``chunked_map``."""
+    num = inputs[0].shape[0]
+    out = chunked_map(fn, inputs, pad_values, chunk_size)
+    return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:])[:num], out)
+
+
+def max_iou_targets(
+    anchors: jnp.ndarray,
+    gt_boxes: jnp.ndarray,
+    gt_labels: jnp.ndarray,
+    gt_valid: jnp.ndarray,
+    gt_ignore: jnp.ndarray,
+    num_classes: int,
+    *,
+    positive_iou: float = 0.5,
+    negative_iou: float = 0.4,
+    low_quality_matches: bool = True,
+    ignore_iof: float = 0.5,
+    chunk_size: int | None = 16384,
+) -> dict[str, jnp.ndarray]:
+    """Max-IoU anchor assignment of one image (RetinaNet; as detectron2's Matcher and
+    mmdetection's MaxIoUAssigner); vmap over the gt arguments for a batch.
+
+    Every anchor is matched to the assignable box (gt_valid & ~gt_ignore) it overlaps most
+    (IoU, ties to the lower box index) and is
+      positive    when that IoU >= positive_iou, or, with ``low_quality_matches``, when it is a
+                  best anchor (highest IoU > 0, ties within 1e-6 included) of some box: so every box, even one too
+                  small for any anchor to reach positive_iou (common for 2-8 px objects), gets at
+                  least one positive anchor. Such an anchor keeps its own best-IoU box as target
+                  (detectron2's rule);
+      background  when that IoU < negative_iou and the anchor is not positive and not covered by
+                  an ignore region;
+      ignore      otherwise: IoU in [negative_iou, positive_iou), or covered by an ignore region
+                  (gt_valid & gt_ignore) with intersection / anchor area >= ``ignore_iof``.
+
+    Memory: the [A, N] overlaps are computed ``chunk_size`` anchors at a time, twice (once for
+    each box's best IoU, once to find the anchors reaching it), ~chunk_size * N * 4 floats.
+
+    Args:
+      anchors: float32 [A, 4] xyxy px (``anchors.anchor_grid``).
+      gt_boxes: float32 [N, 4] xyxy px; gt_labels int [N] in [0, num_classes);
+      gt_valid: bool [N], False rows are padding; gt_ignore: bool [N], ignore regions.
+      num_classes: C; the background label.
+    Returns dict of:
+      labels       int32 [A]     class of the matched box when positive, else ``num_classes``
+      box_targets  float32 [A, 4] matched box when positive, else the anchor itself (so that
+                                 delta targets stay finite)
+      positive     bool [A]
+      ignore       bool [A]      neither positive nor background: leave out of the class loss
+      gt_index     int32 [A]     matched box when positive, else -1
+      max_iou      float32 [A]   IoU with the matched box (-1 when there is none)
+    """
+    if not 0.0 <= negative_iou <= positive_iou <= 1.0:
+        raise ValueError(
+            f"max_iou_targets: need 0 <= negative_iou <= positive_iou <= 1, got "
+            f"{negative_iou} and {positive_iou}"
+        )
+    gt_boxes, gt_labels, positive_ok, ignore_ok = _ground_truth(
+        "max_iou_targets", gt_boxes, gt_labels, gt_valid, gt_ignore
+    )
+    anchors = anchors.astype(jnp.float32)
+
+    def overlaps(chunk):  # [c, N], -1 for boxes that cannot be matched
+        return jnp.where(positive_ok[None, :], pairwise_iou(chunk, gt_boxes), -1.0)
+
+    def best_match(chunk):
+        iou = overlaps(chunk)
+        iof = pairwise_intersection(chunk, gt_boxes) / jnp.maximum(box_area(chunk), 1e-6)[:, None]
+        return {
+            "max_iou": iou.max(axis=1),
+            "gt_index": jnp.argmax(iou, axis=1).astype(jnp.int32),
+            "in_ignore": ((iof >= ignore_iof) & ignore_ok[None, :]).any(axis=1),
+            "box_best": iou.max(axis=0),  # per box: its best IoU within this chunk
+        }
+
+    # Padded anchors are empty boxes far outside the image: IoU 0 with everything.
+    pad = (-INF,)
+    out = chunked_map(best_match, (anchors,), pad, chunk_size)
+    box_best = out.pop("box_best").max(axis=0)  # [N], over all anchors
+    num = anchors.shape[0]
+    match = {k: v.reshape((-1,) + v.shape[2:])[:num] for k, v in out.items()}
+    positive = match["max_iou"] >= positive_iou
+    if low_quality_matches:
+        reachable = positive_ok & (box_best > 0)
+
+        def is_best_anchor(chunk):
+            # A tolerance, as the second pass recomputes the overlaps (its rounding may differ).
+            ties = overlaps(chunk) >= box_best[None, :] - _TIE_TOLERANCE
+            return {"best": (ties & reachable[None, :]).any(axis=1)}
+
+        positive |= map_in_chunks(is_best_anchor, (anchors,), pad, chunk_size)["best"]
+    background = ~positive & (match["max_iou"] < negative_iou) & ~match["in_ignore"]
+    gt_index = match["gt_index"]
+    return {
+        "labels": jnp.where(positive, gt_labels[gt_index], num_classes).astype(jnp.int32),
+        "box_targets": jnp.where(positive[:, None], gt_boxes[gt_index], anchors),
+        "positive": positive,
+        "ignore": ~positive & ~background,
+        "gt_index": jnp.where(positive, gt_index, -1).astype(jnp.int32),
+        "max_iou": match["max_iou"],
+    }

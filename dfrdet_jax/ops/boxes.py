@@ -27,12 +27,18 @@ def box_area(boxes: jnp.ndarray) -> jnp.ndarray:
     return w * h
 
 
-def pairwise_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray) -> jnp.ndarray:
-    """IoU of every box in boxes1 [N, 4] with every box in boxes2 [M, 4] -> [N, M] in [0, 1]."""
+def pairwise_intersection(boxes1: jnp.ndarray, boxes2: jnp.ndarray) -> jnp.ndarray:
+    """Intersection area of every box in boxes1 [N, 4] with every box in boxes2 [M, 4] ->
+    [N, M] px^2."""
     lt = jnp.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
     rb = jnp.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
     wh = jnp.maximum(rb - lt, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
+    return wh[..., 0] * wh[..., 1]
+
+
+def pairwise_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray) -> jnp.ndarray:
+    """IoU of every box in boxes1 [N, 4] with every box in boxes2 [M, 4] -> [N, M] in [0, 1]."""
+    inter = pairwise_intersection(boxes1, boxes2)
     union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
     return inter / (union + _EPS)
 

@@ -4,8 +4,8 @@ Per level l with stride s_l, for every feature-map location:
   class logits [C]      from the classification tower (bias initialised to the 0.01 prior);
   ltrb distances [4]    relu(scale_l * t) * s_l in pixels, scale_l learned per level;
   centerness logit [1]  from the regression tower.
-Tower convs are ``ConvUnit``s with GroupNorm (binary in 1-bit variants); the three prediction
-convs always stay real, as the paper keeps "the last layers" real.
+Towers and prediction convs as ``heads.dense`` (binary towers in 1-bit variants, real prediction
+convs).
 
 Outputs are flattened level by level, row-major within a level, which is the point order of
 ``dfrdet_jax.ops.assign.fcos_points``.
@@ -13,7 +13,6 @@ Outputs are flattened level by level, row-major within a level, which is the poi
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -21,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from dfrdet_jax.losses import focal, iou
-from dfrdet_jax.models.common import REAL, BinarySpec, ConvUnit
+from dfrdet_jax.models.common import REAL, BinarySpec
+from dfrdet_jax.models.heads import dense
 from dfrdet_jax.ops import assign, nms
 from dfrdet_jax.ops import boxes as boxes_ops
 
@@ -53,44 +53,27 @@ class FCOSHead(nn.Module):
         'ltrb': [B, P, 4] pixels, 'centerness': [B, P]} with P = sum_l h_l * w_l (float32)."""
         if len(levels) != len(self.strides):
             raise ValueError(f"FCOSHead got {len(levels)} levels for {len(self.strides)} strides")
-        unit = dict(binary=self.binary, norm="group", dtype=self.dtype)
-        cls_tower = [
-            ConvUnit(self.width, 3, name=f"cls_tower{i}", **unit) for i in range(self.num_convs)
-        ]
-        reg_tower = [
-            ConvUnit(self.width, 3, name=f"reg_tower{i}", **unit) for i in range(self.num_convs)
-        ]
-        bias_init = nn.initializers.constant(-math.log((1 - self.prior_prob) / self.prior_prob))
-        predict = dict(
-            kernel_size=(3, 3),
-            padding="SAME",
-            dtype=self.dtype,
-            kernel_init=nn.initializers.normal(0.01),
+        cls_tower = dense.conv_tower(
+            "cls_tower", self.num_convs, self.width, self.binary, self.dtype
         )
-        cls_out = nn.Conv(self.num_classes, bias_init=bias_init, name="cls_logits", **predict)
-        reg_out = nn.Conv(4, name="bbox_pred", **predict)
-        ctr_out = nn.Conv(1, name="centerness", **predict)
+        reg_tower = dense.conv_tower(
+            "reg_tower", self.num_convs, self.width, self.binary, self.dtype
+        )
+        cls_out = dense.prediction_conv(self.num_classes, "cls_logits", self.dtype, self.prior_prob)
+        reg_out = dense.prediction_conv(4, "bbox_pred", self.dtype)
+        ctr_out = dense.prediction_conv(1, "centerness", self.dtype)
         scales = self.param("level_scales", nn.initializers.ones, (len(self.strides),))
 
         outputs = {"cls_logits": [], "ltrb": [], "centerness": []}
         for index, (x, stride) in enumerate(zip(levels, self.strides, strict=True)):
-            c, r = x, x
-            for conv in cls_tower:
-                c = conv(c, train)
-            for conv in reg_tower:
-                r = conv(r, train)
+            c = dense.run_tower(cls_tower, x, train)
+            r = dense.run_tower(reg_tower, x, train)
             batch = x.shape[0]
             outputs["cls_logits"].append(cls_out(c).reshape(batch, -1, self.num_classes))
             ltrb = nn.relu(scales[index] * reg_out(r).astype(jnp.float32)) * stride
             outputs["ltrb"].append(ltrb.reshape(batch, -1, 4))
             outputs["centerness"].append(ctr_out(r).reshape(batch, -1))
         return {k: jnp.concatenate(v, axis=1).astype(jnp.float32) for k, v in outputs.items()}
-
-
-def feature_sizes(image_hw: tuple[int, int], strides: Sequence[int]) -> list[tuple[int, int]]:
-    """(h, w) of each level's map for an input of ``image_hw``: ceil(side / stride), as the
-    backbone's stride-2 convs with SAME padding give."""
-    return [(-(-image_hw[0] // s), -(-image_hw[1] // s)) for s in strides]
 
 
 def fcos_loss(
@@ -123,7 +106,7 @@ def fcos_loss(
       {'loss_cls', 'loss_box', 'loss_centerness', 'num_positive'} float32 scalars.
     """
     points, level = assign.fcos_flat_points(
-        feature_sizes(batch["image"].shape[1:3], strides), strides
+        dense.feature_sizes(batch["image"].shape[1:3], strides), strides
     )
     targets = jax.vmap(
         lambda boxes, labels, valid, ignore: assign.fcos_targets(
@@ -197,27 +180,17 @@ def fcos_postprocess(
       ``Detections`` with a leading batch axis: boxes [B, D, 4] px of the padded input, scores
       [B, D], classes [B, D], valid [B, D], D = max_detections.
     """
-    points, _ = assign.fcos_flat_points(feature_sizes(input_hw, strides), strides)
-    num_classes = outputs["cls_logits"].shape[-1]
-
-    def one_image(cls_logits, ltrb, centerness, hw):
-        scores = jnp.sqrt(jax.nn.sigmoid(cls_logits) * jax.nn.sigmoid(centerness)[:, None])
-        k = min(pre_nms_top_k, scores.size)
-        top_scores, flat_index = jax.lax.top_k(scores.reshape(-1), k)
-        point_index, classes = flat_index // num_classes, flat_index % num_classes
-        boxes = boxes_ops.ltrb_decode(jnp.asarray(points)[point_index], ltrb[point_index])
-        boxes = boxes_ops.clip_boxes(boxes, hw[0].astype(jnp.float32), hw[1].astype(jnp.float32))
-        return nms.class_wise_nms(
-            boxes,
-            top_scores,
-            classes,
-            jnp.ones((k,), bool),
-            iou_threshold=iou_threshold,
-            score_threshold=score_threshold,
-            max_detections=max_detections,
-            pre_nms_top_k=k,
-        )
-
-    return jax.vmap(one_image)(
-        outputs["cls_logits"], outputs["ltrb"], outputs["centerness"], image_hw
+    points = jnp.asarray(assign.fcos_flat_points(dense.feature_sizes(input_hw, strides), strides)[0])
+    scores = jnp.sqrt(
+        jax.nn.sigmoid(outputs["cls_logits"]) * jax.nn.sigmoid(outputs["centerness"])[..., None]
+    )
+    return dense.dense_postprocess(
+        scores,
+        outputs["ltrb"],
+        lambda location, ltrb: boxes_ops.ltrb_decode(points[location], ltrb),
+        image_hw,
+        score_threshold=score_threshold,
+        iou_threshold=iou_threshold,
+        max_detections=max_detections,
+        pre_nms_top_k=pre_nms_top_k,
     )
