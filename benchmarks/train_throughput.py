@@ -1,4 +1,5 @@
-"""Train-step throughput (images/s) and peak device memory of FCOS-R18 real / bnn / dfr.
+"""Train-step throughput (images/s) and peak device memory of FCOS-R18 (or RetinaNet-R18) real /
+bnn / dfr.
 
 Runs the jit-compiled, sharded train step of ``dfrdet_jax.train`` on whatever devices are
 present, with the input either produced in memory (``--pipeline off``: the step alone) or read
@@ -34,8 +35,9 @@ from dfrdet_jax.models import registry
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(arg: str):
-    spec = importlib.util.spec_from_file_location("fcos_r18", ROOT / "configs" / "fcos_r18.py")
+def load_config(family: str, arg: str):
+    name = f"{family}_r18"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
@@ -72,7 +74,7 @@ def peak_memory_gb() -> tuple[str, float | None]:
 def time_jax(variant: str, args) -> dict:
     """The train step of ``variant``: 'off' = one batch already on the devices, every step;
     'on' = the grain pipeline read ahead by train's DevicePrefetcher, as training runs."""
-    config = load_config(f"synthetic,{variant}")
+    config = load_config(args.family, f"synthetic,{variant}")
     config.train.batch_size = args.batch
     config.data.image_size = args.size
     config.data.max_boxes = args.max_boxes
@@ -126,6 +128,7 @@ def time_jax(variant: str, args) -> dict:
     what, peak = peak_memory_gb()
     return {
         "framework": "jax",
+        "family": args.family,
         "variant": variant,
         "pipeline": args.pipeline,
         "images_per_second": args.steps * args.batch / elapsed,
@@ -187,6 +190,7 @@ def time_torchvision(args) -> dict | None:
         memory = {"host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return {
         "framework": "torchvision",
+        "family": "fcos",
         "variant": "real",
         "pipeline": "off",
         "images_per_second": args.steps * args.batch / elapsed,
@@ -208,8 +212,9 @@ def run_isolated(variant: str, pipeline: str) -> dict:
 def pipeline_overhead(results: list[dict]) -> list[dict]:
     """Per variant: how much slower training is with the pipeline on than with it off."""
     rows = []
-    for variant in dict.fromkeys(r["variant"] for r in results if r["framework"] == "jax"):
-        ips = {r["pipeline"]: r["images_per_second"] for r in results if r["variant"] == variant}
+    ours = [r for r in results if r["framework"] == "jax"]
+    for variant in dict.fromkeys(r["variant"] for r in ours):
+        ips = {r["pipeline"]: r["images_per_second"] for r in ours if r["variant"] == variant}
         if {"on", "off"} <= ips.keys():
             slowdown = 100 * (1 - ips["on"] / ips["off"])
             rows.append(
@@ -224,6 +229,7 @@ def pipeline_overhead(results: list[dict]) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=("fcos", "retinanet"), default="fcos")
     parser.add_argument("--size", type=int, default=800)
     parser.add_argument("--batch", type=int, default=8, help="global batch")
     parser.add_argument("--steps", type=int, default=20, help="timed steps after the first")
@@ -248,8 +254,8 @@ def main():
         for pipeline in pipelines:
             results.append(run_isolated(variant, pipeline))
             print(json.dumps(results[-1]), flush=True)
-    if args.torchvision and args.width != "full":
-        print("torchvision: skipped, its FCOS-R18 has full widths only (use --width full)")
+    if args.torchvision and (args.width != "full" or args.family != "fcos"):
+        print("torchvision: skipped, it is timed for FCOS at full widths only")
     elif args.torchvision:
         result = time_torchvision(args)
         print(json.dumps(result) if result else "torchvision: not installed")

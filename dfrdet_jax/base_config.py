@@ -80,9 +80,11 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.dfr.decoder_blocks = 2
 
     config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "sgd"  # the paper's; or "adamw"
     config.optimizer.base_learning_rate = 0.005  # at base_batch_size, scaled linearly
     config.optimizer.base_batch_size = 2
-    config.optimizer.momentum = 0.9
+    config.optimizer.momentum = 0.9  # sgd
+    config.optimizer.adam_betas = (0.9, 0.999)  # adamw
     config.optimizer.weight_decay = 1e-4
     config.optimizer.warmup_steps = 500
     config.optimizer.warmup_factor = 1.0 / 3

@@ -77,16 +77,43 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def check_optimizer(config: ml_collections.ConfigDict) -> None:
+    """ValueError for an unknown ``config.optimizer.name``, before anything is built."""
+    if config.optimizer.name not in OPTIMIZERS:
+        raise ValueError(
+            f"Unknown config.optimizer.name {config.optimizer.name!r}; valid choices: "
+            f"{list(OPTIMIZERS)}"
+        )
+
+
 def make_optimizer(
     config: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
+    """Gradient clipping, then SGD with momentum and coupled weight decay (the paper's), or AdamW
+    (decoupled weight decay; the usual choice for 1-bit networks trained from scratch, as
+    ReActNet), on the learning-rate schedule of ``make_learning_rate``. Weight decay applies to
+    kernels only (``_decay_mask``)."""
+    check_optimizer(config)
     opt = config.optimizer
-    return optax.chain(
+    learning_rate = make_learning_rate(config, total_steps)
+    clip = (
         optax.clip_by_global_norm(opt.grad_clip_norm)
         if opt.grad_clip_norm > 0
-        else optax.identity(),
+        else optax.identity()
+    )
+    if opt.name == "adamw":
+        b1, b2 = opt.adam_betas
+        return optax.chain(
+            clip,
+            optax.adamw(learning_rate, b1, b2, weight_decay=opt.weight_decay, mask=_decay_mask),
+        )
+    return optax.chain(
+        clip,
         optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask),
-        optax.sgd(make_learning_rate(config, total_steps), momentum=opt.momentum),
+        optax.sgd(learning_rate, momentum=opt.momentum),
     )
 
 
@@ -339,6 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from dfrdet_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
 
     registry.validate_config(config)
+    check_optimizer(config)
     check_batch_divides(config.train.batch_size, "config.train.batch_size")
     check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
     os.makedirs(workdir, exist_ok=True)

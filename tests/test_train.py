@@ -65,6 +65,34 @@ def test_learning_rate_schedule_warmup_and_step_decay():
     np.testing.assert_allclose(float(schedule(1100)), lr * 0.01, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_first_optimizer_step_by_hand(name):
+    config = load_config("synthetic,real")
+    config.optimizer.name = name
+    config.optimizer.warmup_steps = 0
+    config.optimizer.grad_clip_norm = 0.0
+    lr, wd = train.global_learning_rate(config), config.optimizer.weight_decay
+    params = {"kernel": np.array([[0.5, -2.0]]), "bias": np.array([1.0, 3.0])}
+    grads = {"kernel": np.array([[0.1, 0.3]]), "bias": np.array([-0.2, 0.0])}
+    tx = train.make_optimizer(config, total_steps=100)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    if name == "sgd":  # coupled decay, first momentum step = the gradient
+        expected = {"kernel": -lr * (grads["kernel"] + wd * params["kernel"])}
+        expected["bias"] = -lr * grads["bias"]
+    else:  # Adam's first step is sign(g) (0 for g = 0); decoupled decay on kernels only
+        expected = {"kernel": -lr * (np.sign(grads["kernel"]) + wd * params["kernel"])}
+        expected["bias"] = -lr * np.sign(grads["bias"])
+    for key, value in expected.items():
+        np.testing.assert_allclose(np.asarray(updates[key]), value, rtol=1e-4, err_msg=key)
+
+
+def test_unknown_optimizer_is_a_clear_error():
+    config = load_config("synthetic,real")
+    config.optimizer.name = "lamb"
+    with pytest.raises(ValueError, match=r"Unknown config.optimizer.name 'lamb'.*adamw"):
+        train.check_optimizer(config)
+
+
 def test_weight_decay_only_on_kernels():
     params = {"conv": {"kernel": np.ones((3, 3, 2, 2)), "alpha": np.ones(2), "bias": np.ones(2)}}
     mask = train._decay_mask(params)  # pylint: disable=protected-access
