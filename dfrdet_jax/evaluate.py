@@ -16,9 +16,9 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dfrdet_jax import checkpointing, data as data_lib, evaluation, train, viz
+from dfrdet_jax import checkpointing, evaluation, train, viz
+from dfrdet_jax import data as data_lib
 from dfrdet_jax.models import registry
-
 
 META_KEYS = ("image_id", "scale", "tile_offset")
 

@@ -147,11 +147,14 @@ def compute_losses(
     params,
     batch_stats,
     batch: dict[str, Array],
+    rng: Array,
     *,
     model: nn.Module,
     config: ml_collections.ConfigDict,
 ) -> tuple[Array, tuple[dict, Any]]:
-    """The total loss of a batch and its parts; returns (loss, (metrics, new batch_stats))."""
+    """The total loss of a batch and its parts; returns (loss, (metrics, new batch_stats)).
+
+    rng: PRNG key of the step's random draws (Faster R-CNN's anchor and RoI sampling)."""
     images = normalize_images(batch["image"], model.dtype or jnp.float32)
     reconstruct = bool(config.dfr.levels)
     outputs, new_state = model.apply(
@@ -160,6 +163,7 @@ def compute_losses(
         train=True,
         reconstruct=reconstruct,
         mutable=["batch_stats", layers.LOSSES_COLLECTION],
+        **registry.apply_kwargs(config, batch, train=True, rng=rng),
     )
     metrics = registry.detection_loss(config, outputs, batch)
     loss_det = sum(v for k, v in metrics.items() if k.startswith("loss_"))
@@ -199,7 +203,9 @@ def train_step(
     grad_fn = jax.value_and_grad(
         functools.partial(compute_losses, model=model, config=config), has_aux=True
     )
-    (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
+    # A key per step, from the seed: a resumed run draws exactly what it would have drawn.
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate(state.step)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -216,7 +222,10 @@ def predict_step(
     """Detections of a batch (inference: no decoder), static shapes (see registry.postprocess)."""
     images = normalize_images(batch["image"], model.dtype or jnp.float32)
     outputs = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+        {"params": state.params, "batch_stats": state.batch_stats},
+        images,
+        train=False,
+        **registry.apply_kwargs(config, batch, train=False),
     )
     return registry.postprocess(config, outputs, batch)
 

@@ -20,10 +20,10 @@ import flax  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+from training_fixtures import make_batch, tiny_config  # noqa: E402
 
 from dfrdet_jax import distributed, train  # noqa: E402
 from dfrdet_jax.models import registry  # noqa: E402
-from training_fixtures import make_batch, tiny_config  # noqa: E402
 
 GLOBAL_BATCH = 4
 config = tiny_config("dfr", batch_size=GLOBAL_BATCH)

@@ -4,9 +4,9 @@ import json
 
 import flax.linen as nn
 import pytest
+from training_fixtures import tiny_config
 
 from dfrdet_jax import complexity, layers, main
-from training_fixtures import tiny_config
 
 
 class Mixed(nn.Module):
@@ -35,20 +35,23 @@ def test_counts_match_a_hand_count():
     assert got.ops == pytest.approx(got.real_macs + 3456 / 64)
 
 
-def test_detector_variants_and_the_decoder_is_not_counted(tmp_path):
+@pytest.mark.parametrize("family", ["fcos", "retinanet", "faster_rcnn"])
+def test_detector_variants_and_the_decoder_is_not_counted(tmp_path, family):
     counts = {}
     for variant in ("real", "bnn", "dfr"):
-        config = tiny_config(variant)
+        config = tiny_config(variant, family=family)
         counts[variant] = main.run("complexity", config, str(tmp_path / variant))
     assert counts["real"]["binary_params"] == 0 and counts["real"]["binary_macs_g"] == 0
-    assert counts["bnn"]["binary_params"] > 10 * counts["bnn"]["real_params"]
+    # At these tiny widths RetinaNet's real prediction convs (9 anchors x classes outputs) weigh
+    # relatively more than at full width.
+    share = {"fcos": 10, "retinanet": 5, "faster_rcnn": 10}[family]
+    assert counts["bnn"]["binary_params"] > share * counts["bnn"]["real_params"]
     # DFR's decoder is training-only: the deployed 1-bit DFR-Det is the 1-bit baseline's size.
     for key in ("size_mb", "ops_g", "real_params", "binary_params"):
         assert counts["dfr"][key] == counts["bnn"][key]
     # The same convolutions: binarizing moves MACs from real to binary, adding or removing none.
     real, bnn = counts["real"], counts["bnn"]
     assert real["real_macs_g"] == pytest.approx(bnn["real_macs_g"] + bnn["binary_macs_g"])
-    assert counts["bnn"]["size_mb"] < counts["real"]["size_mb"] / 10
+    assert counts["bnn"]["size_mb"] < counts["real"]["size_mb"] / share
     with open(tmp_path / "dfr" / "complexity.json") as f:
         assert json.load(f) == counts["dfr"]
-

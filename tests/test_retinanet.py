@@ -272,7 +272,9 @@ def test_head_outputs_one_row_per_anchor(binary):
     x = jnp.zeros((2, 64, 96, 3))
     variables = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
     out = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
-    anchors, _ = anchors_ops.anchor_grid(dense.feature_sizes((64, 96), model.strides), model.strides)
+    anchors, _ = anchors_ops.anchor_grid(
+        dense.feature_sizes((64, 96), model.strides), model.strides
+    )
     assert out["cls_logits"].shape == (2, len(anchors), 3)
     assert out["deltas"].shape == (2, len(anchors), 4)
     head_params = variables["params"]["head"]
@@ -301,22 +303,3 @@ def test_postprocess_decodes_and_clips_the_best_anchor():
     expected = [20 - w / 2, 8, min(20 + w / 2, 30), 20]  # y2 clipped to the valid height 20
     np.testing.assert_allclose(np.asarray(dets.boxes[0, 0]), expected, rtol=1e-5)
     np.testing.assert_allclose(float(dets.scores[0, 0]), 1 / (1 + np.exp(-10.0)), rtol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# End to end.
-
-
-def test_trains_and_evaluates_through_main(tmp_path, monkeypatch):
-    from dfrdet_jax import main  # pylint: disable=g-import-not-at-top
-
-    import resume_config  # pylint: disable=g-import-not-at-top
-
-    monkeypatch.setenv("DFRDET_TEST_DATA", str(tmp_path / "data"))
-    config = resume_config.get_config("retinanet")
-    config.train.num_steps = 3
-    workdir = str(tmp_path / "run")
-    metrics = main.run("train", config, workdir)
-    assert {"AP", "AP50", "AP75", "AP_vt", "AP_t", "AP_s", "AP_m"} <= metrics.keys()
-    assert all(0.0 <= metrics[k] <= 1.0 or metrics[k] == -1 for k in ("AP", "AP_vt"))
-    assert main.run("eval", config, workdir)["AP"] == pytest.approx(metrics["AP"])

@@ -7,11 +7,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from training_fixtures import ROOT, load_config, make_batch, tiny_config
 
 from dfrdet_jax import train
 from dfrdet_jax.models import registry
-
-from training_fixtures import ROOT, load_config, make_batch, tiny_config
 
 
 # 68 px is no multiple of P6's stride 64 (as AI-TOD's 800 px): levels are ceil-sized.
@@ -23,6 +22,8 @@ from training_fixtures import ROOT, load_config, make_batch, tiny_config
         ("fcos", "dfr", 68),
         ("retinanet", "real", 64),
         ("retinanet", "dfr", 68),
+        ("faster_rcnn", "real", 64),
+        ("faster_rcnn", "dfr", 68),
     ],
 )
 def test_a_few_steps_lower_the_loss_and_compile_once(family, variant, size):
@@ -114,10 +115,14 @@ def test_weight_decay_only_on_kernels():
         ("retinanet.box_loss", "l2", r"Unknown config.retinanet.box_loss 'l2'"),
         ("retinanet.negative_iou", 0.6, r"negative_iou <= positive_iou"),
         ("retinanet.aspect_ratios", (), r"at least one aspect ratio"),
+        ("faster_rcnn.rpn_negative_iou", 0.8, r"rpn_negative_iou <= rpn_positive_iou"),
+        ("faster_rcnn.roi_num_samples", 2000, r"roi_num_samples=2000 exceeds the proposals"),
+        ("faster_rcnn.rpn_scales_per_octave", 0, r"scales_per_octave >= 1"),
     ],
 )
 def test_config_errors_are_clear(field, value, message):
-    config = load_config("synthetic,dfr", "retinanet" if field.startswith("retinanet") else "fcos")
+    family = field.split(".")[0] if field.startswith(("retinanet", "faster_rcnn")) else "fcos"
+    config = load_config("synthetic,dfr", family)
     parent, name = field.rsplit(".", 1) if "." in field else ("", field)
     node = config
     for part in parent.split("."):

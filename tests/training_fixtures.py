@@ -26,6 +26,11 @@ def tiny_config(variant, batch_size=2, family="fcos"):
     config.model.max_level = 4  # P2-P4: a smaller program, compiled faster
     if family == "fcos":
         config.fcos.regress_ranges = ((-1.0, 16.0), (16.0, 32.0), (32.0, 1e8))
+    if family == "faster_rcnn":
+        config.faster_rcnn.rpn_pre_nms_top_k = 200
+        config.faster_rcnn.rpn_post_nms_top_k = 64
+        config.faster_rcnn.roi_num_samples = 32
+        config.faster_rcnn.fc_width = 32
     config.dfr.decoder_width = 8
     config.train.batch_size = batch_size
     config.optimizer.base_batch_size = batch_size

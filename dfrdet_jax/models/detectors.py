@@ -1,7 +1,8 @@
 """Detectors = backbone + neck + head (+ the training-only DFR decoder).
 
-``Detector`` maps normalised images to its head's dense predictions (``FCOSHead``: per point,
-``RetinaNetHead``: per anchor); ``models.registry`` builds it for each family. When built with
+``Detector`` maps normalised images to its head's predictions (``FCOSHead``: per point,
+``RetinaNetHead``: per anchor, ``FasterRCNNHead``: per anchor and per RoI); ``models.registry``
+builds it for each family. When built with
 decoder levels and called with ``reconstruct=True`` it also returns the DFR reconstruction of the
 input; inference calls it with ``reconstruct=False``, so the decoder never runs there (its
 parameters can even be dropped from the checkpoint used for deployment).
@@ -68,9 +69,17 @@ class Detector(nn.Module):
         return level_strides(self.min_level, self.max_level)
 
     @nn.compact
-    def __call__(self, images: Array, train: bool, reconstruct: bool = False) -> dict[str, Array]:
+    def __call__(
+        self,
+        images: Array,
+        train: bool,
+        reconstruct: bool = False,
+        targets: dict[str, Array] | None = None,
+    ) -> dict[str, Array]:
         """images: normalised [B, H, W, 3] of any size; level l is ceil(H / 2^l) x ceil(W / 2^l)
         (stride-2 convs with SAME padding), so e.g. AI-TOD's 800 px need no padding to 832.
+        targets: ground truth for heads that sample from it (Faster R-CNN; see
+        ``registry.apply_kwargs``), passed on to the head when given.
 
         Returns the head outputs and, with ``reconstruct``, 'reconstruction' [B, H, W, 3] float32.
         """
@@ -86,7 +95,7 @@ class Detector(nn.Module):
             name="neck",
         )(features, train)
         levels = [pyramid[f"P{level}"] for level in range(self.min_level, self.max_level + 1)]
-        outputs = self.head(levels, train)
+        outputs = self.head(levels, train) if targets is None else self.head(levels, train, targets)
         if reconstruct:
             if not self.decoder_levels:
                 raise ValueError("reconstruct=True needs decoder_levels, e.g. (2, 3, 4)")

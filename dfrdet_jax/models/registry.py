@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,6 +18,7 @@ import numpy as np
 from dfrdet_jax.losses import dfr
 from dfrdet_jax.models.common import REAL, BinarySpec
 from dfrdet_jax.models.detectors import Detector, level_strides
+from dfrdet_jax.models.heads import faster_rcnn as faster_rcnn_head
 from dfrdet_jax.models.heads import fcos as fcos_head
 from dfrdet_jax.models.heads import retinanet as retinanet_head
 from dfrdet_jax.ops.anchors import anchor_shapes, anchors_per_cell
@@ -31,12 +33,14 @@ class DetectorFamily:
     """build(config, num_classes) -> module; loss(config, outputs, batch) -> dict of scalars whose
     'loss_*' entries sum to L_det (others are reported as metrics); postprocess(config, outputs,
     batch) -> ``dfrdet_jax.ops.nms.Detections`` with a leading batch axis; validate(config) raises
-    ValueError for a bad setting of the family's own config section."""
+    ValueError for a bad setting of the family's own config section. A family that
+    ``needs_targets`` is applied with ``apply_kwargs`` (ground truth and a 'sampling' PRNG key)."""
 
     build: Callable[[ml_collections.ConfigDict, int], Any]
     loss: Callable[..., dict[str, Array]]
     postprocess: Callable[..., Any]
     validate: Callable[[ml_collections.ConfigDict], None]
+    needs_targets: bool = False  # two-stage: the model samples RoIs from the ground truth
 
 
 def binary_spec(config: ml_collections.ConfigDict, part: str) -> BinarySpec:
@@ -206,10 +210,62 @@ def _validate_retinanet(config) -> None:
     anchor_shapes(4, r.octave_base_scale, r.scales_per_octave, tuple(r.aspect_ratios))
 
 
+# Faster R-CNN --------------------------------------------------------------------------------
+
+
+def _build_faster_rcnn(config: ml_collections.ConfigDict, num_classes: int) -> Detector:
+    settings = config.faster_rcnn.to_dict()
+    settings["rpn_aspect_ratios"] = tuple(settings["rpn_aspect_ratios"])
+    head = faster_rcnn_head.FasterRCNNHead(
+        num_classes,
+        _strides(config),
+        flax.core.FrozenDict(settings),
+        config.model.fpn_width,
+        binary=binary_spec(config, "head"),
+        dtype=model_dtype(config),
+    )
+    return _detector(config, head)
+
+
+def _faster_rcnn_loss(config, outputs, batch):
+    del batch  # the targets were drawn inside the model (see apply_kwargs)
+    return faster_rcnn_head.faster_rcnn_loss(outputs, config.faster_rcnn.smooth_l1_beta)
+
+
+def _faster_rcnn_postprocess(config, outputs, batch):
+    return faster_rcnn_head.faster_rcnn_postprocess(
+        outputs, batch["image_hw"], **_nms_settings(config)
+    )
+
+
+def _validate_faster_rcnn(config) -> None:
+    f = config.faster_rcnn
+    for stage in ("rpn", "roi"):
+        low, high = f[f"{stage}_negative_iou"], f[f"{stage}_positive_iou"]
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(
+                f"config.faster_rcnn needs 0 <= {stage}_negative_iou <= {stage}_positive_iou <= 1,"
+                f" got {low} and {high}"
+            )
+    if f.roi_num_samples > f.rpn_post_nms_top_k:
+        raise ValueError(
+            f"config.faster_rcnn.roi_num_samples={f.roi_num_samples} exceeds the proposals it "
+            f"is drawn from (rpn_post_nms_top_k={f.rpn_post_nms_top_k})"
+        )
+    anchor_shapes(4, f.rpn_octave_base_scale, f.rpn_scales_per_octave, tuple(f.rpn_aspect_ratios))
+
+
 FAMILIES: dict[str, DetectorFamily] = {
     "fcos": DetectorFamily(_build_fcos, _fcos_loss, _fcos_postprocess, _validate_fcos),
     "retinanet": DetectorFamily(
         _build_retinanet, _retinanet_loss, _retinanet_postprocess, _validate_retinanet
+    ),
+    "faster_rcnn": DetectorFamily(
+        _build_faster_rcnn,
+        _faster_rcnn_loss,
+        _faster_rcnn_postprocess,
+        _validate_faster_rcnn,
+        needs_targets=True,
     ),
 }
 
@@ -253,6 +309,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
     validate_config(config)
     return family(config).build(config, num_classes)
+
+
+def apply_kwargs(config, batch: dict[str, Array], train: bool, rng: Array | None = None) -> dict:
+    """Extra keyword arguments of ``model.apply`` for the family: none for dense detectors; for
+    two-stage ones the ground truth ('targets') and, in training, the 'sampling' PRNG key."""
+    if not family(config).needs_targets:
+        return {}
+    keys = ("boxes", "labels", "box_valid", "ignore", "image_hw") if train else ("image_hw",)
+    kwargs: dict[str, Any] = {"targets": {k: batch[k] for k in keys}}
+    if train:
+        if rng is None:
+            raise ValueError(f"{config.model.name} training needs a PRNG key for its sampling")
+        kwargs["rngs"] = {"sampling": rng}
+    return kwargs
 
 
 def detection_loss(config, outputs, batch) -> dict[str, Array]:

@@ -65,7 +65,7 @@ def run_tower(tower: list[ConvUnit], x: Array, train: bool) -> Array:
 def dense_postprocess(
     scores: Array,
     regression: Array,
-    decode: Callable[[Array, Array], Array],
+    decode: Callable[[Array, Array, Array], Array],
     image_hw: Array,
     *,
     score_threshold: float,
@@ -81,8 +81,8 @@ def dense_postprocess(
     Args:
       scores: float [B, P, C] class scores in [0, 1] of every location (point or anchor).
       regression: float [B, P, R] box regression of every location (FCOS ltrb, anchor deltas).
-      decode: (locations int [k], their regression [k, R]) -> boxes [k, 4] xyxy px of the
-        padded input.
+      decode: (locations int [k], their classes int [k], their regression [k, R]) -> boxes
+        [k, 4] xyxy px of the padded input.
       image_hw: int [B, 2] valid (h, w) of each image, px.
     Returns:
       ``Detections`` with a leading batch axis, D = max_detections slots per image.
@@ -94,7 +94,7 @@ def dense_postprocess(
         top_scores, flat_index = jax.lax.top_k(image_scores.reshape(-1), k)
         location, classes = flat_index // num_classes, flat_index % num_classes
         boxes = boxes_ops.clip_boxes(
-            decode(location, image_regression[location]),
+            decode(location, classes, image_regression[location]),
             hw[0].astype(jnp.float32),
             hw[1].astype(jnp.float32),
         )

@@ -180,14 +180,16 @@ def fcos_postprocess(
       ``Detections`` with a leading batch axis: boxes [B, D, 4] px of the padded input, scores
       [B, D], classes [B, D], valid [B, D], D = max_detections.
     """
-    points = jnp.asarray(assign.fcos_flat_points(dense.feature_sizes(input_hw, strides), strides)[0])
+    points = jnp.asarray(
+        assign.fcos_flat_points(dense.feature_sizes(input_hw, strides), strides)[0]
+    )
     scores = jnp.sqrt(
         jax.nn.sigmoid(outputs["cls_logits"]) * jax.nn.sigmoid(outputs["centerness"])[..., None]
     )
     return dense.dense_postprocess(
         scores,
         outputs["ltrb"],
-        lambda location, ltrb: boxes_ops.ltrb_decode(points[location], ltrb),
+        lambda location, _, ltrb: boxes_ops.ltrb_decode(points[location], ltrb),
         image_hw,
         score_threshold=score_threshold,
         iou_threshold=iou_threshold,

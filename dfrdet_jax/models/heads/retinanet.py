@@ -53,8 +53,12 @@ class RetinaNetHead(nn.Module):
         """levels: [B, h_l, w_l, C] maps -> {'cls_logits': [B, A, num_classes], 'deltas':
         [B, A, 4]} with A = K * sum_l h_l * w_l (float32)."""
         k = self.num_anchors
-        cls_tower = dense.conv_tower("cls_tower", self.num_convs, self.width, self.binary, self.dtype)
-        reg_tower = dense.conv_tower("reg_tower", self.num_convs, self.width, self.binary, self.dtype)
+        cls_tower = dense.conv_tower(
+            "cls_tower", self.num_convs, self.width, self.binary, self.dtype
+        )
+        reg_tower = dense.conv_tower(
+            "reg_tower", self.num_convs, self.width, self.binary, self.dtype
+        )
         cls_out = dense.prediction_conv(
             k * self.num_classes, "cls_logits", self.dtype, self.prior_prob
         )
@@ -69,7 +73,9 @@ class RetinaNetHead(nn.Module):
         return {k: jnp.concatenate(v, axis=1).astype(jnp.float32) for k, v in outputs.items()}
 
 
-def retinanet_anchors(input_hw: tuple[int, int], strides: Sequence[int], anchor_config) -> np.ndarray:
+def retinanet_anchors(
+    input_hw: tuple[int, int], strides: Sequence[int], anchor_config
+) -> np.ndarray:
     """Anchors float32 [A, 4] xyxy px of an input of ``input_hw`` (the head's output order).
 
     anchor_config: has octave_base_scale, scales_per_octave, aspect_ratios (config.retinanet).
@@ -186,7 +192,7 @@ def retinanet_postprocess(
     return dense.dense_postprocess(
         jax.nn.sigmoid(outputs["cls_logits"]),
         outputs["deltas"],
-        lambda location, deltas: boxes_ops.delta_decode(anchors[location], deltas, box_weights),
+        lambda location, _, deltas: boxes_ops.delta_decode(anchors[location], deltas, box_weights),
         image_hw,
         score_threshold=score_threshold,
         iou_threshold=iou_threshold,

@@ -1,0 +1,167 @@
+"""Region proposal network (Ren et al. 2015) over an FPN: objectness and box deltas per anchor,
+its training targets and loss, and proposals (top-k, decode, clip, NMS) with static shapes.
+
+The RPN conv is a tower unit (binary in 1-bit variants); the two prediction convs stay real.
+Outputs are flattened in the order of ``anchors.anchor_grid``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dfrdet_jax.losses import smooth_l1
+from dfrdet_jax.models.common import REAL, BinarySpec
+from dfrdet_jax.models.heads import dense
+from dfrdet_jax.ops import assign, nms, sampling
+from dfrdet_jax.ops import boxes as boxes_ops
+
+Array = jax.Array
+
+
+class RPNHead(nn.Module):
+    """Attributes:
+    num_anchors: K anchors per cell.
+    width: channels of the shared 3x3 conv.
+    binary: binarization of that conv.
+    dtype: computation dtype.
+    """
+
+    num_anchors: int
+    width: int = 256
+    binary: BinarySpec = REAL
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, levels: Sequence[Array], train: bool) -> dict[str, Array]:
+        """levels: [B, h_l, w_l, C] -> {'rpn_logits': [B, A], 'rpn_deltas': [B, A, 4]}, float32,
+        A = K * sum_l h_l * w_l."""
+        (conv,) = dense.conv_tower("rpn_conv", 1, self.width, self.binary, self.dtype)
+        logit_out = dense.prediction_conv(self.num_anchors, "rpn_logits", self.dtype)
+        delta_out = dense.prediction_conv(4 * self.num_anchors, "rpn_deltas", self.dtype)
+        logits, deltas = [], []
+        for x in levels:
+            y = conv(x, train)
+            logits.append(logit_out(y).reshape(x.shape[0], -1))
+            deltas.append(delta_out(y).reshape(x.shape[0], -1, 4))
+        return {
+            "rpn_logits": jnp.concatenate(logits, axis=1).astype(jnp.float32),
+            "rpn_deltas": jnp.concatenate(deltas, axis=1).astype(jnp.float32),
+        }
+
+
+def rpn_targets(
+    key: Array,
+    anchors: Array,
+    gt_boxes: Array,
+    gt_valid: Array,
+    gt_ignore: Array,
+    *,
+    positive_iou: float = 0.7,
+    negative_iou: float = 0.3,
+    num_samples: int = 256,
+    positive_fraction: float = 0.5,
+    box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    chunk_size: int | None = 16384,
+) -> dict[str, Array]:
+    """Objectness and delta targets of one image's anchors, on a random balanced sample.
+
+    Anchors are matched as ``assign.max_iou_targets`` (with low-quality matches); ``num_samples``
+    of them are drawn, at most half positive (``ops.sampling.balanced_sample``).
+    Returns {'objectness' float32 [A] (1 positive, 0 negative), 'weight' float32 [A] (1 for the
+    drawn anchors), 'positive' bool [A] (drawn positives), 'deltas' float32 [A, 4] (encoded
+    matched box; 0 where not positive)}.
+    """
+    labels = jnp.zeros(gt_boxes.shape[:1], jnp.int32)  # one class: "object"
+    match = assign.max_iou_targets(
+        anchors,
+        gt_boxes,
+        labels,
+        gt_valid,
+        gt_ignore,
+        1,
+        positive_iou=positive_iou,
+        negative_iou=negative_iou,
+        chunk_size=chunk_size,
+    )
+    negative = ~match["positive"] & ~match["ignore"]
+    index, valid, is_positive = sampling.balanced_sample(
+        key, match["positive"], negative, min(num_samples, anchors.shape[0]), positive_fraction
+    )
+    size = anchors.shape[0]
+    weight = jnp.zeros((size,), jnp.float32).at[index].max(valid.astype(jnp.float32))
+    drawn_positive = jnp.zeros((size,), bool).at[index].max(is_positive)
+    deltas = boxes_ops.delta_encode(anchors, match["box_targets"], box_weights)
+    return {
+        "objectness": drawn_positive.astype(jnp.float32),
+        "weight": weight,
+        "positive": drawn_positive,
+        "deltas": jnp.where(drawn_positive[:, None], deltas, 0.0),
+    }
+
+
+def rpn_loss(outputs: dict[str, Array], targets: dict[str, Array], smooth_l1_beta: float = 0.0):
+    """Binary cross-entropy on the drawn anchors and smooth L1 (beta 0: L1, as mmdetection) on
+    the drawn positives' deltas, both divided by the number of drawn anchors of the (global)
+    batch; targets as ``rpn_targets`` with a leading batch axis.
+
+    Returns {'loss_rpn_cls', 'loss_rpn_box'} scalars.
+    """
+    logits = outputs["rpn_logits"]
+    weight = targets["weight"]
+    normaliser = jnp.maximum(weight.sum(), 1.0)
+    bce = -(
+        targets["objectness"] * jax.nn.log_sigmoid(logits)
+        + (1.0 - targets["objectness"]) * jax.nn.log_sigmoid(-logits)
+    )
+    box = smooth_l1.smooth_l1_loss(
+        outputs["rpn_deltas"],
+        targets["deltas"],
+        targets["positive"].astype(jnp.float32),
+        smooth_l1_beta,
+    )
+    return {"loss_rpn_cls": (bce * weight).sum() / normaliser, "loss_rpn_box": box / normaliser}
+
+
+def rpn_proposals(
+    logits: Array,
+    deltas: Array,
+    anchors: Array,
+    image_hw: Array,
+    *,
+    pre_nms_top_k: int = 2000,
+    post_nms_top_k: int = 1000,
+    nms_iou: float = 0.7,
+    min_size: float = 0.0,
+    box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+) -> tuple[Array, Array, Array]:
+    """Proposals of one image: the ``pre_nms_top_k`` anchors of highest objectness, decoded and
+    clipped to the valid region ``image_hw`` (h, w), those with both sides > ``min_size`` px,
+    class-agnostic NMS at ``nms_iou``, at most ``post_nms_top_k`` kept.
+
+    Args: logits float [A], deltas float [A, 4], anchors float [A, 4] xyxy px.
+    Returns (boxes float32 [post_nms_top_k, 4], objectness float32 [post_nms_top_k] (sigmoid),
+    valid bool [post_nms_top_k]), best first; no gradient flows through them.
+    """
+    logits, deltas = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas)
+    k = min(pre_nms_top_k, logits.shape[0])
+    top, index = jax.lax.top_k(logits, k)
+    boxes = boxes_ops.delta_decode(anchors[index], deltas[index], box_weights)
+    boxes = boxes_ops.clip_boxes(
+        boxes, image_hw[0].astype(jnp.float32), image_hw[1].astype(jnp.float32)
+    )
+    big_enough = ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
+    kept = nms.class_wise_nms(
+        boxes,
+        jax.nn.sigmoid(top),
+        jnp.zeros((k,), jnp.int32),
+        big_enough,
+        iou_threshold=nms_iou,
+        score_threshold=-1.0,  # keep every proposal NMS keeps, however unlikely
+        max_detections=post_nms_top_k,
+        pre_nms_top_k=k,
+    )
+    return kept.boxes, kept.scores, kept.valid

@@ -1,0 +1,29 @@
+"""Every detector family trains, evaluates and predicts through ``dfrdet_jax.main`` (FCOS's runs
+are in test_resume.py)."""
+
+import json
+
+import pytest
+import resume_config
+
+from dfrdet_jax import main
+
+
+@pytest.mark.parametrize("family", ["retinanet", "faster_rcnn"])
+def test_trains_evaluates_and_predicts_through_main(tmp_path, monkeypatch, family):
+    monkeypatch.setenv("DFRDET_TEST_DATA", str(tmp_path / "data"))
+    config = resume_config.get_config(family)
+    config.train.num_steps = 3
+    workdir = tmp_path / "run"
+    metrics = main.run("train", config, str(workdir))
+    assert {"AP", "AP50", "AP75", "AP_vt", "AP_t", "AP_s", "AP_m"} <= metrics.keys()
+    assert all(0.0 <= metrics[k] <= 1.0 or metrics[k] == -1 for k in ("AP", "AP_vt"))
+    assert main.run("eval", config, str(workdir))["AP"] == pytest.approx(metrics["AP"])
+
+    (images,) = (tmp_path / "data").glob("*/val")
+    out_dir = main.run("predict", config, str(workdir), input_path=str(images))
+    with open(f"{out_dir}/images.json") as f:
+        files = json.load(f)
+    assert len(files) == config.data.synthetic.num_val
+    with open(f"{out_dir}/results.json") as f:
+        assert all(0 <= r["image_id"] < len(files) for r in json.load(f))
