@@ -3,8 +3,8 @@
 Argument: comma-separated ``<dataset>,<variant>[,demo]``, as ``configs/fcos_r18.py``:
   dataset  synthetic | aitod | tinyperson | dota2
   variant  real (32-bit) | bnn (1-bit baseline) | dfr (1-bit + DFR decoder, DFR-Det)
-  demo     the small, fast setting for the synthetic data (narrow network, 128 px, 1,200 steps,
-           fewer proposals and RoIs)
+  demo     the small, fast setting for the synthetic data (narrow network, 128 px, 1,200 steps of
+           AdamW, fewer proposals and RoIs)
 
 Two stages, as mmdetection's faster_rcnn_r50_fpn with tiny-object anchors: the RPN has three
 anchors per cell of 2x its level's stride (8 px on P2; mmdetection: 8x, 32 px), matched at IoU

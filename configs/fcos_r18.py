@@ -3,8 +3,8 @@
 Argument: comma-separated ``<dataset>,<variant>[,demo]``:
   dataset  synthetic | aitod | tinyperson | dota2
   variant  real (32-bit) | bnn (1-bit baseline) | dfr (1-bit + DFR decoder, DFR-Det)
-  demo     a small, fast setting (narrow network, 128 px images, 1,200 steps) that trains on
-           2 CPU cores in about 6 minutes; meant for the synthetic data.
+  demo     a small, fast setting (narrow network, 128 px images, 1,200 steps of AdamW) that
+           trains on 2 CPU cores in a few minutes; meant for the synthetic data.
 
 Examples::
 

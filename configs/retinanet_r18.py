@@ -3,7 +3,8 @@
 Argument: comma-separated ``<dataset>,<variant>[,demo]``, as ``configs/fcos_r18.py``:
   dataset  synthetic | aitod | tinyperson | dota2
   variant  real (32-bit) | bnn (1-bit baseline) | dfr (1-bit + DFR decoder, DFR-Det)
-  demo     the small, fast setting for the synthetic data (narrow network, 128 px, 1,200 steps)
+  demo     the small, fast setting for the synthetic data (narrow network, 128 px, 1,200
+           steps of AdamW)
 
 Anchors for tiny objects: the pyramid starts at P2 (stride 4) and the smallest anchor of a level
 is 2x its stride (mmdetection's RetinaNet: P3-P7 and 4x), so P2's anchors are 8, 10 and 12.7 px,

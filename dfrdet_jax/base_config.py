@@ -121,8 +121,8 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
 
 
 def make_demo(config: ml_collections.ConfigDict) -> None:
-    """Narrow network, 128 px synthetic images, 1,200 steps of batch 8: a few minutes on 2 CPU
-    cores (in place)."""
+    """Narrow network, 128 px synthetic images, 1,200 steps of batch 8 with AdamW: a few minutes
+    on 2 CPU cores (in place)."""
     config.data.synthetic.num_train = 512
     config.data.synthetic.min_objects = 20  # denser scenes: more positives per step
     config.model.backbone_width = 16
@@ -132,7 +132,12 @@ def make_demo(config: ml_collections.ConfigDict) -> None:
     config.dfr.decoder_blocks = 1
     config.postprocess.max_detections = 300
     config.postprocess.pre_nms_top_k = 1000
-    config.optimizer.base_batch_size = 2  # the paper's lr 0.005 at batch 2, scaled to batch 8
+    # From scratch in 1,200 steps AdamW at lr 1e-3 learns far faster than the paper's SGD (which
+    # starts from ImageNet weights): on the synthetic set FCOS reaches 48.5 AP real and 17.7 AP
+    # 1-bit instead of 37.9 and 2.5 (README, "Results on the synthetic benchmark").
+    config.optimizer.name = "adamw"
+    config.optimizer.base_learning_rate = 2.5e-4  # at batch 2: lr 1e-3 at batch 8
+    config.optimizer.base_batch_size = 2
     config.optimizer.warmup_steps = 100
     config.train.batch_size = 8
     config.train.num_steps = 1200

@@ -68,13 +68,24 @@ def _binary_input(module: nn.Module) -> bool:
     return module.input_quantizer not in (None, "none")
 
 
-def count(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any) -> Complexity:
-    """Counts ``model`` called on one [1, h, w, 3] image with ``call_kwargs`` (e.g. train=False).
+@dataclasses.dataclass(frozen=True)
+class LayerTrace:
+    """What one abstract inference pass saw: multiply-accumulates, the 1-bit kernels (their
+    parameter paths and the scale mode of their layer) and the parameter shapes."""
+
+    real_macs: int
+    binary_macs: int
+    binary_kernels: dict[tuple[str, ...], str]
+    params: dict[tuple[str, ...], Any]
+
+
+def trace_layers(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any) -> LayerTrace:
+    """Traces ``model`` on one [1, h, w, 3] image with ``call_kwargs`` (e.g. train=False).
 
     Nothing is computed: the model is traced abstractly (jax.eval_shape), so a full-size
     network at 800 x 800 px costs a second of tracing, not a forward pass.
     """
-    real_macs, binary_macs, binary_kernels = 0, 0, set()
+    real_macs, binary_macs, binary_kernels = 0, 0, {}
 
     def interceptor(next_fun, args, kwargs, context):
         nonlocal real_macs, binary_macs
@@ -85,7 +96,7 @@ def count(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any) -> Co
             # Per output element: the kernel's fan-in (kh * kw * c_in / groups, or c_in).
             macs = (out.size // out.shape[0]) * (kernel.size // kernel.shape[-1])
             if isinstance(module, _BINARY_LAYERS):
-                binary_kernels.add((*module.path, "kernel"))
+                binary_kernels[(*module.path, "kernel")] = module.scale
                 if _binary_input(module):
                     binary_macs += macs
                     return out
@@ -97,9 +108,16 @@ def count(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any) -> Co
     with nn.intercept_methods(interceptor):
         variables = jax.eval_shape(init, jax.random.key(0), image)
     params = traverse_util.flatten_dict(variables["params"])
-    binary = sum(leaf.size for path, leaf in params.items() if path in binary_kernels)
-    total = sum(leaf.size for leaf in params.values())
-    return Complexity(total - binary, binary, real_macs, binary_macs)
+    return LayerTrace(real_macs, binary_macs, binary_kernels, params)
+
+
+def count(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any) -> Complexity:
+    """Counts ``model`` called on one [1, h, w, 3] image with ``call_kwargs`` (e.g. train=False);
+    see ``trace_layers``."""
+    trace = trace_layers(model, image_hw, **call_kwargs)
+    binary = sum(leaf.size for path, leaf in trace.params.items() if path in trace.binary_kernels)
+    total = sum(leaf.size for leaf in trace.params.values())
+    return Complexity(total - binary, binary, trace.real_macs, trace.binary_macs)
 
 
 def model_complexity(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:

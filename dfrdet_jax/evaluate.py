@@ -90,7 +90,7 @@ def evaluate_state(config: ml_collections.ConfigDict, model, state, mesh: Mesh) 
     return metrics
 
 
-def _restored_state(config: ml_collections.ConfigDict, workdir: str):
+def restored_state(config: ml_collections.ConfigDict, workdir: str):
     """(model, state restored from the latest checkpoint of workdir, mesh, dataset info)."""
     info = data_lib.dataset_info(config.data)
     model = registry.build_model(config, num_classes=info.num_classes)
@@ -111,7 +111,7 @@ def _restored_state(config: ml_collections.ConfigDict, workdir: str):
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """The ``eval`` mode: metrics of the latest checkpoint, written to workdir/eval_<step>.json."""
     registry.validate_config(config)
-    model, state, mesh, _ = _restored_state(config, workdir)
+    model, state, mesh, _ = restored_state(config, workdir)
     metrics = evaluate_state(config, model, state, mesh)
     if jax.process_index() == 0:
         path = os.path.join(workdir, f"eval_{int(state.step)}.json")
@@ -130,7 +130,7 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_path: 
     every image with its boxes drawn. Returns the predictions folder.
     """
     registry.validate_config(config)
-    model, state, mesh, info = _restored_state(config, workdir)
+    model, state, mesh, info = restored_state(config, workdir)
     dataset = data_lib.image_folder_dataset(
         config.data, input_path, batch_size=config.eval.batch_size
     )

@@ -16,6 +16,8 @@ Modes:
            and drawn boxes into --workdir/predictions.
   complexity  the model's size (MB) and OPs as the paper counts them, at data.image_size;
            needs no checkpoint, and --workdir only to write complexity.json there.
+  export   packs the latest checkpoint for deployment into --workdir/export: 1-bit kernels as
+           bits, the rest float32, no training-only decoder (see dfrdet_jax/export.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ MODES = {
     "eval": ("dfrdet_jax.evaluate", "evaluate_checkpoint"),
     "predict": ("dfrdet_jax.evaluate", "predict_folder"),
     "complexity": ("dfrdet_jax.complexity", "model_complexity"),
+    "export": ("dfrdet_jax.export", "export_checkpoint"),
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

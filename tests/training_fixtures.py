@@ -34,6 +34,7 @@ def tiny_config(variant, batch_size=2, family="fcos"):
     config.dfr.decoder_width = 8
     config.train.batch_size = batch_size
     config.optimizer.base_batch_size = batch_size
+    config.optimizer.name = "sgd"
     config.optimizer.warmup_steps = 0
     config.optimizer.base_learning_rate = 0.01
     return config
