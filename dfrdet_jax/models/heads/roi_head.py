@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from dfrdet_jax.losses import smooth_l1
 from dfrdet_jax.models.common import REAL, BinarySpec, ConvUnit
@@ -146,8 +147,9 @@ def roi_loss(outputs: dict[str, Array], targets: dict[str, Array], smooth_l1_bet
     """
     weight = targets["weight"]
     normaliser = jnp.maximum(weight.sum(), 1.0)
-    log_p = jax.nn.log_softmax(outputs["roi_cls_logits"])
-    ce = -jnp.take_along_axis(log_p, targets["labels"][..., None], axis=-1)[..., 0]
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        outputs["roi_cls_logits"], targets["labels"]
+    )
     num_classes = outputs["roi_deltas"].shape[-2]
     own_class = jnp.minimum(targets["labels"], num_classes - 1)  # background rows get weight 0
     predicted = jnp.take_along_axis(outputs["roi_deltas"], own_class[..., None, None], axis=-2)[

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from dfrdet_jax.losses import smooth_l1
 from dfrdet_jax.models.common import REAL, BinarySpec
@@ -113,10 +114,7 @@ def rpn_loss(outputs: dict[str, Array], targets: dict[str, Array], smooth_l1_bet
     logits = outputs["rpn_logits"]
     weight = targets["weight"]
     normaliser = jnp.maximum(weight.sum(), 1.0)
-    bce = -(
-        targets["objectness"] * jax.nn.log_sigmoid(logits)
-        + (1.0 - targets["objectness"]) * jax.nn.log_sigmoid(-logits)
-    )
+    bce = optax.sigmoid_binary_cross_entropy(logits, targets["objectness"])
     box = smooth_l1.smooth_l1_loss(
         outputs["rpn_deltas"],
         targets["deltas"],
