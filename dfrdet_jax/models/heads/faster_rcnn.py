@@ -131,21 +131,20 @@ class FasterRCNNHead(nn.Module):
             outputs["proposals"] = proposals
             outputs["proposal_valid"] = proposal_valid
 
+        # RoIs read P2..P5 at most: the top level only feeds the RPN (as detectron2's FPN).
         min_level = int(np.log2(self.strides[0]))
+        pooled_levels = levels[: max(1, min(len(levels), 6 - min_level))]
         level_index = jax.vmap(
             lambda boxes: (
                 roi_align.roi_levels(
                     boxes,
                     min_level,
-                    min_level + len(levels) - 1,
+                    min_level + len(pooled_levels) - 1,
                     canonical_level=s["roi_canonical_level"],
                 )
                 - min_level
             )
         )(rois)
-        # RoIs read P2..P5 at most: the top level only feeds the RPN (as detectron2's FPN).
-        pooled_levels = levels[: max(1, min(len(levels), 6 - min_level))]
-        level_index = jnp.minimum(level_index, len(pooled_levels) - 1)
         regions = roi_align.batched_roi_align(
             pooled_levels,
             self.strides[: len(pooled_levels)],
