@@ -78,6 +78,11 @@ class LayerTrace:
     binary_kernels: dict[tuple[str, ...], str]
     params: dict[tuple[str, ...], Any]
 
+    def complexity(self) -> Complexity:
+        binary = sum(leaf.size for path, leaf in self.params.items() if path in self.binary_kernels)
+        total = sum(leaf.size for leaf in self.params.values())
+        return Complexity(total - binary, binary, self.real_macs, self.binary_macs)
+
 
 def trace_layers(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any) -> LayerTrace:
     """Traces ``model`` on one [1, h, w, 3] image with ``call_kwargs`` (e.g. train=False).
@@ -114,10 +119,7 @@ def trace_layers(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any
 def count(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any) -> Complexity:
     """Counts ``model`` called on one [1, h, w, 3] image with ``call_kwargs`` (e.g. train=False);
     see ``trace_layers``."""
-    trace = trace_layers(model, image_hw, **call_kwargs)
-    binary = sum(leaf.size for path, leaf in trace.params.items() if path in trace.binary_kernels)
-    total = sum(leaf.size for leaf in trace.params.values())
-    return Complexity(total - binary, binary, trace.real_macs, trace.binary_macs)
+    return trace_layers(model, image_hw, **call_kwargs).complexity()
 
 
 def model_complexity(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:

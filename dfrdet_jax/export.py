@@ -100,7 +100,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     model_path = os.path.join(out_dir, "model.npz")
     np.savez(model_path, **arrays)
-    counted = complexity.count(model, (size, size), train=False)
+    counted = trace.complexity()
     manifest = {
         "model": config.model.name,
         "variant": config.variant,

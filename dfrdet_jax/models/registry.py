@@ -22,6 +22,7 @@ from dfrdet_jax.models.heads import faster_rcnn as faster_rcnn_head
 from dfrdet_jax.models.heads import fcos as fcos_head
 from dfrdet_jax.models.heads import retinanet as retinanet_head
 from dfrdet_jax.ops.anchors import anchor_shapes, anchors_per_cell
+from dfrdet_jax.ops.assign import check_iou_thresholds
 
 Array = jax.Array
 BINARY_PARTS = ("backbone", "neck", "head")
@@ -197,16 +198,8 @@ def _retinanet_postprocess(config, outputs, batch):
 
 def _validate_retinanet(config) -> None:
     r = config.retinanet
-    if r.box_loss not in retinanet_head.BOX_LOSSES:
-        raise ValueError(
-            f"Unknown config.retinanet.box_loss {r.box_loss!r}; valid choices: "
-            f"{list(retinanet_head.BOX_LOSSES)}"
-        )
-    if not 0.0 <= r.negative_iou <= r.positive_iou <= 1.0:
-        raise ValueError(
-            "config.retinanet needs 0 <= negative_iou <= positive_iou <= 1, got "
-            f"{r.negative_iou} and {r.positive_iou}"
-        )
+    retinanet_head.check_box_loss(r.box_loss, "config.retinanet.box_loss")
+    check_iou_thresholds(r.negative_iou, r.positive_iou, "config.retinanet")
     anchor_shapes(4, r.octave_base_scale, r.scales_per_octave, tuple(r.aspect_ratios))
 
 
@@ -241,12 +234,8 @@ def _faster_rcnn_postprocess(config, outputs, batch):
 def _validate_faster_rcnn(config) -> None:
     f = config.faster_rcnn
     for stage in ("rpn", "roi"):
-        low, high = f[f"{stage}_negative_iou"], f[f"{stage}_positive_iou"]
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(
-                f"config.faster_rcnn needs 0 <= {stage}_negative_iou <= {stage}_positive_iou <= 1,"
-                f" got {low} and {high}"
-            )
+        names = (f"{stage}_negative_iou", f"{stage}_positive_iou")
+        check_iou_thresholds(f[names[0]], f[names[1]], "config.faster_rcnn", names)
     if f.roi_num_samples > f.rpn_post_nms_top_k:
         raise ValueError(
             f"config.faster_rcnn.roi_num_samples={f.roi_num_samples} exceeds the proposals it "

@@ -267,12 +267,31 @@ def chunked_map(fn, inputs, pad_values, chunk_size: int | None):
     return jax.lax.map(lambda xs: fn(*xs), chunked)
 
 
+def unchunk(tree, num: int):
+    """A ``chunked_map`` result of row-wise outputs [num_chunks, c, ...] -> its first ``num``
+    rows [num, ...], the padding cut off."""
+    return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:])[:num], tree)
+
+
 def map_in_chunks(fn, inputs, pad_values, chunk_size: int | None):
     """``fn(*inputs)`` for a row-wise ``fn`` (row i of every output depends on row i of the
     inputs only), computed ``chunk_size`` rows at a time; see ``chunked_map``."""
-    num = inputs[0].shape[0]
-    out = chunked_map(fn, inputs, pad_values, chunk_size)
-    return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:])[:num], out)
+    return unchunk(chunked_map(fn, inputs, pad_values, chunk_size), inputs[0].shape[0])
+
+
+def check_iou_thresholds(
+    negative_iou: float,
+    positive_iou: float,
+    where: str,
+    names: tuple[str, str] = ("negative_iou", "positive_iou"),
+) -> None:
+    """ValueError (naming ``where`` and the two settings ``names``) unless
+    0 <= negative_iou <= positive_iou <= 1, as ``max_iou_targets`` needs."""
+    if not 0.0 <= negative_iou <= positive_iou <= 1.0:
+        raise ValueError(
+            f"{where} needs 0 <= {names[0]} <= {names[1]} <= 1, got {negative_iou} and "
+            f"{positive_iou}"
+        )
 
 
 def max_iou_targets(
@@ -295,10 +314,10 @@ def max_iou_targets(
     Every anchor is matched to the assignable box (gt_valid & ~gt_ignore) it overlaps most
     (IoU, ties to the lower box index) and is
       positive    when that IoU >= positive_iou, or, with ``low_quality_matches``, when it is a
-                  best anchor (highest IoU > 0, ties within 1e-6 included) of some box: so every box, even one too
-                  small for any anchor to reach positive_iou (common for 2-8 px objects), gets at
-                  least one positive anchor. Such an anchor keeps its own best-IoU box as target
-                  (detectron2's rule);
+                  best anchor (highest IoU > 0, ties within 1e-6 included) of some box: so every
+                  box, even one too small for any anchor to reach positive_iou (common for 2-8 px
+                  objects), gets at least one positive anchor. Such an anchor keeps its own
+                  best-IoU box as target (detectron2's rule);
       background  when that IoU < negative_iou and the anchor is not positive and not covered by
                   an ignore region;
       ignore      otherwise: IoU in [negative_iou, positive_iou), or covered by an ignore region
@@ -321,11 +340,7 @@ def max_iou_targets(
       gt_index     int32 [A]     matched box when positive, else -1
       max_iou      float32 [A]   IoU with the matched box (-1 when there is none)
     """
-    if not 0.0 <= negative_iou <= positive_iou <= 1.0:
-        raise ValueError(
-            f"max_iou_targets: need 0 <= negative_iou <= positive_iou <= 1, got "
-            f"{negative_iou} and {positive_iou}"
-        )
+    check_iou_thresholds(negative_iou, positive_iou, "max_iou_targets")
     gt_boxes, gt_labels, positive_ok, ignore_ok = _ground_truth(
         "max_iou_targets", gt_boxes, gt_labels, gt_valid, gt_ignore
     )
@@ -348,8 +363,7 @@ def max_iou_targets(
     pad = (-INF,)
     out = chunked_map(best_match, (anchors,), pad, chunk_size)
     box_best = out.pop("box_best").max(axis=0)  # [N], over all anchors
-    num = anchors.shape[0]
-    match = {k: v.reshape((-1,) + v.shape[2:])[:num] for k, v in out.items()}
+    match = unchunk(out, anchors.shape[0])
     positive = match["max_iou"] >= positive_iou
     if low_quality_matches:
         reachable = positive_ok & (box_best > 0)

@@ -1,5 +1,5 @@
-"""Pieces shared by the dense one-stage heads (FCOS, RetinaNet): towers, prediction convs and the
-top-k + class-wise NMS post-processing.
+"""Pieces shared by the heads: towers and prediction convs (FCOS, RetinaNet, the RPN) and the
+top-k + class-wise NMS post-processing (FCOS, RetinaNet, Faster R-CNN's box head).
 
 A tower is a stack of ``ConvUnit``s with GroupNorm, binary in 1-bit variants; prediction convs
 always stay real, as the paper keeps "the last layers" real.

@@ -29,6 +29,12 @@ Array = jax.Array
 BOX_LOSSES = ("smooth_l1", "giou")
 
 
+def check_box_loss(box_loss: str, what: str) -> None:
+    """ValueError naming ``what`` for a box loss not in ``BOX_LOSSES``."""
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"Unknown {what} {box_loss!r}; valid choices: {list(BOX_LOSSES)}")
+
+
 class RetinaNetHead(nn.Module):
     """Attributes:
     num_classes: number of foreground classes.
@@ -52,7 +58,6 @@ class RetinaNetHead(nn.Module):
     def __call__(self, levels: Sequence[Array], train: bool) -> dict[str, Array]:
         """levels: [B, h_l, w_l, C] maps -> {'cls_logits': [B, A, num_classes], 'deltas':
         [B, A, 4]} with A = K * sum_l h_l * w_l (float32)."""
-        k = self.num_anchors
         cls_tower = dense.conv_tower(
             "cls_tower", self.num_convs, self.width, self.binary, self.dtype
         )
@@ -60,9 +65,9 @@ class RetinaNetHead(nn.Module):
             "reg_tower", self.num_convs, self.width, self.binary, self.dtype
         )
         cls_out = dense.prediction_conv(
-            k * self.num_classes, "cls_logits", self.dtype, self.prior_prob
+            self.num_anchors * self.num_classes, "cls_logits", self.dtype, self.prior_prob
         )
-        reg_out = dense.prediction_conv(k * 4, "bbox_pred", self.dtype)
+        reg_out = dense.prediction_conv(self.num_anchors * 4, "bbox_pred", self.dtype)
         outputs = {"cls_logits": [], "deltas": []}
         for x in levels:
             batch = x.shape[0]
@@ -124,8 +129,7 @@ def retinanet_loss(
     Returns:
       {'loss_cls', 'loss_box', 'num_positive'} float32 scalars.
     """
-    if box_loss not in BOX_LOSSES:
-        raise ValueError(f"Unknown RetinaNet box_loss {box_loss!r}; valid choices: {BOX_LOSSES}")
+    check_box_loss(box_loss, "RetinaNet box_loss")
     anchors = jnp.asarray(anchors)
     if anchors.shape[0] != outputs["deltas"].shape[1]:
         raise ValueError(

@@ -2,8 +2,9 @@
 
 The box head flattens each RoIAlign-ed [S, S, C] region and runs two fully connected layers of
 ``fc_width`` (binary in 1-bit variants: ``ConvUnit``s on 1 x 1 maps, a Bi-Real identity
-shortcut around the second), then two real prediction layers: C + 1 class logits (index C = background) and
-class-specific deltas [C, 4] (coder weights (10, 10, 5, 5), as mmdetection and detectron2).
+shortcut around the second), then two real prediction layers: C + 1 class logits (index C =
+background) and class-specific deltas [C, 4] (coder weights (10, 10, 5, 5), as mmdetection and
+detectron2).
 """
 
 from __future__ import annotations
