@@ -35,12 +35,13 @@ def normalize_images(images: Array, dtype: Any = jnp.float32) -> Array:
 
 
 class Detector(nn.Module):
-    """ResNet + FPN + a dense head (FCOS, RetinaNet), real or 1-bit, with an optional DFR decoder.
+    """ResNet + FPN + a head (FCOS, RetinaNet, Faster R-CNN), real or 1-bit, with an optional DFR
+    decoder.
 
     Attributes:
-      head: the head module, called as ``head(levels, train)`` on the FPN levels
-        [P{min_level}, ..., P{max_level}] and returning a dict of outputs (its parameters live
-        under 'head').
+      head: the head module, called as ``head(levels, train)`` (``head(levels, train, targets)``
+        when targets are given) on the FPN levels [P{min_level}, ..., P{max_level}] and returning
+        a dict of outputs (its parameters live under 'head').
       depth: ResNet depth (18 or 34).
       backbone_width: first-stage channels (64 standard).
       fpn_width: FPN channels (256 standard).
