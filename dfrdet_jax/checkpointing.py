@@ -16,8 +16,12 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+CHECKPOINT_KINDS = ("latest", "best")
 
 
 def _state_items(state) -> dict[str, Any]:
@@ -106,6 +110,31 @@ class Checkpointer:
             )
             return restored, data_state
         return state, None
+
+    def restore_variables(self, which: str = "latest") -> tuple[int, dict[str, Any]]:
+        """(step, {'params': ..., 'batch_stats': ...}) of the newest readable checkpoint
+        (``which='latest'``) or of the best one (``'best'``), in the saved structure (no target:
+        any model's checkpoint reads, e.g. to start a 1-bit run from a real one)."""
+        if which not in CHECKPOINT_KINDS:
+            raise ValueError(f"Unknown checkpoint {which!r}; valid choices: {CHECKPOINT_KINDS}")
+        manager = self.manager if which == "latest" else self.best
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                items = manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+                )["state"]
+            except Exception as error:  # pylint: disable=broad-except
+                logging.error(
+                    "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one",
+                    step,
+                    manager.directory,
+                    type(error).__name__,
+                    error,
+                )
+                continue
+            variables = {"params": items["params"], "batch_stats": items["batch_stats"] or {}}
+            return step, jax.tree.map(np.asarray, variables)
+        raise FileNotFoundError(f"No readable {which} checkpoint in {manager.directory}")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

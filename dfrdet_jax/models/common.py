@@ -63,6 +63,16 @@ class BinarySpec:
 REAL = BinarySpec(enabled=False)
 
 
+def same_size_padding(kernel_size: int) -> list[tuple[int, int]]:
+    """torchvision's conv padding, k // 2 on every side of both spatial axes.
+
+    With an odd kernel the output is ceil(n / stride) as with 'SAME', but a stride-2 conv on an
+    even-sized map pads (1, 1) where 'SAME' pads (0, 1): only this keeps torchvision's (and so
+    ImageNet-pretrained weights') alignment of every strided feature map with the image.
+    """
+    return [(kernel_size // 2, kernel_size // 2)] * 2
+
+
 def apply_norm(kind: str, x: Array, train: bool, dtype: Any, name: str) -> Array:
     """BatchNorm (running stats in 'batch_stats'), GroupNorm (32 groups, fewer for narrow
     layers), or nothing for 'none'; call inside a compact method."""
@@ -102,14 +112,15 @@ class ConvUnit(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        """x: [B, H, W, C] -> [B, ceil(H/strides), ceil(W/strides), features]."""
+        """x: [B, H, W, C] -> [B, ceil(H/strides), ceil(W/strides), features] (odd kernels)."""
         k = (self.kernel_size, self.kernel_size)
+        pads = same_size_padding(self.kernel_size)
         if not self.binary.enabled:
             y = nn.Conv(
                 self.features,
                 k,
                 self.strides,
-                padding="SAME",
+                padding=pads,
                 use_bias=self.norm == "none",
                 dtype=self.dtype,
                 kernel_init=nn.initializers.he_normal(),
@@ -128,7 +139,7 @@ class ConvUnit(nn.Module):
             self.features,
             k,
             strides=self.strides,
-            padding="SAME",
+            padding=pads,
             input_quantizer=spec.input_quantizer,
             weight_quantizer=spec.weight_quantizer,
             scale=spec.scale,
@@ -150,6 +161,7 @@ class ConvUnit(nn.Module):
         x = nn.Conv(
             self.features,
             (1, 1),
+            padding="VALID",
             use_bias=self.norm == "none",
             dtype=self.dtype,
             kernel_init=nn.initializers.he_normal(),

@@ -78,7 +78,7 @@ class Detector(nn.Module):
         targets: dict[str, Array] | None = None,
     ) -> dict[str, Array]:
         """images: normalised [B, H, W, 3] of any size; level l is ceil(H / 2^l) x ceil(W / 2^l)
-        (stride-2 convs with SAME padding), so e.g. AI-TOD's 800 px need no padding to 832.
+        (stride-2 3x3 convs padded by 1), so e.g. AI-TOD's 800 px need no padding to 832.
         targets: ground truth for heads that sample from it (Faster R-CNN; see
         ``registry.apply_kwargs``), passed on to the head when given.
 

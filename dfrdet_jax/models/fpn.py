@@ -23,7 +23,7 @@ def upsample_nearest_to(x: Array, hw: tuple[int, int]) -> Array:
     """Nearest-neighbour upsampling of [B, h, w, C] to [B, H, W, C] with H <= h * ceil(H / h).
 
     Each pixel is repeated ceil(H / h) times and the overhang cropped: a level of an odd-sized
-    map is ceil(H / 2) (stride-2 convs with SAME padding), so the factor is 2 with one row cut.
+    map is ceil(H / 2) (stride-2 3x3 convs padded by 1), so the factor is 2 with one row cut.
     """
     fh, fw = -(-hw[0] // x.shape[1]), -(-hw[1] // x.shape[2])
     return jnp.repeat(jnp.repeat(x, fh, axis=1), fw, axis=2)[:, : hw[0], : hw[1]]

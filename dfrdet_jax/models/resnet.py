@@ -49,6 +49,7 @@ class BasicBlock(nn.Module):
                 self.features,
                 (1, 1),
                 self.strides,
+                padding="VALID",
                 use_bias=False,
                 dtype=self.dtype,
                 kernel_init=nn.initializers.he_normal(),

@@ -1,0 +1,228 @@
+"""Starting weights: torchvision ResNet-18/34 state dicts mapped onto the backbone, and parameter
+transfer between two detectors (e.g. a trained real-valued one into a 1-bit one).
+
+A state dict is a flat {name: array} in torchvision's names and PyTorch's layouts (conv kernels
+[out, in, kh, kw]); ``read_state_dict`` reads it from ``.safetensors`` or ``.npz`` with numpy
+alone. ``load_torchvision_resnet`` maps it onto ``params['backbone']`` / ``batch_stats['backbone']``
+of ``models.resnet.ResNet``, real or 1-bit:
+
+  conv1, bn1                          -> stem_conv, stem_norm
+  layer{s}.{b}.conv{u}, .bn{u}        -> stage{s}_block{b+1}/unit{u}/conv, /norm
+  layer{s}.0.downsample.0, .1         -> real: stage{s}_block1/shortcut_conv, /shortcut_norm
+                                         1-bit: stage{s}_block1/unit1/shortcut_conv, /shortcut_norm
+
+In a 1-bit backbone the real kernels become the latent weights and every learned scale alpha
+starts from them (mean |w| per output channel, the minimiser of L_R), as the DFR-Det paper
+starts from ImageNet weights; the learnable biases and PReLUs a 1-bit unit adds keep their
+initial values. The classifier (fc.*) and BatchNorm's num_batches_tracked are skipped. A name the
+mapping does not know, a missing tensor or a shape that differs is an error naming it: nothing
+is skipped silently. Every transfer returns a ``TransferReport`` of what was loaded, what was
+newly initialised and what was skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from dfrdet_jax.models.resnet import STAGE_BLOCKS
+
+SAFETENSORS_CONVERSION = (
+    "python -c \"import torch, safetensors.numpy as st; "
+    "sd = torch.load('{path}', map_location='cpu'); "
+    "st.save_file({{k: v.numpy() for k, v in sd.items()}}, '{stem}.safetensors')\""
+)
+# Unused parts of a torchvision ResNet: its classifier and BatchNorm's step counters.
+SKIPPED_SUFFIXES = ("num_batches_tracked",)
+SKIPPED_PREFIXES = ("fc.",)
+# Parameters a 1-bit unit has and a real ResNet does not (RSign's bias, (R)PReLU): initialised.
+BINARY_ONLY_MODULES = ("bias", "act")
+ALPHA = "alpha"
+
+
+@dataclasses.dataclass
+class TransferReport:
+    """What a transfer did, as '/'-joined parameter paths (collection first)."""
+
+    source: str
+    loaded: list[str] = dataclasses.field(default_factory=list)
+    derived: list[str] = dataclasses.field(default_factory=list)  # alpha from its loaded kernel
+    initialised: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)  # in the source, not used
+
+    def summary(self) -> str:
+        """Counts, then every derived, initialised and skipped name (loaded ones are counted)."""
+        lines = [
+            f"Weights from {self.source}: {len(self.loaded)} tensors loaded, "
+            f"{len(self.derived)} scales derived from loaded kernels, {len(self.initialised)} "
+            f"newly initialised, {len(self.skipped)} skipped"
+        ]
+        for title, names in (
+            ("derived", self.derived),
+            ("newly initialised", self.initialised),
+            ("skipped", self.skipped),
+        ):
+            if names:
+                lines.append(f"  {title}: " + ", ".join(names))
+        return "\n".join(lines)
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """{name: array} of a ``.safetensors`` or ``.npz`` file (numpy only), or of a PyTorch
+    ``.pth`` / ``.pt`` file when torch is installed (otherwise an error giving the conversion)."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Pretrained weights {path} do not exist")
+    stem, ext = os.path.splitext(path)
+    if ext == ".safetensors":
+        import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
+        return dict(safetensors.numpy.load_file(path))
+    if ext == ".npz":
+        with np.load(path) as archive:
+            return {name: archive[name] for name in archive.files}
+    if ext in (".pth", ".pt"):
+        try:
+            import torch  # pylint: disable=g-import-not-at-top
+        except ImportError:
+            raise ValueError(
+                f"{path} is a PyTorch file and torch is not installed; convert it once where "
+                "torch is:\n  " + SAFETENSORS_CONVERSION.format(path=path, stem=stem)
+            ) from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return {name: value.numpy() for name, value in state.get("state_dict", state).items()}
+    raise ValueError(
+        f"Pretrained weights {path}: unknown format {ext!r}; use .safetensors, .npz or .pth"
+    )
+
+
+def _torch_to_flax(name: str, value: np.ndarray) -> np.ndarray:
+    """A torchvision tensor in flax's layout: conv kernels [O, I, kh, kw] -> [kh, kw, I, O]."""
+    return np.transpose(value, (2, 3, 1, 0)) if name.endswith(".weight") and value.ndim == 4 else value
+
+
+def _norm_entries(torch_prefix: str, flax_path: str) -> list[tuple[str, str]]:
+    return [
+        (f"{torch_prefix}.weight", f"params/{flax_path}/scale"),
+        (f"{torch_prefix}.bias", f"params/{flax_path}/bias"),
+        (f"{torch_prefix}.running_mean", f"batch_stats/{flax_path}/mean"),
+        (f"{torch_prefix}.running_var", f"batch_stats/{flax_path}/var"),
+    ]
+
+
+def torchvision_resnet_names(depth: int, binary: bool) -> list[tuple[str, str]]:
+    """(torchvision name, 'collection/flax/path') of every tensor of a ResNet-``depth`` backbone
+    (paths relative to the backbone module)."""
+    if depth not in STAGE_BLOCKS:
+        raise ValueError(f"Unknown ResNet depth {depth}; valid choices: {sorted(STAGE_BLOCKS)}")
+    entries = [("conv1.weight", "params/stem_conv/kernel"), *_norm_entries("bn1", "stem_norm")]
+    for stage, num_blocks in enumerate(STAGE_BLOCKS[depth], start=1):
+        for block in range(num_blocks):
+            ours = f"stage{stage}_block{block + 1}"
+            theirs = f"layer{stage}.{block}"
+            for unit in (1, 2):
+                entries.append((f"{theirs}.conv{unit}.weight", f"params/{ours}/unit{unit}/conv/kernel"))
+                entries += _norm_entries(f"{theirs}.bn{unit}", f"{ours}/unit{unit}/norm")
+            if stage > 1 and block == 0:
+                shortcut = f"{ours}/unit1" if binary else ours
+                entries.append(
+                    (f"{theirs}.downsample.0.weight", f"params/{shortcut}/shortcut_conv/kernel")
+                )
+                entries += _norm_entries(f"{theirs}.downsample.1", f"{shortcut}/shortcut_norm")
+    return entries
+
+
+def _flat(variables: dict[str, Any]) -> dict[str, Any]:
+    return traverse_util.flatten_dict(variables, sep="/")
+
+
+def _derive_alphas(flat: dict[str, Any], report: TransferReport) -> None:
+    """Sets every learned alpha whose kernel was loaded to mean |w| per output channel."""
+    loaded = set(report.loaded)
+    for path in list(flat):
+        if path.endswith("/" + ALPHA):
+            kernel = path[: -len(ALPHA)] + "kernel"
+            if kernel in loaded and path not in loaded:
+                w = np.asarray(flat[kernel], np.float32)
+                alpha = np.mean(np.abs(w), axis=tuple(range(w.ndim - 1)))
+                flat[path] = alpha.astype(np.asarray(flat[path]).dtype)
+                report.derived.append(path)
+
+
+def load_torchvision_resnet(
+    variables: dict[str, Any],
+    state_dict: dict[str, np.ndarray],
+    *,
+    depth: int,
+    binary: bool,
+    source: str = "state dict",
+) -> tuple[dict[str, Any], TransferReport]:
+    """Backbone variables ({'params': ..., 'batch_stats': ...} of a ``ResNet``) with the tensors
+    of a torchvision ResNet state dict; returns (new variables, report).
+
+    Raises ValueError naming the tensor for a missing or unknown name or a shape mismatch (a
+    ``backbone_width`` other than 64 shows up as one)."""
+    flat = _flat(variables)
+    report = TransferReport(source)
+    names = torchvision_resnet_names(depth, binary)
+    known = {theirs for theirs, _ in names}
+    for name in sorted(state_dict):
+        if name in known:
+            continue
+        if name.startswith(SKIPPED_PREFIXES) or name.endswith(SKIPPED_SUFFIXES):
+            report.skipped.append(name)
+        else:
+            raise ValueError(
+                f"{source}: {name!r} is not a tensor of torchvision's ResNet-{depth}; is this "
+                "the right file and config.model.depth?"
+            )
+    for theirs, ours in names:
+        if theirs not in state_dict:
+            raise ValueError(f"{source} has no {theirs!r} (for backbone/{ours})")
+        if ours not in flat:
+            raise ValueError(f"The backbone has no {ours} (for {theirs!r} of {source})")
+        value = _torch_to_flax(theirs, np.asarray(state_dict[theirs]))
+        target = np.asarray(flat[ours])
+        if value.shape != target.shape:
+            raise ValueError(
+                f"{source}: {theirs!r} has shape {value.shape} in flax layout, backbone/{ours} "
+                f"has {target.shape} (config.model.backbone_width must be 64 for ImageNet weights)"
+            )
+        flat[ours] = value.astype(target.dtype)
+        report.loaded.append(ours)
+    _derive_alphas(flat, report)
+    done = set(report.loaded) | set(report.derived)
+    for path in flat:
+        if path in done:
+            continue
+        module = path.split("/")[-2]
+        if not binary or module not in BINARY_ONLY_MODULES:
+            raise ValueError(f"backbone/{path} has no counterpart in {source}")
+        report.initialised.append(path)
+    return traverse_util.unflatten_dict(flat, sep="/"), report
+
+
+def transfer_matching(
+    target: dict[str, Any], source: dict[str, Any], *, source_name: str
+) -> tuple[dict[str, Any], TransferReport]:
+    """``target`` variables with every tensor of ``source`` whose path and shape match copied in
+    (e.g. a trained real detector into a 1-bit one); learned alphas of copied kernels are derived
+    from them. Returns (new variables, report); nothing is required to match."""
+    flat_target, flat_source = _flat(target), _flat(source)
+    report = TransferReport(source_name)
+    for path, value in flat_source.items():
+        value = np.asarray(value)
+        if path in flat_target and value.shape == np.shape(flat_target[path]):
+            flat_target[path] = value.astype(np.asarray(flat_target[path]).dtype)
+            report.loaded.append(path)
+        else:
+            why = "no such parameter" if path not in flat_target else f"shape {value.shape}"
+            report.skipped.append(f"{path} ({why})")
+    _derive_alphas(flat_target, report)
+    done = set(report.loaded) | set(report.derived)
+    report.initialised = [path for path in flat_target if path not in done]
+    return traverse_util.unflatten_dict(flat_target, sep="/"), report
