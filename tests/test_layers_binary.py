@@ -235,8 +235,6 @@ def test_unknown_names_raise_with_choices():
         layers.BinaryConv(2, (3, 3), scale="per_tensor").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"Unknown binary quantizer 'tanh'"):
         layers.BinaryConv(2, (3, 3), input_quantizer="tanh").init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"needs a binary weight quantizer"):
-        layers.BinaryDense(2, weight_quantizer=None).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"Unknown padding 'FULL'"):
         layers.BinaryConv(2, (3, 3), padding="FULL").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"feature_group_count=3"):
@@ -340,3 +338,27 @@ def test_tiny_user_classifier_trains():
         params, batch_stats, opt_state, ce = step(params, batch_stats, opt_state)
         losses.append(float(ce))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_real_weights_for_staged_training():
+    """weight_quantizer 'none': sign(x) (*) w with real, unscaled w and no L_R (ReActNet's first
+    step); with input_quantizer 'none' too, a plain real conv in the 1-bit layer's place."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(1, 5, 5, 3)).astype(np.float32))
+    for input_quantizer in ("approx", "none"):
+        layer = layers.BinaryConv(4, (3, 3), padding=1, input_quantizer=input_quantizer,
+                                  weight_quantizer="none", scale="learned")
+        variables = layer.init(jax.random.key(0), x)
+        assert set(variables["params"]) == {"kernel"}  # no alpha
+        y, state = layer.apply(variables, x, mutable=[layers.LOSSES_COLLECTION])
+        assert not state.get(layers.LOSSES_COLLECTION)
+        w = np.asarray(variables["params"]["kernel"])
+        xin = np.asarray(x[0]) if input_quantizer == "none" else np.where(x[0] >= 0, 1.0, -1.0)
+        xin = np.pad(xin, ((1, 1), (1, 1), (0, 0)))
+        expected = np.zeros((5, 5, 4))
+        for i in range(5):
+            for j in range(5):
+                expected[i, j] = np.einsum("abc,abco->o", xin[i : i + 3, j : j + 3], w)
+        np.testing.assert_allclose(np.asarray(y[0]), expected, rtol=1e-5, atol=1e-5)
+        grad = jax.grad(lambda v: jnp.sum(layer.apply(v, x) ** 2))(variables)["params"]["kernel"]
+        assert np.abs(np.asarray(grad)).sum() > 0

@@ -80,15 +80,13 @@ def _check_scale_mode(scale: str) -> None:
 def _binarize_kernel(module: nn.Module, kernel: Array) -> tuple[Array, Array | None]:
     """sign(kernel) with the module's weight STE, and its per-output-channel scale (or None).
 
-    Declares the ``alpha`` parameter for the ``learned`` mode and sows L_R.
+    Declares the ``alpha`` parameter for the ``learned`` mode and sows L_R. Without a weight
+    quantizer the kernel stays real and unscaled (``scale`` does not apply).
     """
     _check_scale_mode(module.scale)
     quantize_weight = quantizers.get_binary_quantizer(module.weight_quantizer)
-    if quantize_weight is None:
-        raise ValueError(
-            f"{type(module).__name__} needs a binary weight quantizer; valid choices: "
-            f"{sorted(quantizers.BINARY_QUANTIZERS)}. Use a real-valued flax layer for real weights."
-        )
+    if quantize_weight is None:  # real weights: no sign, hence no scale and no L_R
+        return kernel, None
     reduce_axes = tuple(range(kernel.ndim - 1))
     mean_abs = lambda: jnp.mean(jnp.abs(kernel), axis=reduce_axes)  # noqa: E731
     if module.scale == "learned":
@@ -174,7 +172,9 @@ class BinaryConv(nn.Module):
       feature_group_count: number of groups; must divide the input and output channels.
       use_bias: adds a real bias after the scale.
       input_quantizer: 'approx' (Bi-Real), 'clipped', 'identity', or None / 'none' for a real input.
-      weight_quantizer: the weight STE: 'clipped' (ReActNet), 'identity' or 'approx'.
+      weight_quantizer: the weight STE: 'clipped' (ReActNet), 'identity' or 'approx'; None /
+        'none' keeps real weights (no scale, no L_R): with a binary input that is ReActNet's
+        first training step, with a real input the 1-bit topology computed in real values.
       scale: 'learned' (init mean|w|), 'mean' (detached mean|w|) or 'none'.
       pad_value: the value written into the padding of the (quantized) input. A binarized input
         padded with +1 or -1 stays in {-1, +1}; 0 matches zero padding of the peer implementations.
