@@ -6,8 +6,11 @@ Generates the synthetic data set (cached) and times training batches after a war
 """
 
 import argparse
+import sys
 import tempfile
 import time
+
+from absl import flags
 
 from dfrdet_jax import data
 
@@ -21,6 +24,7 @@ def main() -> None:
     parser.add_argument("--num_batches", type=int, default=40)
     parser.add_argument("--cache_dir", default=tempfile.gettempdir() + "/dfrdet_jax_bench")
     args = parser.parse_args()
+    flags.FLAGS(sys.argv[:1])  # absl defaults: grain reads its flags when it starts workers
 
     config = data.default_data_config("synthetic")
     config.root, config.image_size = args.cache_dir, args.image_size

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from dfrdet_jax.data import default_data_config
+from dfrdet_jax import data
 
-DATASETS = ("synthetic", "aitod", "tinyperson", "dota2")
 VARIANTS = ("real", "bnn", "dfr")
 
 
@@ -22,10 +21,11 @@ def parse_arg(arg: str, config_file: str) -> tuple[str, str, bool]:
     tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
     demo = "demo" in tokens
     tokens = [t for t in tokens if t != "demo"]
-    if len(tokens) != 2 or tokens[0] not in DATASETS or tokens[1] not in VARIANTS:
+    datasets = data.source_names()
+    if len(tokens) != 2 or tokens[0] not in datasets or tokens[1] not in VARIANTS:
         raise ValueError(
             f"{config_file} takes '<dataset>,<variant>[,demo]' with dataset in "
-            f"{list(DATASETS)} and variant in {list(VARIANTS)}; got {arg!r}"
+            f"{list(datasets)} and variant in {list(VARIANTS)}; got {arg!r}"
         )
     return tokens[0], tokens[1], demo
 
@@ -36,7 +36,7 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.seed = 0
     config.variant = variant
 
-    config.data = default_data_config(dataset)
+    config.data = data.default_data_config(dataset)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = family
@@ -47,6 +47,12 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.model.max_level = 6
     config.model.head_convs = 4
     config.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 parameters and optimizer state
+    # Starting weights of a new run (dfrdet_jax/warm_start.py): a torchvision-layout ResNet
+    # state dict for the backbone (.safetensors / .npz), and/or another run's workdir whose
+    # "latest" or "best" checkpoint gives every tensor whose path and shape match.
+    config.model.pretrained = ""
+    config.init_from = ""
+    config.init_from_checkpoint = "latest"
     # 1-bit settings (paper, Sec. 4.1): every conv of these parts is binary except the stem, the
     # downsampling shortcuts and the head's prediction convs.
     config.model.binary_parts = () if variant == "real" else ("backbone", "neck", "head")
@@ -114,9 +120,10 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 2
     config.eval.split = "val"
-    config.eval.protocol = {"tinyperson": "tinyperson", "dota2": "dota"}.get(dataset, "aitod")
+    source = data.get_source(dataset)
+    config.eval.protocol = source.protocol  # dfrdet_jax.evaluation protocol
     # checkpoints_best keeps the checkpoint with the highest value of this metric.
-    config.eval.best_metric = {"tinyperson": "AP50_tiny", "dota2": "mAP50"}.get(dataset, "AP")
+    config.eval.best_metric = source.best_metric
     return config
 
 

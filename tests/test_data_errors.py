@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dfrdet_jax import data
-from dfrdet_jax.data import transforms
+from dfrdet_jax.data import loader, transforms
 from dfrdet_jax.data.fixtures import write_coco_fixture, write_dota_fixture
 from dfrdet_jax.data.sources import coco, dota
 
@@ -40,18 +40,9 @@ def test_unreadable_image(tmp_path):
     records, *_ = coco.coco_records(ann_file, image_dir)
     config = data.default_data_config("aitod")
     config.max_boxes, config.image_size = 4, 64
-    ds = data.pipeline._make_loader(
-        records,
-        config,
-        train=False,
-        batch_size=1,
-        seed=0,
-        num_workers=0,
-        shard_index=None,
-        shard_count=None,
-    )
+    batches = loader.make_loader(records, config, train=False, batch_size=1, seed=0)
     with pytest.raises(data.DataError, match=r"a\.png: cannot read image"):
-        next(iter(ds))
+        next(iter(batches))
 
 
 def test_image_over_the_pixel_limit_names_the_file(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from absl import flags
 
 from dfrdet_jax import data
 from dfrdet_jax.data import transforms
@@ -242,6 +243,38 @@ def test_degenerate_boxes_expand_and_are_counted(tmp_path):
         coco.coco_records(ann_file, image_dir, degenerate="error")
 
 
+@pytest.fixture
+def absl_flags_parsed():
+    """absl flags parsed, as in an absl app; unparsed again afterwards if they were."""
+    was_parsed = flags.FLAGS.is_parsed()
+    flags.FLAGS.mark_as_parsed()
+    yield
+    if not was_parsed:
+        flags.FLAGS.unparse_flags()
+
+
+@pytest.fixture
+def absl_flags_unparsed():
+    """absl flags unparsed, as in a program that is no absl app; parsed afterwards if they were
+    (with their default values)."""
+    was_parsed = flags.FLAGS.is_parsed()
+    flags.FLAGS.unparse_flags()
+    yield
+    if was_parsed:
+        flags.FLAGS.mark_as_parsed()
+
+
+@pytest.mark.usefixtures("absl_flags_unparsed")
+def test_worker_processes_need_parsed_absl_flags_and_the_error_says_so(tmp_path):
+    # grain reads its --grain_* flags when it starts workers; the data layer never sets them.
+    config, _ = _aitod_like(tmp_path)
+    with pytest.raises(RuntimeError, match=r"num_workers=2: .*absl\.flags\.FLAGS\(sys\.argv"):
+        data.build_dataset(config, "val", train=False, batch_size=1, seed=0, num_workers=2)
+    assert not flags.FLAGS.is_parsed()
+    data.build_dataset(config, "val", train=False, batch_size=1, seed=0)  # no workers: fine
+
+
+@pytest.mark.usefixtures("absl_flags_parsed")
 def test_worker_processes_give_the_same_batches(tmp_path):
     config = data.default_data_config("synthetic")
     config.root, config.image_size = str(tmp_path), 64

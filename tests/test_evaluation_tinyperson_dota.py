@@ -63,6 +63,30 @@ def test_nms_suppresses_overlaps_above_threshold_only():
     np.testing.assert_array_equal(dota.nms(boxes, scores, 0.95), [1, 2, 0, 3])
 
 
+def _np_iou(box, others):
+    """IoU of box [4] with others [M, 4], float64 reference."""
+    lt = np.maximum(box[:2], others[:, :2])
+    rb = np.minimum(box[2:], others[:, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+    areas = np.prod(others[:, 2:] - others[:, :2], axis=1)
+    return inter / (np.prod(box[2:] - box[:2]) + areas - inter)
+
+
+def test_nms_in_blocks_equals_plain_greedy_nms(monkeypatch):
+    # More boxes than one block: kept boxes of earlier blocks suppress boxes of later ones.
+    monkeypatch.setattr(dota, "_BLOCK", 8)
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 40, (50, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 12, (50, 2))], axis=1)
+    scores = rng.random(50).round(1)  # ties: the lower index ranks first
+    kept = []
+    for i in np.argsort(-scores, kind="stable"):
+        if not kept or _np_iou(boxes[i], boxes[kept]).max() <= 0.3:
+            kept.append(i)
+    assert 8 < len(kept) < 42  # several blocks kept boxes, and some lost to earlier blocks
+    np.testing.assert_array_equal(dota.nms(boxes, scores, 0.3), kept)
+
+
 def test_tile_predictions_are_shifted_back_and_merged():
     # The same object (full-image box x 100..110, y 40..50) seen by two overlapping tiles at
     # offsets (0, 0) and (96, 0), both with scale 1, plus a second class at the same place.

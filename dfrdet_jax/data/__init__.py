@@ -1,4 +1,4 @@
-"""Input data for dfrdet_jax: sources, the grain pipeline and the standard batch.
+"""Input data for dfrdet_jax: the data-source catalog, the grain pipeline and the standard batch.
 
 Standard batch (dict of fixed-shape numpy arrays, B images, N = config.max_boxes):
   image      uint8   [B, H, W, 3]  padded image (H = W = config.image_size)
@@ -11,32 +11,45 @@ Standard batch (dict of fixed-shape numpy arrays, B images, N = config.max_boxes
   scale      float32 [B]           resize factor: resized = original * scale
   tile_offset float32 [B, 2]       DOTA only: (x, y) of the tile in the full image
 
+Modules: catalog (data sets by name: config defaults, records, class tables, evaluation
+protocol), loader (grain pipeline), transforms (per-image decode/resize/flip/pad), sources/
+(file formats and the synthetic generator), tfds/ (tfds builds), errors, fixtures (tests).
+
 Entry points: default_data_config, build_dataset, dataset_info, image_folder_dataset,
-max_boxes_per_image, ensure_synthetic.
+load_records, max_boxes_per_image, ensure_synthetic; the catalog: get_source, source_names,
+register_source.
 """
 
-from dfrdet_jax.data.config import default_data_config
-from dfrdet_jax.data.errors import DataError
-from dfrdet_jax.data.pipeline import (
+from dfrdet_jax.data.catalog import (
     DatasetInfo,
-    DetectionDataset,
-    build_dataset,
+    DataSource,
+    SplitRecords,
     dataset_info,
-    image_folder_dataset,
+    default_data_config,
+    get_source,
     load_records,
     max_boxes_per_image,
+    register_source,
+    source_names,
 )
+from dfrdet_jax.data.errors import DataError
+from dfrdet_jax.data.loader import DetectionDataset, build_dataset, image_folder_dataset
 from dfrdet_jax.data.sources.synthetic import ensure_synthetic
 
 __all__ = [
     "DataError",
+    "DataSource",
     "DatasetInfo",
     "DetectionDataset",
+    "SplitRecords",
     "build_dataset",
     "dataset_info",
     "default_data_config",
     "ensure_synthetic",
+    "get_source",
     "image_folder_dataset",
     "load_records",
     "max_boxes_per_image",
+    "register_source",
+    "source_names",
 ]

@@ -25,7 +25,8 @@ def evaluate(
         'tinyperson' (AP{25,50,75}_{all,tiny,tiny1,tiny2,tiny3,small,reasonable}, AR50_*) or
         'dota' (mAP50 after merging tile predictions with class-wise NMS).
       backend: 'faster_coco_eval' (C++, default) or 'pycocotools' for the COCOeval protocols;
-        both give the same numbers. DOTA's scoring is numpy only.
+        both give the same numbers. DOTA is scored by dota.py whatever the backend
+        (reported as 'numpy').
     Returns:
       JSON-serialisable dict: headline metrics as top-level floats in [0, 1] (-1 where no
       ground truth exists for them), 'per_class' {category name: metrics}, 'summary' (lines for

@@ -9,46 +9,117 @@ Scoring follows the DOTA devkit's task-2 (horizontal boxes) evaluation: per clas
 sorted by score, each matched to the unmatched ground truth with the highest IoU in its image;
 IoU > 0.5 with a non-difficult box is a TP, with an already matched box a FP, with a difficult
 box neither; AP is the area under the all-point interpolated precision/recall curve (VOC2010+).
-Ground truth flagged 'difficult', 'ignore' or iscrowd counts as difficult. Unlike the devkit,
-IoU uses this project's continuous box convention (no +1 pixel in widths).
+Ground truth flagged 'difficult', 'ignore' or iscrowd counts as difficult.
+
+IoU and NMS are the model's own: dfrdet_jax.ops.boxes.pairwise_iou and
+dfrdet_jax.ops.nms.class_wise_nms (float32, this project's continuous box convention: unlike
+the devkit, no +1 pixel in widths), jit-compiled on host arrays zero-padded to power-of-two
+sizes, so each size compiles once.
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+
+from dfrdet_jax.ops import boxes as box_ops
+from dfrdet_jax.ops import nms as nms_ops
 
 DOTA_MERGE_NMS_IOU = 0.3
 DOTA_MATCH_IOU = 0.5
+# Boxes per IoU and NMS call: memory stays within [block, block] matrices (64 MB of IoU).
+_BLOCK = 4096
+_MIN_PADDED = 16
+
+# Host arrays are padded to power-of-two sizes, so each size compiles once; they move to and
+# from the device explicitly (allowed under jax.transfer_guard("disallow")).
+_pairwise_iou = jax.jit(box_ops.pairwise_iou)
+_class_wise_nms = jax.jit(
+    nms_ops.class_wise_nms,
+    static_argnames=("iou_threshold", "score_threshold", "max_detections", "pre_nms_top_k"),
+)
 
 
 def _xyxy(xywh: np.ndarray) -> np.ndarray:
     return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
 
 
-def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU [N, M] of boxes a [N, 4] and b [M, 4], (x1, y1, x2, y2) px; 0 where a union is 0."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+def _padded_size(n: int) -> int:
+    """The smallest power of two >= n, at least _MIN_PADDED."""
+    return max(_MIN_PADDED, 1 << max(n - 1, 0).bit_length())
+
+
+def _pad(boxes: np.ndarray, size: int) -> np.ndarray:
+    """boxes [n, 4] -> float32 [size, 4]: zero boxes (IoU 0 with anything) after the n real ones."""
+    padded = np.zeros((size, 4), np.float32)
+    padded[: len(boxes)] = boxes
+    return padded
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ops.boxes.pairwise_iou of host boxes a [N, 4] and b [M, 4] (xyxy px) -> float32 [N, M].
+
+    a goes in blocks of _BLOCK rows; b whole.
+    """
+    b_padded = jax.device_put(_pad(b, _padded_size(len(b))))
+    rows = []
+    for start in range(0, len(a), _BLOCK):
+        block = a[start : start + _BLOCK]
+        a_padded = jax.device_put(_pad(block, _padded_size(len(block))))
+        rows.append(jax.device_get(_pairwise_iou(a_padded, b_padded))[: len(block), : len(b)])
+    return np.concatenate(rows) if rows else np.zeros((0, len(b)), np.float32)
+
+
+def _greedy_keep(boxes: np.ndarray, candidate: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """bool [n]: the candidates of boxes [n, 4] (best first, n <= _BLOCK) that greedy NMS keeps.
+
+    ops.nms.class_wise_nms returns boxes, not indices: it gets the reversed rank as score, so
+    the scores it returns name the kept boxes.
+    """
+    n, size = len(boxes), _padded_size(len(boxes))
+    valid = np.zeros(size, bool)
+    valid[:n] = candidate
+    inputs = jax.device_put(
+        (
+            _pad(boxes, size),
+            np.arange(size, 0, -1, dtype=np.float32),  # size - rank: distinct, exact in float32
+            np.zeros(size, np.int32),
+            valid,
+        )
+    )
+    kept = jax.device_get(
+        _class_wise_nms(
+            *inputs,
+            iou_threshold=iou_threshold,
+            score_threshold=0.0,
+            max_detections=size,
+            pre_nms_top_k=size,
+        )
+    )
+    ranks = size - kept.scores[kept.valid].astype(np.int64)
+    keep = np.zeros(n, bool)
+    keep[ranks] = True
+    return keep
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy NMS; boxes [N, 4] (x1, y1, x2, y2), scores [N]. Returns kept indices, best first.
+    """Greedy NMS of one class; boxes [N, 4] (x1, y1, x2, y2) px, scores [N]. Returns kept
+    indices int64 [K], best first.
 
-    A box is suppressed by a kept higher-scoring box when their IoU is > iou_threshold.
+    A box is suppressed by a kept higher-scoring box (equal scores: the lower index ranks
+    higher) when their IoU is > iou_threshold. This is ops.nms.class_wise_nms (float32 IoU of
+    ops.boxes) for any N: boxes go in rank order in blocks of _BLOCK; a block first loses the
+    boxes that kept boxes of earlier blocks suppress, then class_wise_nms decides the rest.
     """
-    order = np.argsort(-scores, kind="stable")
-    keep = []
-    while order.size:
-        best = order[0]
-        keep.append(best)
-        rest = order[1:]
-        order = rest[pairwise_iou(boxes[best : best + 1], boxes[rest])[0] <= iou_threshold]
-    return np.asarray(keep, dtype=np.int64)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    ranked = np.asarray(boxes, np.float32).reshape(-1, 4)[order]
+    keep = np.zeros(len(order), bool)
+    for start in range(0, len(order), _BLOCK):
+        block = ranked[start : start + _BLOCK]
+        earlier = ranked[:start][keep[:start]]
+        candidate = ~(_iou(earlier, block) > iou_threshold).any(axis=0)
+        keep[start : start + len(block)] = _greedy_keep(block, candidate, iou_threshold)
+    return order[keep]
 
 
 def merge_tile_detections(
@@ -86,7 +157,6 @@ def class_ap50(gt_anns: list[dict], detections: list[dict]) -> float:
         by_image.setdefault(ann["image_id"], []).append(ann)
     gt_boxes = {i: _xyxy(np.asarray([a["bbox"] for a in anns])) for i, anns in by_image.items()}
     difficult = {i: np.asarray([_is_difficult(a) for a in anns]) for i, anns in by_image.items()}
-    matched = {i: np.zeros(len(anns), bool) for i, anns in by_image.items()}
     num_positives = sum(int((~d).sum()) for d in difficult.values())
     if num_positives == 0:
         return -1.0
@@ -94,24 +164,28 @@ def class_ap50(gt_anns: list[dict], detections: list[dict]) -> float:
     order = np.argsort(-scores, kind="stable")
     tp = np.zeros(len(order))
     fp = np.zeros(len(order))
+    # Images are matched independently: each image's detections, in rank order, against its
+    # unmatched ground truth.
+    ranks_of_image: dict = {}
     for rank, index in enumerate(order):
-        det = detections[index]
-        image = det["image_id"]
+        ranks_of_image.setdefault(detections[index]["image_id"], []).append(rank)
+    for image, ranks in ranks_of_image.items():
         if image not in gt_boxes:
-            fp[rank] = 1
+            fp[ranks] = 1
             continue
-        box = _xyxy(np.asarray([det["bbox"]], np.float64))
-        ious = pairwise_iou(box, gt_boxes[image])[0]
-        best = int(np.argmax(ious))
-        if ious[best] <= DOTA_MATCH_IOU:
-            fp[rank] = 1
-        elif difficult[image][best]:
-            continue
-        elif matched[image][best]:
-            fp[rank] = 1
-        else:
-            matched[image][best] = True
-            tp[rank] = 1
+        boxes = _xyxy(np.asarray([detections[order[r]]["bbox"] for r in ranks], np.float64))
+        matched = np.zeros(len(gt_boxes[image]), bool)
+        for rank, ious in zip(ranks, _iou(boxes, gt_boxes[image])):
+            best = int(np.argmax(ious))
+            if ious[best] <= DOTA_MATCH_IOU:
+                fp[rank] = 1
+            elif difficult[image][best]:
+                continue
+            elif matched[best]:
+                fp[rank] = 1
+            else:
+                matched[best] = True
+                tp[rank] = 1
     tp, fp = np.cumsum(tp), np.cumsum(fp)
     recall = tp / num_positives
     precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)

@@ -50,7 +50,8 @@ from etils import epath
 from PIL import Image
 
 from dfrdet_jax.data import transforms
-from dfrdet_jax.data.config import default_data_config
+from dfrdet_jax.data.catalog import default_data_config
+from dfrdet_jax.data.errors import DataError
 from dfrdet_jax.data.sources import coco, dota
 
 # Image modes whose file bytes tfds decodes to the pixels the raw pipeline's convert('RGB') gives.
@@ -100,6 +101,19 @@ class _DetectionBuilder(tfds.core.GeneratorBasedBuilder):
     def code_path(cls) -> epath.Path:
         # tfds's own lookup of this file needs the optional importlib_resources package.
         return epath.Path(__file__)
+
+    @classmethod
+    def from_data_config(cls, config, **kwargs) -> "_DetectionBuilder":
+        """The builder of the build that data config ``config`` reads; kwargs go to __init__."""
+        del config  # one build per data set
+        return cls(**kwargs)
+
+    def not_built_error(self, tfds_dir: str) -> DataError:
+        """The error for reading this build from ``tfds_dir`` before it is built."""
+        del tfds_dir
+        return DataError(
+            f"{self.data_dir}: not built; build it first (see dfrdet_jax.data.tfds.builders)"
+        )
 
     def _extra_features(self) -> dict:
         """Features beyond the common ones (DOTA: tile_offset)."""
@@ -205,12 +219,53 @@ def _tiling_name(tile_size: int, overlap: int, min_visible: float) -> str:
     return f"tile{tile_size}_overlap{overlap}_visible{min_visible!r}"
 
 
+# DOTA tiling: Dota2Config field -> data config field.
+_TILING_FIELDS = {"tile_size": "tile_size", "overlap": "tile_overlap", "min_visible": "min_visible"}
+
+
 class Dota2Builder(_DetectionBuilder):
     """DOTA-v2.0 tiles (18 classes; difficult objects become ignore regions)."""
 
     name = "dota2"
     SPLITS = ("train", "val", "test")  # a split is built when its labelTxt folder exists
     BUILDER_CONFIGS: ClassVar[list[Dota2Config]] = [Dota2Config(name=_tiling_name(1024, 200, 0.5))]
+
+    @classmethod
+    def from_data_config(cls, config, **kwargs) -> "Dota2Builder":
+        """The builder of the config's tiling (data.tile_size, tile_overlap, min_visible)."""
+        tiling = {key: config[field] for key, field in _TILING_FIELDS.items()}
+        return cls(config=dota2_config(**tiling), **kwargs)
+
+    def not_built_error(self, tfds_dir: str) -> DataError:
+        """Names how each dota2 build in ``tfds_dir`` differs from this tiling, if any is."""
+        c = self.builder_config
+        tiling = {"tile_size": c.tile_size, "overlap": c.overlap, "min_visible": c.min_visible}
+        differences = []
+        for meta_file in sorted(epath.Path(tfds_dir, self.name).glob("*/*/metadata.json")):
+            meta = tfds.core.MetadataDict()
+            meta.load_metadata(meta_file.parent)
+            built = meta.get("tiling")
+            if built is None:
+                continue
+            differences.append(
+                ", ".join(
+                    f"{key}={built[key]} (config data.{field}={tiling[key]})"
+                    for key, field in _TILING_FIELDS.items()
+                    if built[key] != tiling[key]
+                )
+                + f" in {meta_file.parent}"
+            )
+        if not differences:
+            return super().not_built_error(tfds_dir)
+        asked = ", ".join(f"{key}={value!r}" for key, value in tiling.items())
+        return DataError(
+            f"{tfds_dir}: no dota2 build with the config's tiling; the builds there differ: "
+            + "; ".join(differences)
+            + ". Set data.tile_size/tile_overlap/min_visible to a built tiling, or build this "
+            f"one: Dota2Builder(data_dir={tfds_dir!r}, config=dota2_config({asked}), "
+            "file_format='array_record').download_and_prepare(download_config="
+            "tfds.download.DownloadConfig(manual_dir=<DOTA folder>))"
+        )
 
     def _extra_features(self) -> dict:
         return {"tile_offset": tfds.features.Tensor(shape=(2,), dtype=np.int64)}

@@ -6,25 +6,17 @@ stored in the build (builders.gt_path; DOTA: full images) for DetectionDataset.a
 and the loader's report recorded at build time (boxes clipped, expanded, or dropped from a tile
 below min_visible), so nothing the build skipped or repaired goes unreported.
 
-DOTA: the build read is the one tiled with ``config.tile_size / tile_overlap / min_visible``;
-when the data dir holds only builds of other tilings, DataError names the values that differ
-and how to build the asked tiling.
+Which build is read: the builder class the data set's catalog entry names, made from the data
+config by its ``from_data_config`` (DOTA: the build tiled with ``config.tile_size /
+tile_overlap / min_visible``; when the data dir holds only builds of other tilings, DataError
+names the values that differ and how to build the asked tiling).
 """
 
 import numpy as np
-import tensorflow_datasets as tfds
-from etils import epath
 
+from dfrdet_jax.data import catalog
 from dfrdet_jax.data.errors import DataError, SkipReport
 from dfrdet_jax.data.tfds import builders
-
-BUILDERS = {
-    "aitod": builders.AitodBuilder,
-    "tinyperson": builders.TinyPersonBuilder,
-    "dota2": builders.Dota2Builder,
-}
-# DOTA tiling: Dota2Config field -> data config field.
-_TILING_FIELDS = {"tile_size": "tile_size", "overlap": "tile_overlap", "min_visible": "min_visible"}
 
 
 class TfdsRecords:
@@ -59,60 +51,35 @@ class TfdsRecords:
         return record
 
 
-def _other_tilings_error(tfds_dir: str, tiling: dict) -> DataError | None:
-    """DataError naming how each dota2 build in ``tfds_dir`` differs from ``tiling``, if any."""
-    differences = []
-    for meta_file in sorted(epath.Path(tfds_dir, "dota2").glob("*/*/metadata.json")):
-        meta = tfds.core.MetadataDict()
-        meta.load_metadata(meta_file.parent)
-        built = meta.get("tiling")
-        if built is None:
-            continue
-        differences.append(
-            ", ".join(
-                f"{key}={built[key]} (config data.{field}={tiling[key]})"
-                for key, field in _TILING_FIELDS.items()
-                if built[key] != tiling[key]
-            )
-            + f" in {meta_file.parent}"
-        )
-    if not differences:
-        return None
-    asked = ", ".join(f"{key}={value!r}" for key, value in tiling.items())
-    return DataError(
-        f"{tfds_dir}: no dota2 build with the config's tiling; the builds there differ: "
-        + "; ".join(differences)
-        + ". Set data.tile_size/tile_overlap/min_visible to a built tiling, or build this one: "
-        f"Dota2Builder(data_dir={tfds_dir!r}, config=dota2_config({asked}), "
-        "file_format='array_record').download_and_prepare(download_config="
-        "tfds.download.DownloadConfig(manual_dir=<DOTA folder>))"
-    )
-
-
 def tfds_builder(config):
     """The build of ``config.name`` in ``config.tfds_dir`` (DOTA: of the config's tiling).
 
     DataError when it is not built (DOTA: naming the tilings that are built instead).
     """
-    if config.name not in BUILDERS:
+    source = catalog.get_source(config.name)
+    if source.tfds_builder is None:
         raise ValueError(f"no tfds builder for {config.name!r}; use source='raw'")
-    kwargs = {"data_dir": config.tfds_dir, "file_format": "array_record"}
-    if config.name == "dota2":
-        tiling = {key: config[field] for key, field in _TILING_FIELDS.items()}
-        builder = builders.Dota2Builder(config=builders.dota2_config(**tiling), **kwargs)
-    else:
-        builder = BUILDERS[config.name](**kwargs)
+    builder = getattr(builders, source.tfds_builder).from_data_config(
+        config, data_dir=config.tfds_dir, file_format="array_record"
+    )
     if not builder.is_prepared():
-        if config.name == "dota2" and (error := _other_tilings_error(config.tfds_dir, tiling)):
-            raise error
-        raise DataError(
-            f"{builder.data_dir}: not built; build it first (see dfrdet_jax.data.tfds.builders)"
-        )
+        raise builder.not_built_error(config.tfds_dir)
     return builder
 
 
-def tfds_records(config, split: str):
-    """(records, category ids, class names, GT json, report) of ``split`` of the build."""
+def _stored_class_table(builder) -> catalog.DatasetInfo:
+    meta = builder.info.metadata
+    names = list(meta["class_names"])
+    return catalog.DatasetInfo(len(names), names, list(meta["category_ids"]))
+
+
+def class_table(config) -> catalog.DatasetInfo:
+    """The class table stored in the build."""
+    return _stored_class_table(tfds_builder(config))
+
+
+def tfds_records(config, split: str) -> catalog.SplitRecords:
+    """The records, class table, ground-truth json and report of ``split`` of the build."""
     builder = tfds_builder(config)
     tfds_split = config.splits.get(split, split)
     if tfds_split not in builder.info.splits:
@@ -127,10 +94,9 @@ def tfds_records(config, split: str):
     report.counts.update(stored["counts"])
     report.examples.update(stored["examples"])
     report.log(f"{builder.data_dir} ({tfds_split})")
-    return (
+    return catalog.SplitRecords(
         TfdsRecords(source, builder.info.full_name, split),
-        list(meta["category_ids"]),
-        list(meta["class_names"]),
+        _stored_class_table(builder),
         builders.gt_path(builder.data_dir, tfds_split),
         report,
     )

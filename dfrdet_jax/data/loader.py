@@ -1,14 +1,21 @@
 """The grain input pipeline: records -> decode -> resize -> flip -> pad -> batch.
 
-Batch format: see dfrdet_jax.data.transforms. Training iterators repeat forever with a
-per-epoch reshuffle fixed by the seed; evaluation iterators go once over every image in a
-deterministic order, the last partial batch padded with image_id -1 images (never dropped).
+Batch format: see dfrdet_jax.data.transforms. Records come from dfrdet_jax.data.catalog.
+Training iterators repeat forever with a per-epoch reshuffle fixed by the seed; evaluation
+iterators go once over every image in a deterministic order, the last partial batch padded with
+image_id -1 images (never dropped).
 
 Iterator state (for exact resume): ``state = dataset.get_iterator_state(it)`` is a JSON-able
 dict; ``dataset.set_iterator_state(it, state)`` on a fresh ``it = iter(dataset.loader)``
 makes ``it`` yield exactly the batches the saved iterator would have yielded next (same
 seed, batch size, sharding and records). Underneath: grain's ``it.get_state()`` /
 ``it.set_state()``.
+
+Worker processes (``num_workers > 0``): grain reads its own absl flags (``--grain_*``) in this
+process when it starts them, so absl flags must be parsed by then. An absl app (such as
+``python -m dfrdet_jax.main``) has parsed them; any other program parses them once at its
+start, e.g. ``absl.flags.FLAGS(sys.argv[:1])``. This module never changes them: it raises an
+error saying so instead.
 """
 
 import dataclasses
@@ -18,20 +25,11 @@ import os
 import grain.python as grain
 import ml_collections
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
-from dfrdet_jax.data import transforms
+from dfrdet_jax.data import catalog, transforms
 from dfrdet_jax.data.errors import DataError, SkipReport
-from dfrdet_jax.data.sources import coco, dota, synthetic
-
-
-@dataclasses.dataclass
-class DatasetInfo:
-    """Class table of a data set: class index i <-> COCO category id category_ids[i]."""
-
-    num_classes: int
-    class_names: list[str]
-    category_ids: list[int]
+from dfrdet_jax.data.sources import dota
 
 
 @dataclasses.dataclass
@@ -103,104 +101,36 @@ class _ToExample(grain.RandomMapTransform):
         return transforms.example_from_record(element, self.image_size, self.max_boxes, flip)
 
 
-def _expand(path: str) -> str:
-    return os.path.expanduser(path)
-
-
-def _coco_paths(config, split: str) -> tuple[str, str]:
-    """(COCO json, image folder) of a split of a COCO-format data set."""
-    if config.name == "synthetic":
-        s = config.synthetic
-        paths = synthetic.ensure_synthetic(
-            _expand(config.root),
-            num_train=s.num_train,
-            num_val=s.num_val,
-            image_size=config.image_size,
-            seed=s.seed,
-            min_size=s.min_size,
-            max_size=s.max_size,
-            min_objects=s.min_objects,
-            max_objects=s.max_objects,
-            max_distractors=s.max_distractors,
+def _check_flags_parsed(num_workers: int) -> None:
+    """RuntimeError unless absl flags are parsed, which grain needs to start worker processes."""
+    if num_workers > 0 and not flags.FLAGS.is_parsed():
+        raise RuntimeError(
+            f"num_workers={num_workers}: grain reads its absl flags (--grain_*) when it starts "
+            "worker processes, and absl flags are not parsed in this process. Run inside an "
+            "absl app (as python -m dfrdet_jax.main does), parse them once at the start of the "
+            "program (absl.flags.FLAGS(sys.argv[:1])), or use num_workers=0."
         )
-        if split not in paths:
-            raise ValueError(f"synthetic data has splits {sorted(paths)}, not {split!r}")
-        return paths[split]
-    file_split = config.splits.get(split, split)
-    root = _expand(config.root)
-    return (
-        os.path.join(root, config.ann_pattern.format(split=file_split)),
-        os.path.join(root, config.image_pattern.format(split=file_split)),
-    )
 
 
-def load_records(config: ml_collections.ConfigDict, split: str):
-    """(records, DatasetInfo, GT json, report) of a split; see sources/coco.py for records."""
-    if config.get("source", "raw") == "tfds":
-        from dfrdet_jax.data.tfds import reader  # pylint: disable=g-import-not-at-top
+def make_loader(
+    records,
+    config: ml_collections.ConfigDict,
+    *,
+    train: bool,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    shard_index=None,
+    shard_count=None,
+) -> grain.DataLoader:
+    """A grain.DataLoader of standard batches of ``batch_size`` examples of ``records``.
 
-        records, category_ids, names, gt_json, report = reader.tfds_records(config, split)
-        return records, DatasetInfo(len(names), names, category_ids), gt_json, report
-    if config.name == "dota2":
-        gt_json = os.path.join(_expand(config.cache_dir), f"{split}_full_gt.json")
-        records, _, _, report = dota.dota_records(
-            _expand(config.root),
-            config.splits.get(split, split),
-            tile_size=config.tile_size,
-            overlap=config.tile_overlap,
-            min_visible=config.min_visible,
-            lenient=config.lenient,
-            gt_json=gt_json,
-        )
-        names = list(dota.CLASS_NAMES)
-        return records, DatasetInfo(len(names), names, list(range(1, 19))), gt_json, report
-    ann_file, image_dir = _coco_paths(config, split)
-    records, cat_ids, names, report = coco.coco_records(
-        ann_file, image_dir, lenient=config.lenient, degenerate=config.degenerate
-    )
-    return records, DatasetInfo(len(names), names, cat_ids), ann_file, report
-
-
-def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
-    """Class table of the data set, without loading images."""
-    if config.name == "synthetic":
-        names = list(synthetic.CLASS_NAMES)
-        return DatasetInfo(len(names), names, list(range(1, len(names) + 1)))
-    if config.name == "dota2":
-        return DatasetInfo(18, list(dota.CLASS_NAMES), list(range(1, 19)))
-    if config.get("source", "raw") == "tfds":  # the build carries the class table
-        from dfrdet_jax.data.tfds import reader  # pylint: disable=g-import-not-at-top
-
-        meta = reader.tfds_builder(config).info.metadata
-        names = list(meta["class_names"])
-        return DatasetInfo(len(names), names, list(meta["category_ids"]))
-    ann_file, _ = _coco_paths(config, "train")
-    cat_ids, names = coco.category_table(coco.load_coco_json(ann_file))
-    return DatasetInfo(len(names), names, cat_ids)
-
-
-def max_boxes_per_image(config: ml_collections.ConfigDict, split: str) -> int:
-    """Largest number of boxes (ground truth + ignore regions) of one image (DOTA: one tile).
-
-    Set ``config.max_boxes`` to at least this. Logs which image has it.
+    Reads config.image_size, max_boxes, flip_prob (train only) and name (in messages).
+    train: sharded, shuffled per epoch from ``seed``, endless, whole batches only. Otherwise
+    one pass in order, padded with image_id -1 pad images to whole batches on every shard
+    and worker. shard_index/shard_count: this process's shard; None = one shard.
     """
-    records, *_ = load_records(config, split)
-    if not records:
-        return 0
-    worst = max(records, key=lambda r: len(r["boxes"]))
-    logging.info(
-        "max boxes per image of %s/%s: %d (%s)",
-        config.name,
-        split,
-        len(worst["boxes"]),
-        worst["path"],
-    )
-    return len(worst["boxes"])
-
-
-def _make_loader(
-    records, config, *, train, batch_size, seed, num_workers, shard_index, shard_count
-):
+    _check_flags_parsed(num_workers)
     if shard_index is None or shard_count is None:
         shard_index, shard_count = 0, 1
     if train:
@@ -221,9 +151,6 @@ def _make_loader(
         source = _RecordSource(records, num_pad=-len(records) % per_step)
         shard = grain.ShardOptions(shard_index, shard_count, drop_remainder=False)
         sampler = grain.IndexSampler(len(source), shard, shuffle=False, num_epochs=1, seed=seed)
-    if num_workers > 0 and not flags.FLAGS.is_parsed():
-        # grain's worker processes read absl flags; outside an absl app use their defaults.
-        flags.FLAGS.mark_as_parsed()
     flip_prob = config.flip_prob if train else 0.0
     operations = [
         _ToExample(config.image_size, config.max_boxes, flip_prob),
@@ -252,10 +179,11 @@ def build_dataset(
     """The input pipeline of ``split`` yielding standard batches of ``batch_size`` images.
 
     shard_index/shard_count: this process's shard (multi-host: jax.process_index() and
-    jax.process_count()); None = one shard. num_workers > 0 decodes in worker processes.
+    jax.process_count()); None = one shard. num_workers > 0 decodes in worker processes
+    (absl flags must be parsed: see the module docstring).
     """
-    records, info, gt_json, report = load_records(config, split)
-    loader = _make_loader(
+    records, info, annotation_file, report = catalog.load_records(config, split)
+    loader = make_loader(
         records,
         config,
         train=train,
@@ -266,7 +194,13 @@ def build_dataset(
         shard_count=shard_count,
     )
     return DetectionDataset(
-        loader, len(records), info.num_classes, info.class_names, info.category_ids, gt_json, report
+        loader,
+        len(records),
+        info.num_classes,
+        info.class_names,
+        info.category_ids,
+        annotation_file,
+        report,
     )
 
 
@@ -300,17 +234,8 @@ def image_folder_dataset(
                 "ignore": np.zeros(0, bool),
             }
         )
-    info = dataset_info(config)
-    loader = _make_loader(
-        records,
-        config,
-        train=False,
-        batch_size=batch_size,
-        seed=0,
-        num_workers=0,
-        shard_index=None,
-        shard_count=None,
-    )
+    info = catalog.dataset_info(config)
+    loader = make_loader(records, config, train=False, batch_size=batch_size, seed=0)
     return DetectionDataset(
         loader,
         len(records),
