@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 from absl import flags
+from PIL import Image
 
 from dfrdet_jax import data
 from dfrdet_jax.data import transforms
@@ -76,6 +77,21 @@ def test_synthetic_deterministic_keyed_and_coco(tmp_path):
     assert len(records) == 6 and len(names) == 8 and cat_ids == list(range(1, 9))
     sizes = np.concatenate([r["boxes"][:, 2] - r["boxes"][:, 0] for r in records])
     assert sizes.min() >= 2 and sizes.max() <= 64
+
+
+def test_synthetic_test_split_is_held_out_and_independent(tmp_path):
+    kw = {"num_train": 4, "num_val": 3, "image_size": 64, "seed": 3}
+    a = data.ensure_synthetic(str(tmp_path / "a"), num_test=5, **kw)
+    b = data.ensure_synthetic(str(tmp_path / "b"), num_test=2, **kw)
+    assert sorted(a) == ["test", "train", "val"]
+    for split in ("train", "val"):  # the same images whatever the test split's size
+        with open(a[split][0]) as fa, open(b[split][0]) as fb:
+            assert json.load(fa)["annotations"] == json.load(fb)["annotations"]
+    test = coco.coco_records(*a["test"])[0]
+    assert len(test) == 5
+    pixels = lambda path: np.asarray(Image.open(path)).tobytes()  # noqa: E731
+    others = {pixels(r["path"]) for s in ("train", "val") for r in coco.coco_records(*a[s])[0]}
+    assert not {pixels(r["path"]) for r in test} & others  # no image shared with train or val
 
 
 def test_coco_loader_round_trips_every_box(tmp_path):

@@ -202,6 +202,7 @@ def _synthetic_records(config, split: str) -> SplitRecords:
         _expand(config.root),
         num_train=s.num_train,
         num_val=s.num_val,
+        num_test=s.num_test,
         image_size=config.image_size,
         seed=s.seed,
         min_size=s.min_size,
@@ -226,6 +227,7 @@ register_source(
             "synthetic": {
                 "num_train": 256,
                 "num_val": 64,
+                "num_test": 256,
                 "seed": 0,
                 "min_size": 2,
                 "max_size": 64,

@@ -21,6 +21,7 @@ from PIL import Image
 
 # Part of the cache key: bump it whenever generation changes, so old caches are not reused.
 GENERATOR_VERSION = 2
+SPLITS = ("train", "val", "test")  # each drawn from its own random stream
 PLACEMENT_ATTEMPTS = 10  # random spots tried for an object before the scene is declared full
 
 CLASS_NAMES = (
@@ -173,7 +174,7 @@ def _write_split(root, split, num_images, seed, params):
     """Images root/<split>/*.png and root/<split>.json (COCO)."""
     image_dir = os.path.join(root, split)
     os.makedirs(image_dir)
-    rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split]])
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
     images, annotations = [], []
     size = params["image_size"]
     for i in range(num_images):
@@ -211,6 +212,7 @@ def ensure_synthetic(
     *,
     num_train: int = 256,
     num_val: int = 64,
+    num_test: int = 256,
     image_size: int = 128,
     seed: int = 0,
     min_size: int = 2,
@@ -219,7 +221,11 @@ def ensure_synthetic(
     max_objects: int = 200,
     max_distractors: int = 30,
 ) -> dict[str, tuple[str, str]]:
-    """Generate (once) the synthetic data set; {'train'|'val': (coco json, image folder)}.
+    """Generate (once) the synthetic data set; {'train'|'val'|'test': (coco json, image folder)}.
+
+    The three splits are drawn independently (one random stream each, so the train and val images
+    do not depend on ``num_test``); 'test' is the held-out split that comparison tables are scored
+    on and that no checkpoint selection or tuning reads.
 
     Deterministic from ``seed`` and the other parameters; the cache folder is keyed by all of
     them. Objects per image: a heavy-tailed count in [min_objects, max_objects] (few to
@@ -228,6 +234,7 @@ def ensure_synthetic(
     params = {
         "num_train": num_train,
         "num_val": num_val,
+        "num_test": num_test,
         "image_size": image_size,
         "seed": seed,
         "min_size": min_size,
@@ -244,6 +251,7 @@ def ensure_synthetic(
         try:
             _write_split(tmp, "train", num_train, seed, params)
             _write_split(tmp, "val", num_val, seed, params)
+            _write_split(tmp, "test", num_test, seed, params)
             with open(os.path.join(tmp, "params.json"), "w") as f:
                 json.dump(params, f, indent=1)
             try:
@@ -254,4 +262,4 @@ def ensure_synthetic(
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp)
-    return {s: (os.path.join(root, f"{s}.json"), os.path.join(root, s)) for s in ("train", "val")}
+    return {s: (os.path.join(root, f"{s}.json"), os.path.join(root, s)) for s in SPLITS}
