@@ -1,7 +1,7 @@
 """Train-step throughput (images/s) and peak device memory of FCOS-R18 (or RetinaNet-R18) real /
 bnn / dfr.
 
-Runs the jit-compiled, sharded train step of ``dfrdet_jax.train`` on whatever devices are
+Runs the jit-compiled, sharded train step of ``dfrdet_jax.steps`` on whatever devices are
 present, with the input either produced in memory (``--pipeline off``: the step alone) or read
 through the grain pipeline on the synthetic data set (``--pipeline on``: what training sees),
 and, where PyTorch with torchvision is installed, times torchvision's FCOS with a ResNet-18 FPN
@@ -27,9 +27,9 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from absl import flags
 
-from dfrdet_jax import data, prefetch, train
+from dfrdet_jax import data, prefetch, sharding, steps
 from dfrdet_jax.models import registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -83,14 +83,13 @@ def time_jax(variant: str, args) -> dict:
         config.model.backbone_width, config.model.fpn_width, config.model.head_convs = 16, 32, 2
         config.dfr.decoder_width = 16
     model = registry.build_model(config, num_classes=8)
-    mesh = train.make_mesh()
-    replicated = NamedSharding(mesh, PartitionSpec())
-    data_sharding = NamedSharding(mesh, PartitionSpec(train.DATA_AXIS))
-    state = train.create_train_state(
+    mesh = sharding.make_mesh()
+    data_sharding = sharding.batch_sharding(mesh)
+    state = steps.create_train_state(
         config, model, jax.random.key(0), (args.size, args.size), args.steps
     )
-    state = jax.device_put(state, replicated)
-    step = train.make_sharded_train_step(config, model, mesh, args.steps + 1)
+    state = jax.device_put(state, sharding.replicated_sharding(mesh))
+    step = steps.make_sharded_train_step(config, model, mesh, args.steps + 1)
     if args.pipeline == "on":
         dataset = data.build_dataset(
             config.data,
@@ -100,7 +99,7 @@ def time_jax(variant: str, args) -> dict:
             seed=0,
             num_workers=args.workers,
         )
-        place = functools.partial(train.to_global_batch, sharding=data_sharding)
+        place = functools.partial(sharding.to_global_batch, sharding=data_sharding)
         batches = prefetch.DevicePrefetcher(
             iter(dataset.loader),
             place,
@@ -111,7 +110,7 @@ def time_jax(variant: str, args) -> dict:
     else:
         rng = np.random.default_rng(0)
         fixed = random_batch(rng, args.batch, args.size, args.boxes, args.max_boxes)
-        placed = train.to_global_batch(fixed, data_sharding)
+        placed = sharding.to_global_batch(fixed, data_sharding)
         next_batch = lambda: placed  # noqa: E731
 
     start = time.perf_counter()
@@ -244,6 +243,7 @@ def main():
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    flags.FLAGS(sys.argv[:1])  # absl defaults: grain reads its flags when it starts workers
     if args.single:  # one setting, in a process of its own (see run_isolated)
         print(json.dumps(time_jax(args.variants, args)))
         return

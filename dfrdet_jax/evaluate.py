@@ -14,9 +14,9 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from dfrdet_jax import checkpointing, evaluation, train, viz
+from dfrdet_jax import checkpointing, evaluation, sharding, steps, viz
 from dfrdet_jax import data as data_lib
 from dfrdet_jax.models import registry
 
@@ -24,21 +24,22 @@ META_KEYS = ("image_id", "scale", "tile_offset")
 
 
 def _predict_fn(config, model, mesh: Mesh):
-    """jit of predict_step over a data-sharded batch.
+    """jit of ``steps.make_predict_step`` over a data-sharded batch.
 
     Returns f(state, local_batch) -> (Detections, meta) as numpy, both for the global batch, meta
     holding the batch's image ids, scales and (DOTA) tile offsets in the detections' order.
     """
-    replicated = NamedSharding(mesh, PartitionSpec())
-    data_sharding = NamedSharding(mesh, PartitionSpec(train.DATA_AXIS))
+    replicated = sharding.replicated_sharding(mesh)
+    data_sharding = sharding.batch_sharding(mesh)
+    predict_step = steps.make_predict_step(config, model)
 
     def step(state, batch):
         meta = {k: batch[k] for k in META_KEYS if k in batch}
-        return train.predict_step(state, batch, model=model, config=config), meta
+        return predict_step(state, batch), meta
 
     step = jax.jit(step, in_shardings=(replicated, data_sharding), out_shardings=replicated)
     return lambda state, local_batch: jax.device_get(
-        step(state, train.to_global_batch(local_batch, data_sharding))
+        step(state, sharding.to_global_batch(local_batch, data_sharding))
     )
 
 
@@ -95,9 +96,9 @@ def restored_state(config: ml_collections.ConfigDict, workdir: str):
     info = data_lib.dataset_info(config.data)
     model = registry.build_model(config, num_classes=info.num_classes)
     image_hw = (config.data.image_size, config.data.image_size)
-    state = train.create_train_state(config, model, jax.random.key(config.seed), image_hw, 1)
-    mesh = train.make_mesh()
-    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    state = steps.create_train_state(config, model, jax.random.key(config.seed), image_hw, 1)
+    mesh = sharding.make_mesh()
+    state = jax.device_put(state, sharding.replicated_sharding(mesh))
     checkpoints = checkpointing.Checkpointer(workdir)
     if checkpoints.latest_step() is None:
         raise FileNotFoundError(

@@ -65,7 +65,9 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def run(mode: str, config, workdir: str, **kwargs):
-    """Runs ``mode`` with ``config`` in ``workdir``; returns what the mode's function returns."""
+    """Runs ``mode`` with ``config`` in ``workdir``; returns what the mode's function returns:
+    train (final state, last evaluation's metrics), eval metrics, the predict or export output
+    folder, complexity counts."""
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; valid choices: {sorted(MODES)}")
     module_name, function_name = MODES[mode]

@@ -27,7 +27,7 @@ class DevicePrefetcher:
     """Iterates ``(local_batch, placed_batch, input_state)`` up to ``depth`` steps ahead.
 
     iterator: yields local (per-process) batches, dicts of numpy arrays.
-    place: local batch -> the batch the step consumes (e.g. ``train.to_global_batch``).
+    place: local batch -> the batch the step consumes (e.g. ``sharding.to_global_batch``).
     get_state: iterator -> its JSON-able state (e.g. ``DetectionDataset.get_iterator_state``).
 
     Use as a context manager (or call ``close``) so the thread stops when training stops. An

@@ -8,7 +8,7 @@ step losses and the final parameters to OUT.npz.
 import os
 import sys
 
-process_id, num_processes, local_devices, port, steps = map(int, sys.argv[1:6])
+process_id, num_processes, local_devices, port, num_steps = map(int, sys.argv[1:6])
 out_path = sys.argv[6]
 # Cheap CPU code generation: this test checks numbers, not speed.
 os.environ["XLA_FLAGS"] = (
@@ -19,10 +19,9 @@ os.environ["XLA_FLAGS"] = (
 import flax  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from training_fixtures import make_batch, tiny_config  # noqa: E402
 
-from dfrdet_jax import distributed, train  # noqa: E402
+from dfrdet_jax import distributed, sharding, steps  # noqa: E402
 from dfrdet_jax.models import registry  # noqa: E402
 
 GLOBAL_BATCH = 4
@@ -36,20 +35,20 @@ assert distributed.initialize(config) == (num_processes > 1)
 assert jax.process_count() == num_processes and jax.device_count() == GLOBAL_BATCH
 
 model = registry.build_model(config, num_classes=3)
-mesh = train.make_mesh()
-state = train.create_train_state(config, model, jax.random.key(0), (64, 64), steps)
-state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-step_fn = train.make_sharded_train_step(config, model, mesh, steps)
-data_sharding = NamedSharding(mesh, PartitionSpec(train.DATA_AXIS))
+mesh = sharding.make_mesh()
+state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), num_steps)
+state = jax.device_put(state, sharding.replicated_sharding(mesh))
+step_fn = steps.make_sharded_train_step(config, model, mesh, num_steps)
+data_sharding = sharding.batch_sharding(mesh)
 per_process = GLOBAL_BATCH // num_processes
 losses = []
-for step in range(steps):
+for step in range(num_steps):
     global_batch = make_batch(seed=step, batch_size=GLOBAL_BATCH)
     local = {
         k: v[process_id * per_process : (process_id + 1) * per_process]
         for k, v in global_batch.items()
     }
-    state, metrics = step_fn(state, train.to_global_batch(local, data_sharding))
+    state, metrics = step_fn(state, sharding.to_global_batch(local, data_sharding))
     losses.append(float(metrics["loss"]))
 
 if process_id == 0:

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 
 from dfrdet_jax import checkpointing
-from dfrdet_jax.train import TrainState
+from dfrdet_jax.steps import TrainState
 
 
 def _state(value):

@@ -17,7 +17,8 @@ def test_trains_evaluates_predicts_and_exports_through_main(tmp_path, monkeypatc
     config = resume_config.get_config(family)
     config.train.num_steps = 3
     workdir = tmp_path / "run"
-    metrics = main.run("train", config, str(workdir))
+    state, metrics = main.run("train", config, str(workdir))
+    assert int(state.step) == 3
     assert {"AP", "AP50", "AP75", "AP_vt", "AP_t", "AP_s", "AP_m"} <= metrics.keys()
     assert all(0.0 <= metrics[k] <= 1.0 or metrics[k] == -1 for k in ("AP", "AP_vt"))
     assert main.run("eval", config, str(workdir))["AP"] == pytest.approx(metrics["AP"])

@@ -1,6 +1,5 @@
 """The train step: every variant lowers its loss, compiles once; schedule and config checks."""
 
-import functools
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 from training_fixtures import ROOT, load_config, make_batch, tiny_config
 
-from dfrdet_jax import train
+from dfrdet_jax import optimizers, run_utils, sharding, steps
 from dfrdet_jax.models import registry
 
 
@@ -30,15 +29,8 @@ def test_a_few_steps_lower_the_loss_and_compile_once(family, variant, size):
     config = tiny_config(variant, family=family)
     model = registry.build_model(config, num_classes=3)
     total_steps = 12
-    state = train.create_train_state(config, model, jax.random.key(0), (size, size), total_steps)
-    step = jax.jit(
-        functools.partial(
-            train.train_step,
-            model=model,
-            config=config,
-            learning_rate=train.make_learning_rate(config, total_steps),
-        )
-    )
+    state = steps.create_train_state(config, model, jax.random.key(0), (size, size), total_steps)
+    step = jax.jit(steps.make_train_step(config, model, total_steps))
     batch = make_batch(size=size)
     losses = []
     for _ in range(total_steps):
@@ -56,7 +48,7 @@ def test_learning_rate_schedule_warmup_and_step_decay():
     config = load_config("synthetic,dfr")
     config.train.batch_size = 8  # 4x the paper's batch 2: lr 0.02
     config.optimizer.warmup_steps = 100
-    schedule = train.make_learning_rate(config, total_steps=1200)  # 100 steps per "epoch"
+    schedule = optimizers.make_learning_rate(config, total_steps=1200)  # 100 steps per "epoch"
     lr = 0.005 * 8 / 2
     np.testing.assert_allclose(float(schedule(0)), lr / 3, rtol=1e-6)
     np.testing.assert_allclose(float(schedule(50)), lr / 3 + (lr - lr / 3) / 2, rtol=1e-6)
@@ -72,10 +64,10 @@ def test_first_optimizer_step_by_hand(name):
     config.optimizer.name = name
     config.optimizer.warmup_steps = 0
     config.optimizer.grad_clip_norm = 0.0
-    lr, wd = train.global_learning_rate(config), config.optimizer.weight_decay
+    lr, wd = optimizers.global_learning_rate(config), config.optimizer.weight_decay
     params = {"kernel": np.array([[0.5, -2.0]]), "bias": np.array([1.0, 3.0])}
     grads = {"kernel": np.array([[0.1, 0.3]]), "bias": np.array([-0.2, 0.0])}
-    tx = train.make_optimizer(config, total_steps=100)
+    tx = optimizers.make_optimizer(config, total_steps=100)
     updates, _ = tx.update(grads, tx.init(params), params)
     if name == "sgd":  # coupled decay, first momentum step = the gradient
         expected = {"kernel": -lr * (grads["kernel"] + wd * params["kernel"])}
@@ -91,12 +83,12 @@ def test_unknown_optimizer_is_a_clear_error():
     config = load_config("synthetic,real")
     config.optimizer.name = "lamb"
     with pytest.raises(ValueError, match=r"Unknown config.optimizer.name 'lamb'.*adamw"):
-        train.check_optimizer(config)
+        optimizers.check_optimizer(config)
 
 
 def test_weight_decay_only_on_kernels():
     params = {"conv": {"kernel": np.ones((3, 3, 2, 2)), "alpha": np.ones(2), "bias": np.ones(2)}}
-    mask = train._decay_mask(params)  # pylint: disable=protected-access
+    mask = optimizers.weight_decay_mask(params)
     assert mask == {"conv": {"kernel": True, "alpha": False, "bias": False}}
 
 
@@ -166,26 +158,19 @@ def test_config_typo_on_the_command_line_is_an_error(tmp_path):
 
 def test_batch_must_divide_over_devices(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 4)
-    train.check_batch_divides(8, "config.train.batch_size")
+    sharding.check_batch_divides(8, "config.train.batch_size")
     with pytest.raises(
         ValueError, match=r"config.train.batch_size=6 does not divide over 4 devices"
     ):
-        train.check_batch_divides(6, "config.train.batch_size")
+        sharding.check_batch_divides(6, "config.train.batch_size")
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
     config = tiny_config("dfr")
     config.model.dtype = "bfloat16"
     model = registry.build_model(config, num_classes=3)
-    state = train.create_train_state(config, model, jax.random.key(0), (64, 64), 3)
-    step = jax.jit(
-        functools.partial(
-            train.train_step,
-            model=model,
-            config=config,
-            learning_rate=train.make_learning_rate(config, 3),
-        )
-    )
+    state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 3)
+    step = jax.jit(steps.make_train_step(config, model, 3))
     for _ in range(2):
         state, metrics = step(state, make_batch())
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["loss_dfr"]))
@@ -199,5 +184,5 @@ def test_bfloat16_compute_keeps_float32_parameters():
 def test_non_finite_loss_names_the_step_and_images():
     metrics = {"loss": np.float32("nan"), "loss_cls": np.float32(1.0)}
     with pytest.raises(FloatingPointError, match=r"at step 7 \(images \[11, 12\]\).*loss_cls"):
-        train._check_finite(7, metrics, np.array([11, 12]))  # pylint: disable=protected-access
-    train._check_finite(8, {"loss": np.float32(2.0)}, None)  # pylint: disable=protected-access
+        run_utils.check_finite(7, metrics, np.array([11, 12]))
+    run_utils.check_finite(8, {"loss": np.float32(2.0)}, None)

@@ -1,0 +1,97 @@
+"""The optimizer of a config: learning-rate schedule, weight-decay mask, and a table from
+``config.optimizer.name`` to the update rule that follows gradient clipping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def global_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """The paper's lr (0.005 at batch 2) scaled linearly to the configured global batch."""
+    opt = config.optimizer
+    return opt.base_learning_rate * config.train.batch_size / opt.base_batch_size
+
+
+def make_learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from ``warmup_factor * lr`` to lr, then x``decay_factor`` at each decay epoch.
+
+    Decay epochs are read as fractions of ``config.train.num_epochs`` of the run's
+    ``total_steps`` (epochs 8 and 11 of 12 by default), so a run shortened with
+    ``train.num_steps`` keeps the same shape of schedule.
+
+    Returns:
+      step (int32 scalar) -> learning rate (float32 scalar).
+    """
+    opt = config.optimizer
+    peak = global_learning_rate(config)
+    boundaries = {
+        int(round(epoch / config.train.num_epochs * total_steps)): opt.decay_factor
+        for epoch in opt.decay_epochs
+    }
+    decay = optax.piecewise_constant_schedule(peak, boundaries)
+    if opt.warmup_steps <= 0:
+        return decay
+    warmup = optax.linear_schedule(peak * opt.warmup_factor, peak, opt.warmup_steps)
+    return lambda step: jnp.where(step < opt.warmup_steps, warmup(step), decay(step))
+
+
+def weight_decay_mask(params):
+    """True where weight decay applies: kernels only (ndim > 1), not biases, norms, scales or
+    alphas. Returns a tree of bools shaped as ``params``."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _sgd(opt: ml_collections.ConfigDict, learning_rate: optax.Schedule):
+    """SGD with momentum and coupled weight decay (the paper's)."""
+    return (
+        optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask),
+        optax.sgd(learning_rate, momentum=opt.momentum),
+    )
+
+
+def _adamw(opt: ml_collections.ConfigDict, learning_rate: optax.Schedule):
+    """AdamW, decoupled weight decay: the usual choice for 1-bit networks trained from scratch
+    (ReActNet)."""
+    b1, b2 = opt.adam_betas
+    return (
+        optax.adamw(learning_rate, b1, b2, weight_decay=opt.weight_decay, mask=weight_decay_mask),
+    )
+
+
+# name -> (config.optimizer, schedule) -> the transforms after gradient clipping, in order. A
+# tuple rather than a chain, so the optimizer state stays one flat tuple (checkpoint layout).
+OPTIMIZERS: dict[
+    str,
+    Callable[[ml_collections.ConfigDict, optax.Schedule], tuple[optax.GradientTransformation, ...]],
+] = {"sgd": _sgd, "adamw": _adamw}
+
+
+def check_optimizer(config: ml_collections.ConfigDict) -> None:
+    """ValueError for an unknown ``config.optimizer.name``, before anything is built."""
+    if config.optimizer.name not in OPTIMIZERS:
+        raise ValueError(
+            f"Unknown config.optimizer.name {config.optimizer.name!r}; valid choices: "
+            f"{list(OPTIMIZERS)}"
+        )
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    """Gradient clipping (global norm ``grad_clip_norm``; none when 0), then the update rule
+    ``OPTIMIZERS[config.optimizer.name]`` on the schedule of ``make_learning_rate``. Weight
+    decay applies to kernels only (``weight_decay_mask``)."""
+    check_optimizer(config)
+    opt = config.optimizer
+    learning_rate = make_learning_rate(config, total_steps)
+    clip = (
+        optax.clip_by_global_norm(opt.grad_clip_norm)
+        if opt.grad_clip_norm > 0
+        else optax.identity()
+    )
+    return optax.chain(clip, *OPTIMIZERS[opt.name](opt, learning_rate))

@@ -1,0 +1,139 @@
+"""What a training run needs around its steps: a metrics writer, a progress bar, a SIGTERM
+guard, the profiler's step window and the check that a step's loss is finite."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+
+class MetricsWriter:
+    """Writes metrics as JSON lines to ``workdir/metrics.jsonl``, to TensorBoard event files in
+    ``workdir/tensorboard`` when ``tensorboardX`` is installed, and logs a summary line.
+
+    Only process 0 writes files; every process logs.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+        self.tensorboard = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+            except ImportError:
+                logging.info("tensorboardX is not installed: metrics go to %s only", self.path)
+            else:
+                self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+        """One JSON line ``{"step": step, prefix + name: value, ...}``; scalars also go to
+        TensorBoard and the log. Values may be arrays (written as numbers or lists)."""
+        record = {"step": int(step), **{prefix + k: _to_python(v) for k, v in metrics.items()}}
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, float)}
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                for name, value in scalars.items():
+                    self.tensorboard.add_scalar(name, value, step)
+                self.tensorboard.flush()
+        logging.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _to_python(value):
+    """A metric value as JSON can hold it: size-1 arrays -> number, others -> nested lists."""
+    value = np.asarray(value) if not isinstance(value, (str, dict, list)) else value
+    if isinstance(value, np.ndarray):
+        return value.item() if value.size == 1 else value.tolist()
+    return value
+
+
+class Progress:
+    """A tqdm bar with ETA on an interactive terminal; nothing otherwise (the periodic log lines
+    carry steps/s and the ETA there)."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.bar = None
+        if sys.stderr.isatty() and jax.process_index() == 0:
+            import tqdm  # pylint: disable=g-import-not-at-top
+
+            self.bar = tqdm.tqdm(
+                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True
+            )
+
+    def update(self, metrics: dict[str, float] | None = None) -> None:
+        """One step done; ``metrics`` (name -> number), if given, show beside the bar."""
+        if self.bar is not None:
+            self.bar.update(1)
+            if metrics:
+                self.bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (how clusters pre-empt a job) into a flag the loop polls, so training can
+    save a checkpoint and return instead of dying mid-step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):  # pylint: disable=unused-argument
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(first step traced, step after the last) from config.train.profile_*; (-1, -1): none."""
+    num = config.train.get("profile_num_steps", 0)
+    if num <= 0:
+        return -1, -1
+    first = config.train.get("profile_start_step", 10)
+    return first, first + num
+
+
+def check_finite(step: int, metrics: dict[str, Any], image_ids) -> None:
+    """FloatingPointError naming the step, its images and every loss part when
+    ``metrics["loss"]`` is NaN or infinite.
+
+    Args:
+      step: the step count after the step that produced ``metrics``.
+      metrics: name -> scalar (device or host) of that step.
+      image_ids: int [B_local] ids of this process's images in the batch, or None.
+    """
+    loss = float(jax.device_get(metrics["loss"]))
+    if not math.isfinite(loss):
+        ids = [] if image_ids is None else np.asarray(image_ids).tolist()
+        parts = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+        raise FloatingPointError(
+            f"Non-finite loss {loss} at step {step} (images {ids}); loss parts: {parts}. "
+            "No checkpoint was written for this step."
+        )

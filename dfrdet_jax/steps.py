@@ -1,0 +1,163 @@
+"""The train state and the step functions built from a config: the loss of a batch, one
+optimizer step, detections of a batch, and the train step jit-compiled for a device mesh.
+
+Each factory returns a pure function of (state, batch), so tests and notebooks can jit and call
+the same steps the training loop runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh
+
+from dfrdet_jax import layers, optimizers, sharding
+from dfrdet_jax.losses import total
+from dfrdet_jax.models import registry
+from dfrdet_jax.models.detectors import normalize_images
+
+Array = jax.Array
+Batch = dict[str, Array]  # the batch format of dfrdet_jax.data, global arrays
+
+
+class TrainState(train_state.TrainState):
+    """Parameters, optimizer state and step, plus BatchNorm running statistics."""
+
+    batch_stats: Any = None
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    rng: Array,
+    image_hw: tuple[int, int],
+    total_steps: int,
+) -> TrainState:
+    """Initialises parameters (with the DFR decoder when the config uses one) and optimizer.
+
+    Args:
+      rng: PRNG key of the parameter initialisation.
+      image_hw: (height, width) in pixels of the padded batches.
+      total_steps: the run's length in steps, which the learning-rate schedule spans.
+    """
+    dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
+    variables = jax.jit(
+        functools.partial(model.init, train=True, reconstruct=bool(config.dfr.levels))
+    )(rng, dummy)
+    state = TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=optimizers.make_optimizer(config, total_steps),
+    )
+    # A concrete int32 step (not a weakly typed Python 0), so the step compiles only once.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def loss_and_metrics(
+    params,
+    batch_stats,
+    batch: Batch,
+    rng: Array,
+    *,
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+) -> tuple[Array, tuple[dict[str, Array], Any]]:
+    """The total loss of a batch (Eq. 11, ``losses.total``) and its parts, in training mode.
+
+    Args:
+      params, batch_stats: the model's variables.
+      batch: a global batch (``image`` uint8 [B, H, W, 3], ``boxes`` [B, N, 4] xyxy pixels,
+        ``box_valid``, ``ignore``, ...).
+      rng: PRNG key of the step's random draws (Faster R-CNN's anchor and RoI sampling).
+    Returns:
+      (loss float32 scalar, (metrics: name -> float32 scalar, new batch_stats)).
+    """
+    images = normalize_images(batch["image"], model.dtype or jnp.float32)
+    reconstruct = bool(config.dfr.levels)
+    outputs, new_state = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        reconstruct=reconstruct,
+        mutable=["batch_stats", layers.LOSSES_COLLECTION],
+        **registry.apply_kwargs(config, batch, train=True, rng=rng),
+    )
+    loss, metrics = total.total_loss(
+        registry.detection_loss(config, outputs, batch),
+        new_state.get(layers.LOSSES_COLLECTION, {}),
+        outputs["reconstruction"] if reconstruct else None,
+        normalize_images(batch["image"]),
+        batch["boxes"],
+        batch["box_valid"],
+        batch["ignore"],
+        reconstruction_weight=config.loss.reconstruction_weight,
+        dfr_weight=config.loss.dfr_weight,
+        dfr_mode=config.dfr.mode,
+    )
+    return loss, (metrics, new_state["batch_stats"])
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict, model: nn.Module, total_steps: int
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
+    """``train_step(state, batch) -> (new state, metrics)``: one optimizer step on a global
+    batch. Metrics are the loss parts of ``loss_and_metrics`` plus ``grad_norm`` and the step's
+    ``learning_rate`` (the schedule of ``total_steps``, as in the state's optimizer)."""
+    learning_rate = optimizers.make_learning_rate(config, total_steps)
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_and_metrics, model=model, config=config), has_aux=True
+    )
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        # A key per step, from the seed: a resumed run draws exactly what it would have drawn.
+        rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+        (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["learning_rate"] = learning_rate(state.step)
+        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_predict_step(
+    config: ml_collections.ConfigDict, model: nn.Module
+) -> Callable[[TrainState, Batch], Any]:
+    """``predict_step(state, batch) -> detections``: inference (no decoder) on a batch, static
+    shapes, in the pixels of the batch's images (see ``registry.postprocess``)."""
+
+    def predict_step(state: TrainState, batch: Batch):
+        images = normalize_images(batch["image"], model.dtype or jnp.float32)
+        outputs = model.apply(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            images,
+            train=False,
+            **registry.apply_kwargs(config, batch, train=False),
+        )
+        return registry.postprocess(config, outputs, batch)
+
+    return predict_step
+
+
+def make_sharded_train_step(
+    config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh, total_steps: int
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
+    """``make_train_step`` jit-compiled for ``mesh``: state replicated (and donated), batch
+    split over the ``data`` axis. Call it with a replicated state and a batch from
+    ``sharding.to_global_batch``."""
+    replicated = sharding.replicated_sharding(mesh)
+    return jax.jit(
+        make_train_step(config, model, total_steps),
+        in_shardings=(replicated, sharding.batch_sharding(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
