@@ -8,9 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfrdet_jax.models.heads import roi_head, rpn
+from dfrdet_jax.models.heads import faster_rcnn, roi_head, rpn
 from dfrdet_jax.ops import boxes as boxes_ops
 from dfrdet_jax.ops import roi_align, sampling
+
+# The RPN's proposal settings of configs/faster_rcnn_r18.py and the NMS settings of
+# dfrdet_jax/base_config.py, where a test does not set its own.
+PROPOSALS = dict(pre_nms_top_k=2000, min_size=0.0, box_weights=faster_rcnn.RPN_BOX_WEIGHTS)
+NMS = dict(score_threshold=0.05, iou_threshold=0.5)
 
 # ---------------------------------------------------------------------------------------------
 # RoIAlign.
@@ -98,7 +103,7 @@ def test_roi_align_of_a_linear_ramp_is_its_value_at_the_bin_centres():
 def test_roi_levels_follow_the_fpn_rule():
     sides = np.array([4.0, 111.0, 112.0, 224.0, 448.0, 2000.0])
     rois = np.stack([np.zeros(6), np.zeros(6), sides, sides], 1)
-    levels = roi_align.roi_levels(jnp.asarray(rois), 2, 5)
+    levels = roi_align.roi_levels(jnp.asarray(rois), 2, 5, canonical_level=4)
     expected = [min(max(math.floor(4 + math.log2(s / 224)), 2), 5) for s in sides]
     np.testing.assert_array_equal(levels, expected)
     assert np.asarray(levels).tolist() == [2, 2, 3, 4, 5, 5]
@@ -147,8 +152,13 @@ def test_rpn_targets_draw_a_balanced_sample_of_matched_anchors():
         boxes,
         valid,
         np.zeros(3, bool),
+        positive_iou=0.7,
+        negative_iou=0.3,
+        ignore_iof=faster_rcnn.IGNORE_IOF,
         num_samples=16,
         positive_fraction=0.5,
+        box_weights=faster_rcnn.RPN_BOX_WEIGHTS,
+        chunk_size=None,
     )
     weight, positive = np.asarray(targets["weight"]), np.asarray(targets["positive"])
     # Positives: the anchor equal to box 0 (IoU 1) and box 1's best anchor (IoU 56 / 98, a
@@ -169,7 +179,13 @@ def test_rpn_proposals_decode_clip_and_suppress():
     logits = jnp.array([3.0, 2.0, 1.0, 0.5])
     deltas = jnp.zeros((4, 4)).at[3].set(jnp.array([0.5, 0.0, 0.0, 0.0]))  # shifted right 5 px
     boxes, scores, valid = rpn.rpn_proposals(
-        logits, deltas, jnp.asarray(anchors), jnp.array([48, 52]), post_nms_top_k=4, nms_iou=0.5
+        logits,
+        deltas,
+        jnp.asarray(anchors),
+        jnp.array([48, 52]),
+        post_nms_top_k=4,
+        nms_iou=0.5,
+        **PROPOSALS,
     )
     assert np.asarray(valid).tolist() == [True, True, True, False]  # anchor 1 suppressed by 0
     np.testing.assert_allclose(boxes[:3], [[0, 0, 10, 10], [20, 20, 30, 30], [45, 40, 52, 48]])
@@ -181,7 +197,7 @@ def test_rpn_proposals_decode_clip_and_suppress():
         jnp.array([48, 52]),
         post_nms_top_k=4,
         nms_iou=0.5,
-        min_size=9.5,
+        **{**PROPOSALS, "min_size": 9.5},
     )
     assert int(np.asarray(valid).sum()) == 2  # the clipped 7 x 8 px proposal is too small
 
@@ -194,7 +210,7 @@ def test_rpn_loss_by_hand():
         "positive": jnp.array([[True, False, False]]),
         "deltas": jnp.array([[[0.5, 1.0, 1.5, 3.0], [0, 0, 0, 0], [0, 0, 0, 0]]]),
     }
-    losses = rpn.rpn_loss(outputs, targets)
+    losses = rpn.rpn_loss(outputs, targets, smooth_l1_beta=0.0)
     bce = math.log(2) + math.log(1 + math.exp(2.0))
     np.testing.assert_allclose(float(losses["loss_rpn_cls"]), bce / 2, rtol=1e-6)
     np.testing.assert_allclose(float(losses["loss_rpn_box"]), (0.5 + 0 + 0.5 + 2) / 2, rtol=1e-6)
@@ -222,6 +238,10 @@ def test_sample_rois_adds_the_ground_truth_and_encodes_deltas():
         3,
         num_samples=6,
         positive_fraction=0.5,
+        positive_iou=0.5,
+        negative_iou=0.5,
+        ignore_iof=faster_rcnn.IGNORE_IOF,
+        box_weights=faster_rcnn.ROI_BOX_WEIGHTS,
     )
     weight, positive = np.asarray(out["weight"]), np.asarray(out["positive"])
     rois, got_labels = np.asarray(out["rois"]), np.asarray(out["labels"])
@@ -248,12 +268,14 @@ def test_roi_loss_by_hand_and_its_gradient():
         "positive": jnp.array([[True, False, False]]),
     }
     outputs = {"roi_cls_logits": logits, "roi_deltas": deltas}
-    losses = roi_head.roi_loss(outputs, targets)
+    losses = roi_head.roi_loss(outputs, targets, smooth_l1_beta=0.0)
     ce0 = -math.log(math.exp(2) / (math.exp(2) + 2))
     ce1 = -math.log(1 / (2 + math.exp(1)))
     np.testing.assert_allclose(float(losses["loss_roi_cls"]), (ce0 + ce1) / 2, rtol=1e-6)
     np.testing.assert_allclose(float(losses["loss_roi_box"]), (0.5 + 1 + 0.25 + 2) / 2, rtol=1e-6)
-    grad = jax.grad(lambda o: roi_head.roi_loss(o, targets)["loss_roi_box"])(outputs)["roi_deltas"]
+    grad = jax.grad(lambda o: roi_head.roi_loss(o, targets, 0.0)["loss_roi_box"])(outputs)[
+        "roi_deltas"
+    ]
     expected = np.zeros((1, 3, 2, 4))
     expected[0, 0, 0] = np.sign([0.5, -1.0, -0.25, 2.0]) / 2  # only RoI 0's own class
     np.testing.assert_allclose(np.asarray(grad), expected, atol=1e-7)
@@ -271,8 +293,10 @@ def test_roi_postprocess_moves_the_proposal_by_its_class_deltas():
             "proposal_valid": jnp.array([[True, False]]),
         },
         jnp.array([[100, 100]]),
+        box_weights=faster_rcnn.ROI_BOX_WEIGHTS,
         max_detections=3,
         pre_nms_top_k=4,
+        **NMS,
     )
     assert int(dets.valid.sum()) == 1 and int(dets.classes[0, 0]) == 1
     # dx = 1 / 10 of 20 px = +2 px; h doubled from 10 to 20 px around y = 15.

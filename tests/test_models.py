@@ -1,16 +1,19 @@
-"""Backbone, FPN, FCOS head and DFR decoder: sizes, which layers are binary, shapes."""
+"""Backbone, FPN, FCOS head, DFR decoder and the family registry: sizes, which layers are binary,
+shapes, registration."""
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from dfrdet_jax.models import registry
 from dfrdet_jax.models.common import BinarySpec
 from dfrdet_jax.models.decoder import DFRDecoder, pixel_shuffle
 from dfrdet_jax.models.detectors import Detector
 from dfrdet_jax.models.fpn import upsample_nearest_to
-from dfrdet_jax.models.heads import dense
+from dfrdet_jax.models.heads import family, single_stage
 from dfrdet_jax.models.heads import fcos as fcos_head
 from dfrdet_jax.models.resnet import ResNet
 
@@ -66,7 +69,7 @@ def test_fcos_outputs_cover_every_level_point():
     x = jnp.zeros((2, 64, 128, 3))
     variables = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
     out = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
-    sizes = dense.feature_sizes((64, 128), model.strides)
+    sizes = single_stage.feature_sizes((64, 128), model.strides)
     assert sizes == [(16, 32), (8, 16), (4, 8), (2, 4), (1, 2)]
     points = sum(h * w for h, w in sizes)
     assert out["cls_logits"].shape == (2, points, 3)
@@ -115,7 +118,7 @@ def test_any_input_size_gives_ceil_sized_levels(hw):
     images = jnp.zeros((1, *hw, 3))
     variables = model.init(jax.random.key(0), images, train=False)
     outputs = model.apply(variables, images, train=False)
-    sizes = dense.feature_sizes(hw, model.strides)
+    sizes = single_stage.feature_sizes(hw, model.strides)
     assert sizes[0] == (-(-hw[0] // 4), -(-hw[1] // 4)) and sizes[-1][0] == 1 + (hw[0] > 64)
     assert outputs["cls_logits"].shape[1] == sum(h * w for h, w in sizes)
 
@@ -140,7 +143,7 @@ def test_decoder_from_single_level_and_common_stride():
 
 def test_postprocess_decodes_and_clips_the_best_point():
     strides = (4, 8)
-    sizes = dense.feature_sizes((16, 16), strides)
+    sizes = single_stage.feature_sizes((16, 16), strides)
     num_points = sum(h * w for h, w in sizes)
     cls = jnp.full((1, num_points, 2), -10.0)
     ltrb = jnp.zeros((1, num_points, 4))
@@ -153,6 +156,8 @@ def test_postprocess_decodes_and_clips_the_best_point():
         jnp.array([[16, 12]]),
         input_hw=(16, 16),
         strides=strides,
+        score_threshold=0.05,
+        iou_threshold=0.5,
         max_detections=4,
         pre_nms_top_k=10,
     )
@@ -169,3 +174,30 @@ def test_upsample_nearest_to_an_odd_size_repeats_and_crops():
     expected = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)[:, :3, :5]
     np.testing.assert_array_equal(y, expected)
     assert y[0, 2, 4, 0] == x[0, 1, 2, 0]
+
+
+def test_every_family_is_registered_once_by_its_config_name():
+    assert set(family.FAMILIES) == {"fcos", "retinanet", "faster_rcnn"}
+    assert [name for name, f in family.FAMILIES.items() if f.needs_targets] == ["faster_rcnn"]
+    with pytest.raises(KeyError, match="'fcos' is already registered"):
+        family.register("fcos", family.FAMILIES["fcos"])
+
+
+def test_unknown_family_lists_the_registered_ones(monkeypatch):
+    for name in list(family.FAMILIES):  # an isolated table, restored after the test
+        monkeypatch.delitem(family.FAMILIES, name)
+    toy = family.DetectorFamily(
+        build_head=lambda config, num_classes, binary, dtype: None,
+        loss=lambda config, outputs, batch: {},
+        postprocess=lambda config, outputs, batch: None,
+        validate=lambda config: None,
+    )
+    family.register("toy", toy)
+    config = ml_collections.ConfigDict({"model": {"name": "fcos"}})
+    with pytest.raises(ValueError, match=r"valid choices: \['toy'\]"):
+        registry.family(config)
+    config.model.name = "toy"
+    with pytest.raises(ValueError, match="needs a config.toy section"):
+        registry.family(config)
+    config.toy = {}
+    assert registry.family(config) is toy

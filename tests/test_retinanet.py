@@ -1,7 +1,5 @@
-"""RetinaNet: anchors, max-IoU matching (against a plain-loop reference), smooth L1, the loss, the
-head and its post-processing."""
-
-import itertools
+"""RetinaNet: anchors, smooth L1, the loss, the head and its post-processing (max-IoU matching:
+test_ops_matcher.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +9,20 @@ import pytest
 from dfrdet_jax.losses.smooth_l1 import smooth_l1_loss
 from dfrdet_jax.models.common import BinarySpec
 from dfrdet_jax.models.detectors import Detector
-from dfrdet_jax.models.heads import dense
 from dfrdet_jax.models.heads import retinanet as retinanet_head
+from dfrdet_jax.models.heads import single_stage
 from dfrdet_jax.ops import anchors as anchors_ops
-from dfrdet_jax.ops import assign
 from dfrdet_jax.ops import boxes as boxes_ops
+from dfrdet_jax.ops import matcher
+
+# config.retinanet's anchors, matching and loss settings (configs/retinanet_r18.py), one chunk.
+ANCHORS = dict(octave_base_scale=2.0, scales_per_octave=3, aspect_ratios=(0.5, 1.0, 2.0))
+MATCHING = dict(
+    positive_iou=0.5, negative_iou=0.4, low_quality_matches=True, ignore_iof=0.5, chunk_size=None
+)
+LOSS = dict(
+    **MATCHING, focal_alpha=0.25, focal_gamma=2.0, smooth_l1_beta=0.0, box_weights=(1.0,) * 4
+)
 
 # ---------------------------------------------------------------------------------------------
 # Anchors.
@@ -60,129 +67,6 @@ def test_anchor_grid_order_is_level_cell_shape():
 
 
 # ---------------------------------------------------------------------------------------------
-# Max-IoU matching.
-
-
-def _iou(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union, inter
-
-
-def _reference_match(anchors, boxes, labels, valid, ignore, num_classes, pos, neg, low, iof_thr):
-    """Plain loops: detectron2's Matcher with allow_low_quality_matches, plus ignore regions."""
-    num_anchors = len(anchors)
-    out_labels = np.full(num_anchors, num_classes)
-    out_positive = np.zeros(num_anchors, bool)
-    out_ignore = np.zeros(num_anchors, bool)
-    out_gt = np.full(num_anchors, -1)
-    assignable = [j for j in range(len(boxes)) if valid[j] and not ignore[j]]
-    table = {(i, j): _iou(anchors[i], boxes[j]) for i in range(num_anchors) for j in assignable}
-    best_of_box = {j: max(table[i, j][0] for i in range(num_anchors)) for j in assignable}
-    for i in range(num_anchors):
-        best, match = -1.0, -1
-        for j in assignable:  # first maximum wins
-            if table[i, j][0] > best:
-                best, match = table[i, j][0], j
-        positive = best >= pos
-        if low:
-            positive |= any(
-                best_of_box[j] > 0 and table[i, j][0] >= best_of_box[j] - 1e-6 for j in assignable
-            )
-        area = (anchors[i][2] - anchors[i][0]) * (anchors[i][3] - anchors[i][1])
-        covered = any(
-            valid[j] and ignore[j] and _iou(anchors[i], boxes[j])[1] / area >= iof_thr
-            for j in range(len(boxes))
-        )
-        if positive:
-            out_positive[i], out_labels[i], out_gt[i] = True, labels[match], match
-        elif best >= neg or covered:
-            out_ignore[i] = True
-    return out_labels, out_positive, out_ignore, out_gt
-
-
-def _random_scene(seed, num_boxes=7, size=48):
-    rng = np.random.default_rng(seed)
-    wh = rng.uniform(2, 20, (num_boxes, 2))
-    xy = rng.uniform(0, size - 20, (num_boxes, 2))
-    boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
-    labels = rng.integers(0, 3, num_boxes).astype(np.int32)
-    valid = np.arange(num_boxes) < num_boxes - 1  # the last row is padding
-    ignore = np.zeros(num_boxes, bool)
-    ignore[1] = True  # an ignore region
-    boxes[2] = boxes[3] + np.float32(0.5)  # two boxes almost on top of each other
-    return boxes, labels, valid, ignore
-
-
-@pytest.mark.parametrize(("seed", "low_quality"), list(itertools.product(range(3), (True, False))))
-def test_max_iou_matching_equals_the_loop_reference(seed, low_quality):
-    anchors, _ = anchors_ops.anchor_grid([(12, 12), (6, 6)], (4, 8), octave_base_scale=2.0)
-    boxes, labels, valid, ignore = _random_scene(seed)
-    settings = dict(positive_iou=0.5, negative_iou=0.4, low_quality_matches=low_quality)
-    got = assign.max_iou_targets(
-        jnp.asarray(anchors), boxes, labels, valid, ignore, 3, ignore_iof=0.5, **settings
-    )
-    ref_labels, ref_positive, ref_ignore, ref_gt = _reference_match(
-        anchors, boxes, labels, valid, ignore, 3, 0.5, 0.4, low_quality, 0.5
-    )
-    np.testing.assert_array_equal(got["positive"], ref_positive)
-    np.testing.assert_array_equal(got["labels"], ref_labels)
-    np.testing.assert_array_equal(got["ignore"], ref_ignore)
-    np.testing.assert_array_equal(got["gt_index"], ref_gt)
-    assert ref_positive.any() and ref_ignore.any() and (~ref_positive & ~ref_ignore).any()
-    np.testing.assert_allclose(
-        got["box_targets"], np.where(ref_positive[:, None], boxes[np.maximum(ref_gt, 0)], anchors)
-    )
-    # Chunks of 7 anchors (the last one padded) give exactly the same targets.
-    chunked = assign.max_iou_targets(
-        jnp.asarray(anchors), boxes, labels, valid, ignore, 3, chunk_size=7, **settings
-    )
-    for key in got:
-        np.testing.assert_array_equal(chunked[key], got[key], err_msg=key)
-
-
-def test_low_quality_match_gives_a_tiny_box_its_best_anchor():
-    # 8 px anchors every 4 px; a 3 x 3 px box reaches IoU 9/64 < 0.4 at best.
-    anchors, _ = anchors_ops.anchor_grid(
-        [(4, 4)], (4,), octave_base_scale=2.0, scales_per_octave=1, aspect_ratios=(1.0,)
-    )
-    box = np.array([[4.5, 4.5, 7.5, 7.5]], np.float32)  # centred on the cell (1, 1) anchor
-    one = (np.zeros(1, np.int32), np.ones(1, bool), np.zeros(1, bool))
-    with_low = assign.max_iou_targets(jnp.asarray(anchors), box, *one, 1)
-    without = assign.max_iou_targets(jnp.asarray(anchors), box, *one, 1, low_quality_matches=False)
-    assert not bool(without["positive"].any())
-    assert np.flatnonzero(with_low["positive"]).tolist() == [5]  # cell (1, 1) only
-    np.testing.assert_allclose(float(with_low["max_iou"][5]), 9 / 64, rtol=1e-5)
-    # An image without any box: all background.
-    empty = assign.max_iou_targets(
-        jnp.asarray(anchors),
-        np.zeros((0, 4), np.float32),
-        np.zeros(0, np.int32),
-        np.zeros(0, bool),
-        np.zeros(0, bool),
-        1,
-    )
-    assert not bool(empty["positive"].any() | empty["ignore"].any())
-    assert bool((empty["labels"] == 1).all())
-
-
-def test_matcher_rejects_crossed_thresholds():
-    with pytest.raises(ValueError, match="negative_iou <= positive_iou"):
-        assign.max_iou_targets(
-            jnp.zeros((4, 4)),
-            np.zeros((1, 4), np.float32),
-            np.zeros(1, np.int32),
-            np.ones(1, bool),
-            np.zeros(1, bool),
-            1,
-            positive_iou=0.3,
-            negative_iou=0.5,
-        )
-
-
-# ---------------------------------------------------------------------------------------------
 # Smooth L1 and the loss.
 
 
@@ -220,17 +104,20 @@ def test_loss_is_zero_for_perfect_boxes_and_its_gradient_is_finite(box_loss):
     batch = _scene_batch()
     strides = (4, 8)
     anchors, _ = anchors_ops.anchor_grid(
-        dense.feature_sizes((32, 32), strides), strides, octave_base_scale=2.0
+        single_stage.feature_sizes((32, 32), strides), strides, **ANCHORS
     )
-    targets = assign.max_iou_targets(
-        jnp.asarray(anchors), *(batch[k][0] for k in ("boxes", "labels", "box_valid", "ignore")), 2
+    targets = matcher.max_iou_targets(
+        jnp.asarray(anchors),
+        *(batch[k][0] for k in ("boxes", "labels", "box_valid", "ignore")),
+        2,
+        **MATCHING,
     )
     num_anchors = len(anchors)
     perfect = boxes_ops.delta_encode(jnp.asarray(anchors), targets["box_targets"])[None]
     logits = jnp.where(
         jax.nn.one_hot(targets["labels"], 2, dtype=bool)[None], 20.0, -20.0
     )  # confident and right everywhere
-    settings = dict(anchors=anchors, num_classes=2, box_loss=box_loss)
+    settings = dict(anchors=anchors, num_classes=2, box_loss=box_loss, **LOSS)
     losses = retinanet_head.retinanet_loss(
         {"cls_logits": logits, "deltas": perfect}, batch, **settings
     )
@@ -253,10 +140,12 @@ def test_loss_checks_the_anchor_count():
     batch = _scene_batch()
     outputs = {"cls_logits": jnp.zeros((1, 10, 2)), "deltas": jnp.zeros((1, 10, 4))}
     with pytest.raises(ValueError, match="9 anchors for 10 predictions"):
-        retinanet_head.retinanet_loss(outputs, batch, anchors=np.zeros((9, 4)), num_classes=2)
+        retinanet_head.retinanet_loss(
+            outputs, batch, anchors=np.zeros((9, 4)), num_classes=2, box_loss="smooth_l1", **LOSS
+        )
     with pytest.raises(ValueError, match="Unknown RetinaNet box_loss 'l2'"):
         retinanet_head.retinanet_loss(
-            outputs, batch, anchors=np.zeros((10, 4)), num_classes=2, box_loss="l2"
+            outputs, batch, anchors=np.zeros((10, 4)), num_classes=2, box_loss="l2", **LOSS
         )
 
 
@@ -273,7 +162,7 @@ def test_head_outputs_one_row_per_anchor(binary):
     variables = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
     out = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
     anchors, _ = anchors_ops.anchor_grid(
-        dense.feature_sizes((64, 96), model.strides), model.strides
+        single_stage.feature_sizes((64, 96), model.strides), model.strides, **ANCHORS
     )
     assert out["cls_logits"].shape == (2, len(anchors), 3)
     assert out["deltas"].shape == (2, len(anchors), 4)
@@ -295,6 +184,9 @@ def test_postprocess_decodes_and_clips_the_best_anchor():
         {"cls_logits": cls, "deltas": deltas},
         jnp.array([[20, 30]]),
         anchors=anchors,
+        box_weights=(1.0,) * 4,
+        score_threshold=0.05,
+        iou_threshold=0.5,
         max_detections=4,
         pre_nms_top_k=6,
     )

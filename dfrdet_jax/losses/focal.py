@@ -17,7 +17,7 @@ def sigmoid_focal_loss_elementwise(
     Args:
       logits: float [..., C] raw class scores.
       labels: int [...]; a class in [0, C) is the positive class, any other value
-        (C = background in `ops.assign`, or -1) means every class is negative.
+        (C = background in `ops.ground_truth`, or -1) means every class is negative.
       alpha: weight of positives (1 - alpha for negatives).
       gamma: focusing exponent.
     Returns:

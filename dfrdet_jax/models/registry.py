@@ -1,47 +1,32 @@
-"""Detector families by name: how to build each from a config, its loss and its post-processing.
+"""Detectors by family name: the registry every caller goes through.
 
-Training and evaluation code calls only ``build_model``, ``detection_loss`` and ``postprocess``;
-a new family registers a ``DetectorFamily`` here instead of adding ``if name == ...`` branches.
+Training and evaluation call ``validate_config``, ``build_model``, ``apply_kwargs``,
+``detection_loss`` and ``postprocess``. Each family (``heads.fcos``, ``heads.retinanet``,
+``heads.faster_rcnn``) declares next to its head how it is built from the config, its loss, its
+post-processing and its own checks, and registers itself in ``heads.family``; this module
+imports those head modules so that the table is complete, puts the shared backbone, neck and DFR
+decoder around the head, and holds the checks of the sections every family shares. A new family
+is a head module that registers a ``heads.family.DetectorFamily`` and is imported here, instead
+of ``if name == ...`` branches.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from dfrdet_jax.losses import dfr
 from dfrdet_jax.models.common import REAL, BinarySpec
-from dfrdet_jax.models.detectors import Detector, level_strides
-from dfrdet_jax.models.heads import faster_rcnn as faster_rcnn_head
-from dfrdet_jax.models.heads import fcos as fcos_head
-from dfrdet_jax.models.heads import retinanet as retinanet_head
-from dfrdet_jax.ops.anchors import anchor_shapes, anchors_per_cell
-from dfrdet_jax.ops.assign import check_iou_thresholds
+from dfrdet_jax.models.detectors import Detector
+from dfrdet_jax.models.heads import faster_rcnn, fcos, retinanet  # noqa: F401  (registers them)
+from dfrdet_jax.models.heads.family import FAMILIES, DetectorFamily
 
 Array = jax.Array
 BINARY_PARTS = ("backbone", "neck", "head")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class DetectorFamily:
-    """build(config, num_classes) -> module; loss(config, outputs, batch) -> dict of scalars whose
-    'loss_*' entries sum to L_det (others are reported as metrics); postprocess(config, outputs,
-    batch) -> ``dfrdet_jax.ops.nms.Detections`` with a leading batch axis; validate(config) raises
-    ValueError for a bad setting of the family's own config section. A family that
-    ``needs_targets`` is applied with ``apply_kwargs`` (ground truth and a 'sampling' PRNG key)."""
-
-    build: Callable[[ml_collections.ConfigDict, int], Any]
-    loss: Callable[..., dict[str, Array]]
-    postprocess: Callable[..., Any]
-    validate: Callable[[ml_collections.ConfigDict], None]
-    needs_targets: bool = False  # two-stage: the model samples RoIs from the ground truth
 
 
 def binary_spec(config: ml_collections.ConfigDict, part: str) -> BinarySpec:
@@ -52,6 +37,7 @@ def binary_spec(config: ml_collections.ConfigDict, part: str) -> BinarySpec:
 
 
 def model_dtype(config: ml_collections.ConfigDict):
+    """The computation dtype of ``config.model.dtype`` ('float32' or 'bfloat16')."""
     try:
         return DTYPES[config.model.dtype]
     except KeyError:
@@ -79,187 +65,8 @@ def _detector(config: ml_collections.ConfigDict, head) -> Detector:
     )
 
 
-def _strides(config) -> tuple[int, ...]:
-    return level_strides(config.model.min_level, config.model.max_level)
-
-
-def _nms_settings(config) -> dict[str, Any]:
-    p = config.postprocess
-    return dict(
-        score_threshold=p.score_threshold,
-        iou_threshold=p.nms_iou_threshold,
-        max_detections=p.max_detections,
-        pre_nms_top_k=p.pre_nms_top_k,
-    )
-
-
-# FCOS ----------------------------------------------------------------------------------------
-
-
-def _build_fcos(config: ml_collections.ConfigDict, num_classes: int) -> Detector:
-    m = config.model
-    head = fcos_head.FCOSHead(
-        num_classes,
-        _strides(config),
-        m.fpn_width,
-        m.head_convs,
-        binary=binary_spec(config, "head"),
-        dtype=model_dtype(config),
-    )
-    return _detector(config, head)
-
-
-def _fcos_loss(config, outputs, batch):
-    f = config.fcos
-    return fcos_head.fcos_loss(
-        outputs,
-        batch,
-        strides=_strides(config),
-        regress_ranges=np.asarray(f.regress_ranges),
-        num_classes=outputs["cls_logits"].shape[-1],
-        center_sampling=f.center_sampling,
-        center_radius=f.center_radius,
-        focal_alpha=f.focal_alpha,
-        focal_gamma=f.focal_gamma,
-        chunk_size=f.assign_chunk_size,
-    )
-
-
-def _fcos_postprocess(config, outputs, batch):
-    return fcos_head.fcos_postprocess(
-        outputs,
-        batch["image_hw"],
-        input_hw=batch["image"].shape[1:3],
-        strides=_strides(config),
-        **_nms_settings(config),
-    )
-
-
-def _validate_fcos(config) -> None:
-    levels = len(_strides(config))
-    if len(config.fcos.regress_ranges) != levels:
-        raise ValueError(
-            f"config.fcos.regress_ranges has {len(config.fcos.regress_ranges)} ranges "
-            f"for {levels} FPN levels"
-        )
-
-
-# RetinaNet -----------------------------------------------------------------------------------
-
-
-def _build_retinanet(config: ml_collections.ConfigDict, num_classes: int) -> Detector:
-    m, r = config.model, config.retinanet
-    head = retinanet_head.RetinaNetHead(
-        num_classes,
-        anchors_per_cell(r.scales_per_octave, tuple(r.aspect_ratios)),
-        m.fpn_width,
-        m.head_convs,
-        binary=binary_spec(config, "head"),
-        dtype=model_dtype(config),
-    )
-    return _detector(config, head)
-
-
-def _retinanet_anchors(config, batch) -> np.ndarray:
-    return retinanet_head.retinanet_anchors(
-        batch["image"].shape[1:3], _strides(config), config.retinanet
-    )
-
-
-def _retinanet_loss(config, outputs, batch):
-    r = config.retinanet
-    return retinanet_head.retinanet_loss(
-        outputs,
-        batch,
-        anchors=_retinanet_anchors(config, batch),
-        num_classes=outputs["cls_logits"].shape[-1],
-        positive_iou=r.positive_iou,
-        negative_iou=r.negative_iou,
-        low_quality_matches=r.low_quality_matches,
-        ignore_iof=r.ignore_iof,
-        focal_alpha=r.focal_alpha,
-        focal_gamma=r.focal_gamma,
-        box_loss=r.box_loss,
-        smooth_l1_beta=r.smooth_l1_beta,
-        box_weights=tuple(r.box_weights),
-        chunk_size=r.assign_chunk_size,
-    )
-
-
-def _retinanet_postprocess(config, outputs, batch):
-    return retinanet_head.retinanet_postprocess(
-        outputs,
-        batch["image_hw"],
-        anchors=_retinanet_anchors(config, batch),
-        box_weights=tuple(config.retinanet.box_weights),
-        **_nms_settings(config),
-    )
-
-
-def _validate_retinanet(config) -> None:
-    r = config.retinanet
-    retinanet_head.check_box_loss(r.box_loss, "config.retinanet.box_loss")
-    check_iou_thresholds(r.negative_iou, r.positive_iou, "config.retinanet")
-    anchor_shapes(4, r.octave_base_scale, r.scales_per_octave, tuple(r.aspect_ratios))
-
-
-# Faster R-CNN --------------------------------------------------------------------------------
-
-
-def _build_faster_rcnn(config: ml_collections.ConfigDict, num_classes: int) -> Detector:
-    settings = config.faster_rcnn.to_dict()
-    settings["rpn_aspect_ratios"] = tuple(settings["rpn_aspect_ratios"])
-    head = faster_rcnn_head.FasterRCNNHead(
-        num_classes,
-        _strides(config),
-        flax.core.FrozenDict(settings),
-        config.model.fpn_width,
-        binary=binary_spec(config, "head"),
-        dtype=model_dtype(config),
-    )
-    return _detector(config, head)
-
-
-def _faster_rcnn_loss(config, outputs, batch):
-    del batch  # the targets were drawn inside the model (see apply_kwargs)
-    return faster_rcnn_head.faster_rcnn_loss(outputs, config.faster_rcnn.smooth_l1_beta)
-
-
-def _faster_rcnn_postprocess(config, outputs, batch):
-    return faster_rcnn_head.faster_rcnn_postprocess(
-        outputs, batch["image_hw"], **_nms_settings(config)
-    )
-
-
-def _validate_faster_rcnn(config) -> None:
-    f = config.faster_rcnn
-    for stage in ("rpn", "roi"):
-        names = (f"{stage}_negative_iou", f"{stage}_positive_iou")
-        check_iou_thresholds(f[names[0]], f[names[1]], "config.faster_rcnn", names)
-    if f.roi_num_samples > f.rpn_post_nms_top_k:
-        raise ValueError(
-            f"config.faster_rcnn.roi_num_samples={f.roi_num_samples} exceeds the proposals it "
-            f"is drawn from (rpn_post_nms_top_k={f.rpn_post_nms_top_k})"
-        )
-    anchor_shapes(4, f.rpn_octave_base_scale, f.rpn_scales_per_octave, tuple(f.rpn_aspect_ratios))
-
-
-FAMILIES: dict[str, DetectorFamily] = {
-    "fcos": DetectorFamily(_build_fcos, _fcos_loss, _fcos_postprocess, _validate_fcos),
-    "retinanet": DetectorFamily(
-        _build_retinanet, _retinanet_loss, _retinanet_postprocess, _validate_retinanet
-    ),
-    "faster_rcnn": DetectorFamily(
-        _build_faster_rcnn,
-        _faster_rcnn_loss,
-        _faster_rcnn_postprocess,
-        _validate_faster_rcnn,
-        needs_targets=True,
-    ),
-}
-
-
 def family(config: ml_collections.ConfigDict) -> DetectorFamily:
+    """The registered family of ``config.model.name``; ValueError naming the known ones."""
     name = config.model.name
     if name not in FAMILIES:
         raise ValueError(f"Unknown config.model.name {name!r}; valid choices: {sorted(FAMILIES)}")
@@ -295,9 +102,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     family(config).validate(config)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Detector:
+    """The validated ``Detector`` of ``config`` with ``num_classes`` foreground classes."""
     validate_config(config)
-    return family(config).build(config, num_classes)
+    head = family(config).build_head(
+        config, num_classes, binary_spec(config, "head"), model_dtype(config)
+    )
+    return _detector(config, head)
 
 
 def apply_kwargs(config, batch: dict[str, Array], train: bool, rng: Array | None = None) -> dict:
@@ -315,8 +126,10 @@ def apply_kwargs(config, batch: dict[str, Array], train: bool, rng: Array | None
 
 
 def detection_loss(config, outputs, batch) -> dict[str, Array]:
+    """L_det of the family: a dict of float32 scalars, the 'loss_*' entries summing to L_det."""
     return family(config).loss(config, outputs, batch)
 
 
 def postprocess(config, outputs, batch):
+    """Detections (``ops.nms.Detections`` with a leading batch axis) of inference outputs."""
     return family(config).postprocess(config, outputs, batch)

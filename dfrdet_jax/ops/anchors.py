@@ -1,7 +1,7 @@
 """Anchor boxes of every feature-map cell (RetinaNet, Faster R-CNN's RPN), as numpy constants.
 
 Anchor ordering, shared with the heads that predict per anchor: level by level in the order
-given, row-major over the cells within a level (as ``assign.fcos_points``), and within a cell
+given, row-major over the cells within a level (as ``points.fcos_points``), and within a cell
 the K shapes of ``anchor_shapes`` (aspect-ratio major, scale minor). That is the order of
 ``prediction.reshape(B, h * w * K, D)`` for an NHWC prediction map [B, h, w, K * D].
 
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dfrdet_jax.ops.assign import fcos_points
+from dfrdet_jax.ops.points import fcos_points
 
 
 def anchor_shapes(
@@ -51,9 +51,9 @@ def anchor_grid(
     feature_sizes: Sequence[tuple[int, int]],
     strides: Sequence[int],
     *,
-    octave_base_scale: float = 4.0,
-    scales_per_octave: int = 3,
-    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    octave_base_scale: float,
+    scales_per_octave: int,
+    aspect_ratios: Sequence[float],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every anchor of every level, in the order of the module docstring.
 

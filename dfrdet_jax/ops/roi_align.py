@@ -21,11 +21,13 @@ def roi_levels(
     rois: jnp.ndarray,
     min_level: int,
     max_level: int,
+    *,
+    canonical_level: int,
     canonical_size: float = 224.0,
-    canonical_level: int = 4,
 ) -> jnp.ndarray:
     """FPN level of each RoI (Lin et al. 2017, Eq. 1): floor(k0 + log2(sqrt(w h) / 224)),
-    clamped to [min_level, max_level]; rois [R, 4] xyxy px -> int32 [R] levels.
+    k0 = ``canonical_level`` (the level of a ``canonical_size`` px RoI), clamped to
+    [min_level, max_level]; rois [R, 4] xyxy px -> int32 [R] levels.
 
     With k0 = 4 every RoI under 112 px (all of AI-TOD's tiny objects) reads P2 (min_level 2).
     """
@@ -39,8 +41,8 @@ def multilevel_roi_align(
     strides: Sequence[int],
     rois: jnp.ndarray,
     level_index: jnp.ndarray,
-    output_size: int = 7,
-    sampling_ratio: int = 2,
+    output_size: int,
+    sampling_ratio: int,
 ) -> jnp.ndarray:
     """Pools the RoIs of one image from its pyramid.
 
@@ -101,7 +103,7 @@ def multilevel_roi_align(
     return out.mean(axis=(2, 4)).astype(levels[0].dtype)
 
 
-def batched_roi_align(levels, strides, rois, level_index, output_size=7, sampling_ratio=2):
+def batched_roi_align(levels, strides, rois, level_index, output_size, sampling_ratio):
     """``multilevel_roi_align`` over a batch: levels [B, h_l, w_l, C], rois [B, R, 4],
     level_index [B, R] -> [B, R, S, S, C]."""
     return jax.vmap(

@@ -9,6 +9,8 @@ random draws use the 'sampling' PRNG stream (``model.apply(..., rngs={'sampling'
 
 Inference: the box head runs on every kept proposal; ``roi_head.roi_postprocess`` turns that into
 detections. Every shape is static: proposals, RoIs and detections are fixed-size with masks.
+
+The family 'faster_rcnn' reads ``config.faster_rcnn`` (see ``configs/faster_rcnn_r18.py``).
 """
 
 from __future__ import annotations
@@ -18,35 +20,105 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from dfrdet_jax.models.common import REAL, BinarySpec
-from dfrdet_jax.models.heads import roi_head, rpn
+from dfrdet_jax.models.heads import family, roi_head, rpn
 from dfrdet_jax.ops import anchors as anchors_ops
-from dfrdet_jax.ops import roi_align
+from dfrdet_jax.ops import matcher, nms, roi_align
 
 Array = jax.Array
+# Delta coder weights of the RPN's anchors and of the box head's RoIs (as mmdetection, detectron2).
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+# Anchors and RoIs at least this much inside an ignore region (intersection / own area) are
+# ignored, in both stages.
+IGNORE_IOF = 0.5
 
 
 class FasterRCNNHead(nn.Module):
-    """Attributes:
+    """Attributes (from ``rpn_octave_base_scale`` to ``assign_chunk_size``: the
+    ``config.faster_rcnn`` fields of the same names, see ``configs/faster_rcnn_r18.py``):
     num_classes: foreground classes.
     strides: stride of each input level, px (P2..P6: 4..64).
-    settings: the ``config.faster_rcnn`` section (anchors, RPN, RoI sampling and pooling sizes;
-      see ``configs/faster_rcnn_r18.py``) as a ``flax.core.FrozenDict``.
     width: RPN conv channels (the FPN width).
+    rpn_octave_base_scale, rpn_scales_per_octave, rpn_aspect_ratios: the RPN's anchors (see
+      ``ops.anchors.anchor_shapes``).
+    rpn_positive_iou, rpn_negative_iou: the RPN's matching thresholds.
+    rpn_num_samples, rpn_positive_fraction: anchors drawn per image, and their positive share at
+      most.
+    rpn_pre_nms_top_k, rpn_post_nms_top_k, rpn_nms_iou, rpn_min_size: proposals (see
+      ``rpn.rpn_proposals``).
+    roi_num_samples, roi_positive_fraction, roi_positive_iou, roi_negative_iou: RoI sampling
+      (see ``roi_head.sample_rois``).
+    roi_output_size, roi_sampling_ratio, roi_canonical_level: RoIAlign and the level an RoI is
+      pooled from (see ``ops.roi_align``).
+    fc_width: width of the box head's two hidden layers.
+    assign_chunk_size: anchors matched at a time (``matcher.max_iou_targets``).
     binary: binarization of the RPN conv and the two hidden box-head layers.
     dtype: computation dtype.
     """
 
     num_classes: int
     strides: Sequence[int]
-    settings: Any
-    width: int = 256
+    width: int
+    rpn_octave_base_scale: float
+    rpn_scales_per_octave: int
+    rpn_aspect_ratios: Sequence[float]
+    rpn_positive_iou: float
+    rpn_negative_iou: float
+    rpn_num_samples: int
+    rpn_positive_fraction: float
+    rpn_pre_nms_top_k: int
+    rpn_post_nms_top_k: int
+    rpn_nms_iou: float
+    rpn_min_size: float
+    roi_num_samples: int
+    roi_positive_fraction: float
+    roi_positive_iou: float
+    roi_negative_iou: float
+    roi_output_size: int
+    roi_sampling_ratio: int
+    roi_canonical_level: int
+    fc_width: int
+    assign_chunk_size: int | None
     binary: BinarySpec = REAL
     dtype: Any = None
+
+    @classmethod
+    def from_config(
+        cls, config: ml_collections.ConfigDict, num_classes: int, binary: BinarySpec, dtype: Any
+    ) -> FasterRCNNHead:
+        """The head of ``config.faster_rcnn`` on the levels and width of ``config.model``."""
+        f = config.faster_rcnn
+        return cls(
+            num_classes,
+            family.strides(config),
+            config.model.fpn_width,
+            rpn_octave_base_scale=f.rpn_octave_base_scale,
+            rpn_scales_per_octave=f.rpn_scales_per_octave,
+            rpn_aspect_ratios=tuple(f.rpn_aspect_ratios),
+            rpn_positive_iou=f.rpn_positive_iou,
+            rpn_negative_iou=f.rpn_negative_iou,
+            rpn_num_samples=f.rpn_num_samples,
+            rpn_positive_fraction=f.rpn_positive_fraction,
+            rpn_pre_nms_top_k=f.rpn_pre_nms_top_k,
+            rpn_post_nms_top_k=f.rpn_post_nms_top_k,
+            rpn_nms_iou=f.rpn_nms_iou,
+            rpn_min_size=f.rpn_min_size,
+            roi_num_samples=f.roi_num_samples,
+            roi_positive_fraction=f.roi_positive_fraction,
+            roi_positive_iou=f.roi_positive_iou,
+            roi_negative_iou=f.roi_negative_iou,
+            roi_output_size=f.roi_output_size,
+            roi_sampling_ratio=f.roi_sampling_ratio,
+            roi_canonical_level=f.roi_canonical_level,
+            fc_width=f.fc_width,
+            assign_chunk_size=f.assign_chunk_size,
+            binary=binary,
+            dtype=dtype,
+        )
 
     @nn.compact
     def __call__(
@@ -60,7 +132,6 @@ class FasterRCNNHead(nn.Module):
         ``rpn_targets`` / ``sample_rois``), inference 'proposals' [B, R, 4] and
         'proposal_valid' [B, R], R = the configured number of RoIs / kept proposals.
         """
-        s = self.settings
         batch = levels[0].shape[0]
         input_hw = (levels[0].shape[1] * self.strides[0], levels[0].shape[2] * self.strides[0])
         targets = targets or {}
@@ -68,7 +139,7 @@ class FasterRCNNHead(nn.Module):
         anchors = jnp.asarray(self.anchors([x.shape[1:3] for x in levels]))
 
         outputs = rpn.RPNHead(
-            anchors_ops.anchors_per_cell(s["rpn_scales_per_octave"], s["rpn_aspect_ratios"]),
+            anchors_ops.anchors_per_cell(self.rpn_scales_per_octave, self.rpn_aspect_ratios),
             self.width,
             self.binary,
             self.dtype,
@@ -81,10 +152,10 @@ class FasterRCNNHead(nn.Module):
                 deltas,
                 anchors,
                 hw,
-                pre_nms_top_k=s["rpn_pre_nms_top_k"],
-                post_nms_top_k=s["rpn_post_nms_top_k"],
-                nms_iou=s["rpn_nms_iou"],
-                min_size=s["rpn_min_size"],
+                pre_nms_top_k=self.rpn_pre_nms_top_k,
+                post_nms_top_k=self.rpn_post_nms_top_k,
+                nms_iou=self.rpn_nms_iou,
+                min_size=self.rpn_min_size,
                 box_weights=RPN_BOX_WEIGHTS,
             )
         )(outputs["rpn_logits"], outputs["rpn_deltas"], image_hw)
@@ -99,12 +170,13 @@ class FasterRCNNHead(nn.Module):
                     boxes,
                     valid,
                     ignore,
-                    positive_iou=s["rpn_positive_iou"],
-                    negative_iou=s["rpn_negative_iou"],
-                    num_samples=s["rpn_num_samples"],
-                    positive_fraction=s["rpn_positive_fraction"],
+                    positive_iou=self.rpn_positive_iou,
+                    negative_iou=self.rpn_negative_iou,
+                    ignore_iof=IGNORE_IOF,
+                    num_samples=self.rpn_num_samples,
+                    positive_fraction=self.rpn_positive_fraction,
                     box_weights=RPN_BOX_WEIGHTS,
-                    chunk_size=s["assign_chunk_size"],
+                    chunk_size=self.assign_chunk_size,
                 )
             )(jax.random.split(rpn_key, batch), gt[0], gt[2], gt[3])
             sampled = jax.vmap(
@@ -117,10 +189,11 @@ class FasterRCNNHead(nn.Module):
                     box_valid,
                     ignore,
                     self.num_classes,
-                    num_samples=s["roi_num_samples"],
-                    positive_fraction=s["roi_positive_fraction"],
-                    positive_iou=s["roi_positive_iou"],
-                    negative_iou=s["roi_negative_iou"],
+                    num_samples=self.roi_num_samples,
+                    positive_fraction=self.roi_positive_fraction,
+                    positive_iou=self.roi_positive_iou,
+                    negative_iou=self.roi_negative_iou,
+                    ignore_iof=IGNORE_IOF,
                     box_weights=ROI_BOX_WEIGHTS,
                 )
             )(jax.random.split(roi_key, batch), proposals, proposal_valid, *gt)
@@ -140,7 +213,7 @@ class FasterRCNNHead(nn.Module):
                     boxes,
                     min_level,
                     min_level + len(pooled_levels) - 1,
-                    canonical_level=s["roi_canonical_level"],
+                    canonical_level=self.roi_canonical_level,
                 )
                 - min_level
             )
@@ -150,28 +223,27 @@ class FasterRCNNHead(nn.Module):
             self.strides[: len(pooled_levels)],
             rois,
             level_index,
-            s["roi_output_size"],
-            s["roi_sampling_ratio"],
+            self.roi_output_size,
+            self.roi_sampling_ratio,
         )
         outputs.update(
             roi_head.RoIBoxHead(
-                self.num_classes, s["fc_width"], self.binary, self.dtype, name="roi_head"
+                self.num_classes, self.fc_width, self.binary, self.dtype, name="roi_head"
             )(regions, train)
         )
         return outputs
 
     def anchors(self, feature_sizes: Sequence[tuple[int, int]]) -> np.ndarray:
-        s = self.settings
         return anchors_ops.anchor_grid(
             feature_sizes,
             self.strides,
-            octave_base_scale=s["rpn_octave_base_scale"],
-            scales_per_octave=s["rpn_scales_per_octave"],
-            aspect_ratios=s["rpn_aspect_ratios"],
+            octave_base_scale=self.rpn_octave_base_scale,
+            scales_per_octave=self.rpn_scales_per_octave,
+            aspect_ratios=self.rpn_aspect_ratios,
         )[0]
 
 
-def faster_rcnn_loss(outputs: dict[str, Array], smooth_l1_beta: float = 0.0) -> dict[str, Array]:
+def faster_rcnn_loss(outputs: dict[str, Array], smooth_l1_beta: float) -> dict[str, Array]:
     """L_det of Faster R-CNN: the RPN's and the box head's classification and box losses
     (``rpn.rpn_loss``, ``roi_head.roi_loss``) from training outputs, plus the counts drawn."""
     losses = rpn.rpn_loss(outputs, outputs["rpn_targets"], smooth_l1_beta)
@@ -181,6 +253,61 @@ def faster_rcnn_loss(outputs: dict[str, Array], smooth_l1_beta: float = 0.0) -> 
     return losses
 
 
-def faster_rcnn_postprocess(outputs, image_hw, **nms_settings):
+def faster_rcnn_postprocess(
+    outputs: dict[str, Array],
+    image_hw: Array,
+    *,
+    score_threshold: float,
+    iou_threshold: float,
+    max_detections: int,
+    pre_nms_top_k: int,
+) -> nms.Detections:
     """Detections from inference outputs, see ``roi_head.roi_postprocess``."""
-    return roi_head.roi_postprocess(outputs, image_hw, box_weights=ROI_BOX_WEIGHTS, **nms_settings)
+    return roi_head.roi_postprocess(
+        outputs,
+        image_hw,
+        box_weights=ROI_BOX_WEIGHTS,
+        score_threshold=score_threshold,
+        iou_threshold=iou_threshold,
+        max_detections=max_detections,
+        pre_nms_top_k=pre_nms_top_k,
+    )
+
+
+# The 'faster_rcnn' family -----------------------------------------------------------------------
+
+
+def _loss(config, outputs, batch):
+    del batch  # the targets were drawn inside the model (see registry.apply_kwargs)
+    return faster_rcnn_loss(outputs, config.faster_rcnn.smooth_l1_beta)
+
+
+def _postprocess(config, outputs, batch):
+    return faster_rcnn_postprocess(outputs, batch["image_hw"], **family.nms_settings(config))
+
+
+def _validate(config) -> None:
+    f = config.faster_rcnn
+    for stage in ("rpn", "roi"):
+        names = (f"{stage}_negative_iou", f"{stage}_positive_iou")
+        matcher.check_iou_thresholds(f[names[0]], f[names[1]], "config.faster_rcnn", names)
+    if f.roi_num_samples > f.rpn_post_nms_top_k:
+        raise ValueError(
+            f"config.faster_rcnn.roi_num_samples={f.roi_num_samples} exceeds the proposals it "
+            f"is drawn from (rpn_post_nms_top_k={f.rpn_post_nms_top_k})"
+        )
+    anchors_ops.anchor_shapes(
+        4, f.rpn_octave_base_scale, f.rpn_scales_per_octave, tuple(f.rpn_aspect_ratios)
+    )
+
+
+family.register(
+    "faster_rcnn",
+    family.DetectorFamily(
+        build_head=FasterRCNNHead.from_config,
+        loss=_loss,
+        postprocess=_postprocess,
+        validate=_validate,
+        needs_targets=True,
+    ),
+)

@@ -1,14 +1,15 @@
-"""FCOS head (Tian et al. 2019): shared classification and regression towers over all levels.
+"""FCOS (Tian et al. 2019): its head, loss and post-processing, and its detector family.
 
 Per level l with stride s_l, for every feature-map location:
   class logits [C]      from the classification tower (bias initialised to the 0.01 prior);
   ltrb distances [4]    relu(scale_l * t) * s_l in pixels, scale_l learned per level;
   centerness logit [1]  from the regression tower.
-Towers and prediction convs as ``heads.dense`` (binary towers in 1-bit variants, real prediction
-convs).
+Towers and prediction convs are ``single_stage.tower_head``'s (binary towers in 1-bit variants,
+real prediction convs).
 
 Outputs are flattened level by level, row-major within a level, which is the point order of
-``dfrdet_jax.ops.assign.fcos_points``.
+``dfrdet_jax.ops.points.fcos_points``. The family 'fcos' reads ``config.fcos`` (see
+``configs/fcos_r18.py``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
 from dfrdet_jax.losses import focal, iou
 from dfrdet_jax.models.common import REAL, BinarySpec
-from dfrdet_jax.models.heads import dense
-from dfrdet_jax.ops import assign, nms
+from dfrdet_jax.models.heads import family, single_stage
 from dfrdet_jax.ops import boxes as boxes_ops
+from dfrdet_jax.ops import fcos_assign, nms
+from dfrdet_jax.ops import points as points_ops
 
 Array = jax.Array
 
@@ -31,7 +35,7 @@ Array = jax.Array
 class FCOSHead(nn.Module):
     """Attributes:
     num_classes: number of foreground classes.
-    strides: stride of each input level, in the order the levels are given.
+    strides: stride of each input level, px, in the order the levels are given.
     width: tower channels.
     num_convs: convs per tower.
     prior_prob: initial foreground probability of the classifier.
@@ -41,11 +45,25 @@ class FCOSHead(nn.Module):
 
     num_classes: int
     strides: Sequence[int]
-    width: int = 256
-    num_convs: int = 4
-    prior_prob: float = 0.01
+    width: int
+    num_convs: int
+    prior_prob: float = single_stage.PRIOR_PROB
     binary: BinarySpec = REAL
     dtype: Any = None
+
+    @classmethod
+    def from_config(
+        cls, config: ml_collections.ConfigDict, num_classes: int, binary: BinarySpec, dtype: Any
+    ) -> FCOSHead:
+        """The head of ``config.model`` (FPN width, convs per tower, levels)."""
+        return cls(
+            num_classes,
+            family.strides(config),
+            config.model.fpn_width,
+            config.model.head_convs,
+            binary=binary,
+            dtype=dtype,
+        )
 
     @nn.compact
     def __call__(self, levels: Sequence[Array], train: bool) -> dict[str, Array]:
@@ -53,26 +71,28 @@ class FCOSHead(nn.Module):
         'ltrb': [B, P, 4] pixels, 'centerness': [B, P]} with P = sum_l h_l * w_l (float32)."""
         if len(levels) != len(self.strides):
             raise ValueError(f"FCOSHead got {len(levels)} levels for {len(self.strides)} strides")
-        cls_tower = dense.conv_tower(
-            "cls_tower", self.num_convs, self.width, self.binary, self.dtype
+        outputs = single_stage.tower_head(
+            levels,
+            train,
+            num_classes=self.num_classes,
+            num_anchors=1,
+            box_outputs={"bbox_pred": 4, "centerness": 1},
+            width=self.width,
+            num_convs=self.num_convs,
+            prior_prob=self.prior_prob,
+            binary=self.binary,
+            dtype=self.dtype,
         )
-        reg_tower = dense.conv_tower(
-            "reg_tower", self.num_convs, self.width, self.binary, self.dtype
-        )
-        cls_out = dense.prediction_conv(self.num_classes, "cls_logits", self.dtype, self.prior_prob)
-        reg_out = dense.prediction_conv(4, "bbox_pred", self.dtype)
-        ctr_out = dense.prediction_conv(1, "centerness", self.dtype)
         scales = self.param("level_scales", nn.initializers.ones, (len(self.strides),))
-
-        outputs = {"cls_logits": [], "ltrb": [], "centerness": []}
-        for index, (x, stride) in enumerate(zip(levels, self.strides, strict=True)):
-            c = dense.run_tower(cls_tower, x, train)
-            r = dense.run_tower(reg_tower, x, train)
-            batch = x.shape[0]
-            outputs["cls_logits"].append(cls_out(c).reshape(batch, -1, self.num_classes))
-            ltrb = nn.relu(scales[index] * reg_out(r).astype(jnp.float32)) * stride
-            outputs["ltrb"].append(ltrb.reshape(batch, -1, 4))
-            outputs["centerness"].append(ctr_out(r).reshape(batch, -1))
+        ltrb = [
+            nn.relu(scale * t.astype(jnp.float32)) * stride
+            for t, scale, stride in zip(outputs["bbox_pred"], scales, self.strides, strict=True)
+        ]
+        outputs = {
+            "cls_logits": outputs["cls_logits"],
+            "ltrb": ltrb,
+            "centerness": [c[..., 0] for c in outputs["centerness"]],
+        }
         return {k: jnp.concatenate(v, axis=1).astype(jnp.float32) for k, v in outputs.items()}
 
 
@@ -83,11 +103,11 @@ def fcos_loss(
     strides: Sequence[int],
     regress_ranges,
     num_classes: int,
-    center_sampling: bool = True,
-    center_radius: float = 1.5,
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
-    chunk_size: int | None = 4096,
+    center_sampling: bool,
+    center_radius: float,
+    focal_alpha: float,
+    focal_gamma: float,
+    chunk_size: int | None,
 ) -> dict[str, Array]:
     """FCOS detection loss of a batch: focal + GIoU + centerness, as mmdetection's FCOSHead.
 
@@ -99,17 +119,17 @@ def fcos_loss(
       outputs: head outputs, 'cls_logits' [B, P, C], 'ltrb' [B, P, 4] px, 'centerness' [B, P].
       batch: the standard batch ('image' [B, H, W, 3], 'boxes', 'labels', 'box_valid', 'ignore').
       strides, regress_ranges ([L, 2] px), num_classes, center_sampling, center_radius, chunk_size:
-        target assignment settings, see ``dfrdet_jax.ops.assign.fcos_targets``.
+        target assignment settings, see ``dfrdet_jax.ops.fcos_assign.fcos_targets``.
       focal_alpha, focal_gamma: focal loss settings.
 
     Returns:
       {'loss_cls', 'loss_box', 'loss_centerness', 'num_positive'} float32 scalars.
     """
-    points, level = assign.fcos_flat_points(
-        dense.feature_sizes(batch["image"].shape[1:3], strides), strides
+    points, level = points_ops.fcos_flat_points(
+        single_stage.feature_sizes(batch["image"].shape[1:3], strides), strides
     )
     targets = jax.vmap(
-        lambda boxes, labels, valid, ignore: assign.fcos_targets(
+        lambda boxes, labels, valid, ignore: fcos_assign.fcos_targets(
             points,
             level,
             jnp.asarray(regress_ranges),
@@ -159,10 +179,10 @@ def fcos_postprocess(
     *,
     input_hw: tuple[int, int],
     strides: Sequence[int],
-    score_threshold: float = 0.05,
-    iou_threshold: float = 0.5,
-    max_detections: int = 100,
-    pre_nms_top_k: int = 1000,
+    score_threshold: float,
+    iou_threshold: float,
+    max_detections: int,
+    pre_nms_top_k: int,
 ) -> nms.Detections:
     """Boxes, scores and classes of a batch, static-shape and jit-compatible.
 
@@ -181,12 +201,12 @@ def fcos_postprocess(
       [B, D], classes [B, D], valid [B, D], D = max_detections.
     """
     points = jnp.asarray(
-        assign.fcos_flat_points(dense.feature_sizes(input_hw, strides), strides)[0]
+        points_ops.fcos_flat_points(single_stage.feature_sizes(input_hw, strides), strides)[0]
     )
     scores = jnp.sqrt(
         jax.nn.sigmoid(outputs["cls_logits"]) * jax.nn.sigmoid(outputs["centerness"])[..., None]
     )
-    return dense.dense_postprocess(
+    return single_stage.dense_postprocess(
         scores,
         outputs["ltrb"],
         lambda location, _, ltrb: boxes_ops.ltrb_decode(points[location], ltrb),
@@ -196,3 +216,49 @@ def fcos_postprocess(
         max_detections=max_detections,
         pre_nms_top_k=pre_nms_top_k,
     )
+
+
+# The 'fcos' family ------------------------------------------------------------------------------
+
+
+def _loss(config, outputs, batch):
+    f = config.fcos
+    return fcos_loss(
+        outputs,
+        batch,
+        strides=family.strides(config),
+        regress_ranges=np.asarray(f.regress_ranges),
+        num_classes=outputs["cls_logits"].shape[-1],
+        center_sampling=f.center_sampling,
+        center_radius=f.center_radius,
+        focal_alpha=f.focal_alpha,
+        focal_gamma=f.focal_gamma,
+        chunk_size=f.assign_chunk_size,
+    )
+
+
+def _postprocess(config, outputs, batch):
+    return fcos_postprocess(
+        outputs,
+        batch["image_hw"],
+        input_hw=batch["image"].shape[1:3],
+        strides=family.strides(config),
+        **family.nms_settings(config),
+    )
+
+
+def _validate(config) -> None:
+    levels = len(family.strides(config))
+    if len(config.fcos.regress_ranges) != levels:
+        raise ValueError(
+            f"config.fcos.regress_ranges has {len(config.fcos.regress_ranges)} ranges "
+            f"for {levels} FPN levels"
+        )
+
+
+family.register(
+    "fcos",
+    family.DetectorFamily(
+        build_head=FCOSHead.from_config, loss=_loss, postprocess=_postprocess, validate=_validate
+    ),
+)

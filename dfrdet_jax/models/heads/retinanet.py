@@ -1,12 +1,13 @@
-"""RetinaNet head (Lin et al. 2017): per-anchor class logits and box deltas, shared over levels.
+"""RetinaNet (Lin et al. 2017): its head, loss and post-processing, and its detector family.
 
 For every feature-map cell and each of its K anchors (``dfrdet_jax.ops.anchors``):
   class logits [C]   from the classification tower (bias initialised to the 0.01 prior);
   deltas [4]         (dx, dy, dw, dh) of the box relative to the anchor (``ops.boxes``'s coder,
                      with the configured weights), from the regression tower.
-Towers and prediction convs as ``heads.dense`` (binary towers in 1-bit variants, real prediction
-convs). Outputs are flattened level by level, row-major within a level, anchors of a cell last:
-the order of ``anchors.anchor_grid``.
+Towers and prediction convs are ``single_stage.tower_head``'s (binary towers in 1-bit variants,
+real prediction convs). Outputs are flattened level by level, row-major within a level, anchors
+of a cell last: the order of ``anchors.anchor_grid``. The family 'retinanet' reads
+``config.retinanet`` (see ``configs/retinanet_r18.py``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from dfrdet_jax.losses import focal, iou, smooth_l1
 from dfrdet_jax.models.common import REAL, BinarySpec
-from dfrdet_jax.models.heads import dense
+from dfrdet_jax.models.heads import family, single_stage
 from dfrdet_jax.ops import anchors as anchors_ops
-from dfrdet_jax.ops import assign, nms
 from dfrdet_jax.ops import boxes as boxes_ops
+from dfrdet_jax.ops import matcher, nms
 
 Array = jax.Array
 BOX_LOSSES = ("smooth_l1", "giou")
@@ -48,51 +50,46 @@ class RetinaNetHead(nn.Module):
 
     num_classes: int
     num_anchors: int
-    width: int = 256
-    num_convs: int = 4
-    prior_prob: float = 0.01
+    width: int
+    num_convs: int
+    prior_prob: float = single_stage.PRIOR_PROB
     binary: BinarySpec = REAL
     dtype: Any = None
+
+    @classmethod
+    def from_config(
+        cls, config: ml_collections.ConfigDict, num_classes: int, binary: BinarySpec, dtype: Any
+    ) -> RetinaNetHead:
+        """The head of ``config.model`` (FPN width, convs per tower) with the anchors per cell of
+        ``config.retinanet``."""
+        r = config.retinanet
+        return cls(
+            num_classes,
+            anchors_ops.anchors_per_cell(r.scales_per_octave, tuple(r.aspect_ratios)),
+            config.model.fpn_width,
+            config.model.head_convs,
+            binary=binary,
+            dtype=dtype,
+        )
 
     @nn.compact
     def __call__(self, levels: Sequence[Array], train: bool) -> dict[str, Array]:
         """levels: [B, h_l, w_l, C] maps -> {'cls_logits': [B, A, num_classes], 'deltas':
         [B, A, 4]} with A = K * sum_l h_l * w_l (float32)."""
-        cls_tower = dense.conv_tower(
-            "cls_tower", self.num_convs, self.width, self.binary, self.dtype
+        outputs = single_stage.tower_head(
+            levels,
+            train,
+            num_classes=self.num_classes,
+            num_anchors=self.num_anchors,
+            box_outputs={"bbox_pred": 4},
+            width=self.width,
+            num_convs=self.num_convs,
+            prior_prob=self.prior_prob,
+            binary=self.binary,
+            dtype=self.dtype,
         )
-        reg_tower = dense.conv_tower(
-            "reg_tower", self.num_convs, self.width, self.binary, self.dtype
-        )
-        cls_out = dense.prediction_conv(
-            self.num_anchors * self.num_classes, "cls_logits", self.dtype, self.prior_prob
-        )
-        reg_out = dense.prediction_conv(self.num_anchors * 4, "bbox_pred", self.dtype)
-        outputs = {"cls_logits": [], "deltas": []}
-        for x in levels:
-            batch = x.shape[0]
-            c = cls_out(dense.run_tower(cls_tower, x, train))
-            r = reg_out(dense.run_tower(reg_tower, x, train))
-            outputs["cls_logits"].append(c.reshape(batch, -1, self.num_classes))
-            outputs["deltas"].append(r.reshape(batch, -1, 4))
+        outputs = {"cls_logits": outputs["cls_logits"], "deltas": outputs["bbox_pred"]}
         return {k: jnp.concatenate(v, axis=1).astype(jnp.float32) for k, v in outputs.items()}
-
-
-def retinanet_anchors(
-    input_hw: tuple[int, int], strides: Sequence[int], anchor_config
-) -> np.ndarray:
-    """Anchors float32 [A, 4] xyxy px of an input of ``input_hw`` (the head's output order).
-
-    anchor_config: has octave_base_scale, scales_per_octave, aspect_ratios (config.retinanet).
-    """
-    anchors, _ = anchors_ops.anchor_grid(
-        dense.feature_sizes(input_hw, strides),
-        strides,
-        octave_base_scale=anchor_config.octave_base_scale,
-        scales_per_octave=anchor_config.scales_per_octave,
-        aspect_ratios=tuple(anchor_config.aspect_ratios),
-    )
-    return anchors
 
 
 def retinanet_loss(
@@ -101,16 +98,16 @@ def retinanet_loss(
     *,
     anchors: np.ndarray,
     num_classes: int,
-    positive_iou: float = 0.5,
-    negative_iou: float = 0.4,
-    low_quality_matches: bool = True,
-    ignore_iof: float = 0.5,
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
-    box_loss: str = "smooth_l1",
-    smooth_l1_beta: float = 0.0,
-    box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-    chunk_size: int | None = 16384,
+    positive_iou: float,
+    negative_iou: float,
+    low_quality_matches: bool,
+    ignore_iof: float,
+    focal_alpha: float,
+    focal_gamma: float,
+    box_loss: str,
+    smooth_l1_beta: float,
+    box_weights: Sequence[float],
+    chunk_size: int | None,
 ) -> dict[str, Array]:
     """RetinaNet detection loss of a batch: focal loss + box loss, both divided by the number of
     positive anchors in the whole (global) batch.
@@ -118,9 +115,9 @@ def retinanet_loss(
     Args:
       outputs: head outputs, 'cls_logits' [B, A, C], 'deltas' [B, A, 4].
       batch: the standard batch ('boxes', 'labels', 'box_valid', 'ignore').
-      anchors: float32 [A, 4] xyxy px (``retinanet_anchors`` of the batch's image size).
+      anchors: float32 [A, 4] xyxy px (``anchors.anchor_grid`` of the batch's image size).
       positive_iou, negative_iou, low_quality_matches, ignore_iof, chunk_size: matching, see
-        ``dfrdet_jax.ops.assign.max_iou_targets``.
+        ``dfrdet_jax.ops.matcher.max_iou_targets``.
       focal_alpha, focal_gamma: focal loss settings; anchors that are ignored get no class loss.
       box_loss: 'smooth_l1' on the deltas (beta ``smooth_l1_beta``; 0 = L1, mmdetection's
         RetinaNet) or 'giou' on the decoded boxes.
@@ -137,7 +134,7 @@ def retinanet_loss(
             "predictions; anchors must come from the same image size and anchor settings"
         )
     targets = jax.vmap(
-        lambda boxes, labels, valid, ignore: assign.max_iou_targets(
+        lambda boxes, labels, valid, ignore: matcher.max_iou_targets(
             anchors,
             boxes,
             labels,
@@ -180,20 +177,20 @@ def retinanet_postprocess(
     image_hw: Array,
     *,
     anchors: np.ndarray,
-    box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-    score_threshold: float = 0.05,
-    iou_threshold: float = 0.5,
-    max_detections: int = 100,
-    pre_nms_top_k: int = 1000,
+    box_weights: Sequence[float],
+    score_threshold: float,
+    iou_threshold: float,
+    max_detections: int,
+    pre_nms_top_k: int,
 ) -> nms.Detections:
     """Boxes, scores (sigmoid of the class logits) and classes of a batch, static-shape: the
     ``pre_nms_top_k`` best (anchor, class) pairs of each image above ``score_threshold`` are
     decoded, clipped to the valid region (``image_hw`` int [B, 2]) and go through class-wise NMS.
 
-    Returns ``Detections`` with a leading batch axis (see ``heads.dense.dense_postprocess``).
+    Returns ``Detections`` with a leading batch axis (see ``single_stage.dense_postprocess``).
     """
     anchors = jnp.asarray(anchors)
-    return dense.dense_postprocess(
+    return single_stage.dense_postprocess(
         jax.nn.sigmoid(outputs["cls_logits"]),
         outputs["deltas"],
         lambda location, _, deltas: boxes_ops.delta_decode(anchors[location], deltas, box_weights),
@@ -203,3 +200,68 @@ def retinanet_postprocess(
         max_detections=max_detections,
         pre_nms_top_k=pre_nms_top_k,
     )
+
+
+# The 'retinanet' family -------------------------------------------------------------------------
+
+
+def _anchors(config, batch) -> np.ndarray:
+    """Anchors float32 [A, 4] xyxy px of ``config.retinanet`` for the batch's input size."""
+    r = config.retinanet
+    strides = family.strides(config)
+    anchors, _ = anchors_ops.anchor_grid(
+        single_stage.feature_sizes(batch["image"].shape[1:3], strides),
+        strides,
+        octave_base_scale=r.octave_base_scale,
+        scales_per_octave=r.scales_per_octave,
+        aspect_ratios=tuple(r.aspect_ratios),
+    )
+    return anchors
+
+
+def _loss(config, outputs, batch):
+    r = config.retinanet
+    return retinanet_loss(
+        outputs,
+        batch,
+        anchors=_anchors(config, batch),
+        num_classes=outputs["cls_logits"].shape[-1],
+        positive_iou=r.positive_iou,
+        negative_iou=r.negative_iou,
+        low_quality_matches=r.low_quality_matches,
+        ignore_iof=r.ignore_iof,
+        focal_alpha=r.focal_alpha,
+        focal_gamma=r.focal_gamma,
+        box_loss=r.box_loss,
+        smooth_l1_beta=r.smooth_l1_beta,
+        box_weights=tuple(r.box_weights),
+        chunk_size=r.assign_chunk_size,
+    )
+
+
+def _postprocess(config, outputs, batch):
+    return retinanet_postprocess(
+        outputs,
+        batch["image_hw"],
+        anchors=_anchors(config, batch),
+        box_weights=tuple(config.retinanet.box_weights),
+        **family.nms_settings(config),
+    )
+
+
+def _validate(config) -> None:
+    r = config.retinanet
+    check_box_loss(r.box_loss, "config.retinanet.box_loss")
+    matcher.check_iou_thresholds(r.negative_iou, r.positive_iou, "config.retinanet")
+    anchors_ops.anchor_shapes(4, r.octave_base_scale, r.scales_per_octave, tuple(r.aspect_ratios))
+
+
+family.register(
+    "retinanet",
+    family.DetectorFamily(
+        build_head=RetinaNetHead.from_config,
+        loss=_loss,
+        postprocess=_postprocess,
+        validate=_validate,
+    ),
+)

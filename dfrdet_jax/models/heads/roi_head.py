@@ -3,8 +3,7 @@
 The box head flattens each RoIAlign-ed [S, S, C] region and runs two fully connected layers of
 ``fc_width`` (binary in 1-bit variants: ``ConvUnit``s on 1 x 1 maps, a Bi-Real identity
 shortcut around the second), then two real prediction layers: C + 1 class logits (index C =
-background) and class-specific deltas [C, 4] (coder weights (10, 10, 5, 5), as mmdetection and
-detectron2).
+background) and class-specific deltas [C, 4] (coder weights ``faster_rcnn.ROI_BOX_WEIGHTS``).
 """
 
 from __future__ import annotations
@@ -18,9 +17,9 @@ import optax
 
 from dfrdet_jax.losses import smooth_l1
 from dfrdet_jax.models.common import REAL, BinarySpec, ConvUnit
-from dfrdet_jax.models.heads import dense
-from dfrdet_jax.ops import assign, nms, sampling
+from dfrdet_jax.models.heads import single_stage
 from dfrdet_jax.ops import boxes as boxes_ops
+from dfrdet_jax.ops import matcher, nms, sampling
 
 Array = jax.Array
 
@@ -34,7 +33,7 @@ class RoIBoxHead(nn.Module):
     """
 
     num_classes: int
-    fc_width: int = 1024
+    fc_width: int
     binary: BinarySpec = REAL
     dtype: Any = None
 
@@ -86,19 +85,20 @@ def sample_rois(
     gt_ignore: Array,
     num_classes: int,
     *,
-    num_samples: int = 512,
-    positive_fraction: float = 0.25,
-    positive_iou: float = 0.5,
-    negative_iou: float = 0.5,
-    ignore_iof: float = 0.5,
-    box_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
+    num_samples: int,
+    positive_fraction: float,
+    positive_iou: float,
+    negative_iou: float,
+    ignore_iof: float,
+    box_weights: Sequence[float],
 ) -> dict[str, Array]:
     """The RoIs one image trains its box head on.
 
     Candidates are the valid proposals plus the ground-truth boxes themselves (so that positives
-    exist from the first step). Each is matched to its best box (``assign.max_iou_targets``, no
-    low-quality matches): positive at IoU >= positive_iou, background below negative_iou; then
-    ``num_samples`` are drawn, at most ``positive_fraction`` positive.
+    exist from the first step). Each is matched to its best box (``matcher.max_iou_targets``, no
+    low-quality matches; ``ignore_iof`` for ignore regions): positive at IoU >= positive_iou,
+    background below negative_iou; then ``num_samples`` are drawn, at most ``positive_fraction``
+    positive, and the positives' boxes encoded with the coder weights ``box_weights``.
 
     Args:
       proposals: float [P, 4] xyxy px; proposal_valid: bool [P].
@@ -110,7 +110,7 @@ def sample_rois(
     assignable = gt_valid & ~gt_ignore
     candidates = jnp.concatenate([jax.lax.stop_gradient(proposals), gt_boxes.astype(jnp.float32)])
     candidate_valid = jnp.concatenate([proposal_valid, assignable])
-    match = assign.max_iou_targets(
+    match = matcher.max_iou_targets(
         candidates,
         gt_boxes,
         gt_labels,
@@ -139,7 +139,7 @@ def sample_rois(
     }
 
 
-def roi_loss(outputs: dict[str, Array], targets: dict[str, Array], smooth_l1_beta: float = 0.0):
+def roi_loss(outputs: dict[str, Array], targets: dict[str, Array], smooth_l1_beta: float):
     """Softmax cross-entropy over C + 1 classes on the drawn RoIs and smooth L1 (beta 0: L1) on
     the drawn positives' deltas of their own class, both divided by the number of drawn RoIs of
     the (global) batch; targets as ``sample_rois`` with a leading batch axis.
@@ -166,15 +166,16 @@ def roi_postprocess(
     outputs: dict[str, Array],
     image_hw: Array,
     *,
-    box_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-    score_threshold: float = 0.05,
-    iou_threshold: float = 0.5,
-    max_detections: int = 100,
-    pre_nms_top_k: int = 1000,
+    box_weights: Sequence[float],
+    score_threshold: float,
+    iou_threshold: float,
+    max_detections: int,
+    pre_nms_top_k: int,
 ) -> nms.Detections:
     """Detections of a batch from the box head run on the proposals: class c of proposal p scores
-    softmax(logits)[c], its box is the proposal moved by its class-c deltas, clipped to the valid
-    region; the best pre_nms_top_k pairs above score_threshold go through class-wise NMS.
+    softmax(logits)[c], its box is the proposal moved by its class-c deltas (coder weights
+    ``box_weights``), clipped to the valid region; the best pre_nms_top_k pairs above
+    score_threshold go through class-wise NMS.
 
     outputs: 'roi_cls_logits' [B, P, C + 1], 'roi_deltas' [B, P, C, 4], 'proposals' [B, P, 4],
     'proposal_valid' [B, P]. Returns ``Detections`` with a leading batch axis.
@@ -192,7 +193,7 @@ def roi_postprocess(
             :, 0
         ]
 
-    return dense.dense_postprocess(
+    return single_stage.dense_postprocess(
         scores,
         boxes.reshape(*boxes.shape[:2], num_classes * 4),
         decode,

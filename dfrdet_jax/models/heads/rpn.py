@@ -16,9 +16,9 @@ import optax
 
 from dfrdet_jax.losses import smooth_l1
 from dfrdet_jax.models.common import REAL, BinarySpec
-from dfrdet_jax.models.heads import dense
-from dfrdet_jax.ops import assign, nms, sampling
+from dfrdet_jax.models.heads import single_stage
 from dfrdet_jax.ops import boxes as boxes_ops
+from dfrdet_jax.ops import matcher, nms, sampling
 
 Array = jax.Array
 
@@ -32,7 +32,7 @@ class RPNHead(nn.Module):
     """
 
     num_anchors: int
-    width: int = 256
+    width: int
     binary: BinarySpec = REAL
     dtype: Any = None
 
@@ -40,9 +40,9 @@ class RPNHead(nn.Module):
     def __call__(self, levels: Sequence[Array], train: bool) -> dict[str, Array]:
         """levels: [B, h_l, w_l, C] -> {'rpn_logits': [B, A], 'rpn_deltas': [B, A, 4]}, float32,
         A = K * sum_l h_l * w_l."""
-        (conv,) = dense.conv_tower("rpn_conv", 1, self.width, self.binary, self.dtype)
-        logit_out = dense.prediction_conv(self.num_anchors, "rpn_logits", self.dtype)
-        delta_out = dense.prediction_conv(4 * self.num_anchors, "rpn_deltas", self.dtype)
+        (conv,) = single_stage.conv_tower("rpn_conv", 1, self.width, self.binary, self.dtype)
+        logit_out = single_stage.prediction_conv(self.num_anchors, "rpn_logits", self.dtype)
+        delta_out = single_stage.prediction_conv(4 * self.num_anchors, "rpn_deltas", self.dtype)
         logits, deltas = [], []
         for x in levels:
             y = conv(x, train)
@@ -61,23 +61,25 @@ def rpn_targets(
     gt_valid: Array,
     gt_ignore: Array,
     *,
-    positive_iou: float = 0.7,
-    negative_iou: float = 0.3,
-    num_samples: int = 256,
-    positive_fraction: float = 0.5,
-    box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-    chunk_size: int | None = 16384,
+    positive_iou: float,
+    negative_iou: float,
+    ignore_iof: float,
+    num_samples: int,
+    positive_fraction: float,
+    box_weights: Sequence[float],
+    chunk_size: int | None,
 ) -> dict[str, Array]:
     """Objectness and delta targets of one image's anchors, on a random balanced sample.
 
-    Anchors are matched as ``assign.max_iou_targets`` (with low-quality matches); ``num_samples``
-    of them are drawn, at most half positive (``ops.sampling.balanced_sample``).
+    Anchors are matched as ``matcher.max_iou_targets`` (with low-quality matches; ``ignore_iof``
+    for ignore regions); ``num_samples`` of them are drawn, at most ``positive_fraction``
+    positive (``ops.sampling.balanced_sample``), their boxes encoded with ``box_weights``.
     Returns {'objectness' float32 [A] (1 positive, 0 negative), 'weight' float32 [A] (1 for the
     drawn anchors), 'positive' bool [A] (drawn positives), 'deltas' float32 [A, 4] (encoded
     matched box; 0 where not positive)}.
     """
     labels = jnp.zeros(gt_boxes.shape[:1], jnp.int32)  # one class: "object"
-    match = assign.max_iou_targets(
+    match = matcher.max_iou_targets(
         anchors,
         gt_boxes,
         labels,
@@ -86,6 +88,8 @@ def rpn_targets(
         1,
         positive_iou=positive_iou,
         negative_iou=negative_iou,
+        low_quality_matches=True,
+        ignore_iof=ignore_iof,
         chunk_size=chunk_size,
     )
     negative = ~match["positive"] & ~match["ignore"]
@@ -104,7 +108,7 @@ def rpn_targets(
     }
 
 
-def rpn_loss(outputs: dict[str, Array], targets: dict[str, Array], smooth_l1_beta: float = 0.0):
+def rpn_loss(outputs: dict[str, Array], targets: dict[str, Array], smooth_l1_beta: float):
     """Binary cross-entropy on the drawn anchors and smooth L1 (beta 0: L1, as mmdetection) on
     the drawn positives' deltas, both divided by the number of drawn anchors of the (global)
     batch; targets as ``rpn_targets`` with a leading batch axis.
@@ -130,11 +134,11 @@ def rpn_proposals(
     anchors: Array,
     image_hw: Array,
     *,
-    pre_nms_top_k: int = 2000,
-    post_nms_top_k: int = 1000,
-    nms_iou: float = 0.7,
-    min_size: float = 0.0,
-    box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    pre_nms_top_k: int,
+    post_nms_top_k: int,
+    nms_iou: float,
+    min_size: float,
+    box_weights: Sequence[float],
 ) -> tuple[Array, Array, Array]:
     """Proposals of one image: the ``pre_nms_top_k`` anchors of highest objectness, decoded and
     clipped to the valid region ``image_hw`` (h, w), those with both sides > ``min_size`` px,

@@ -1,5 +1,7 @@
-"""Pieces shared by the heads: towers and prediction convs (FCOS, RetinaNet, the RPN) and the
-top-k + class-wise NMS post-processing (FCOS, RetinaNet, Faster R-CNN's box head).
+"""What the single-stage heads share: feature-map sizes, conv towers and prediction convs, the
+two-tower body of FCOS and RetinaNet (``tower_head``), and the top-k + class-wise NMS
+post-processing of per-location scores (FCOS, RetinaNet, and Faster R-CNN's box head on its
+proposals). The RPN builds its one-conv tower from the same pieces.
 
 A tower is a stack of ``ConvUnit``s with GroupNorm, binary in 1-bit variants; prediction convs
 always stay real, as the paper keeps "the last layers" real.
@@ -8,7 +10,7 @@ always stay real, as the paper keeps "the last layers" real.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -19,11 +21,13 @@ from dfrdet_jax.ops import boxes as boxes_ops
 from dfrdet_jax.ops import nms
 
 Array = jax.Array
+# Initial foreground probability of a focal-loss classifier (Lin et al. 2017).
+PRIOR_PROB = 0.01
 
 
 def feature_sizes(image_hw: tuple[int, int], strides: Sequence[int]) -> list[tuple[int, int]]:
     """(h, w) of each level's map for an input of ``image_hw``: ceil(side / stride), as the
-    backbone's stride-2 convs with SAME padding give."""
+    backbone's stride-2 3x3 convs (padded by 1) give."""
     return [(-(-image_hw[0] // s), -(-image_hw[1] // s)) for s in strides]
 
 
@@ -57,9 +61,56 @@ def prediction_conv(
 
 
 def run_tower(tower: list[ConvUnit], x: Array, train: bool) -> Array:
+    """x [B, h, w, C] through the units of ``tower`` in order."""
     for unit in tower:
         x = unit(x, train)
     return x
+
+
+def tower_head(
+    levels: Sequence[Array],
+    train: bool,
+    *,
+    num_classes: int,
+    num_anchors: int,
+    box_outputs: Mapping[str, int],
+    width: int,
+    num_convs: int,
+    prior_prob: float,
+    binary: BinarySpec,
+    dtype: Any,
+) -> dict[str, list[Array]]:
+    """The body of FCOS and RetinaNet, shared over the levels; call inside a compact method (its
+    submodules are named in the caller's scope).
+
+    A classification tower ``cls_tower{i}`` and a regression tower ``reg_tower{i}`` of
+    ``num_convs`` units each; on the first the prediction conv 'cls_logits' (K * num_classes
+    channels, bias at ``prior_prob``), on the second one prediction conv per ``box_outputs``
+    entry (its name -> D, K * D channels), K = ``num_anchors`` per location.
+
+    Args:
+      levels: one [B, h_l, w_l, C_in] map per level.
+    Returns:
+      {'cls_logits': per level [B, h_l * w_l * K, num_classes], and for every box output
+      name: per level [B, h_l * w_l * K, D]}, in the computation dtype; rows are row-major over
+      the cells, the K predictions of a cell last.
+    """
+    cls_tower = conv_tower("cls_tower", num_convs, width, binary, dtype)
+    reg_tower = conv_tower("reg_tower", num_convs, width, binary, dtype)
+    cls_out = prediction_conv(num_anchors * num_classes, "cls_logits", dtype, prior_prob)
+    box_out = {
+        name: prediction_conv(num_anchors * depth, name, dtype)
+        for name, depth in box_outputs.items()
+    }
+    outputs = {"cls_logits": [], **{name: [] for name in box_outputs}}
+    for x in levels:
+        batch = x.shape[0]
+        c = run_tower(cls_tower, x, train)
+        r = run_tower(reg_tower, x, train)
+        outputs["cls_logits"].append(cls_out(c).reshape(batch, -1, num_classes))
+        for name, depth in box_outputs.items():
+            outputs[name].append(box_out[name](r).reshape(batch, -1, depth))
+    return outputs
 
 
 def dense_postprocess(
