@@ -120,6 +120,7 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 2
     config.eval.split = "val"
+    config.eval.checkpoint = "latest"  # --mode eval/predict/export: "latest" or "best" (by metric)
     source = data.get_source(dataset)
     config.eval.protocol = source.protocol  # dfrdet_jax.evaluation protocol
     # checkpoints_best keeps the checkpoint with the highest value of this metric.

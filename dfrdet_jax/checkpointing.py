@@ -72,57 +72,23 @@ class Checkpointer:
             return
         self.best.save(step, args=_save_args(state, None), metrics={"value": float(value)})
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def latest_step(self, which: str = "latest") -> int | None:
+        """The newest step of the ``which`` ('latest' or 'best') checkpoints; None: none."""
+        return self._manager(which).latest_step()
 
-    def restore_latest(self, state):
-        """(state from the newest readable checkpoint, its iterator state or None).
-
-        ``state`` gives the target structure and shardings; it is returned unchanged, with None,
-        when there is no readable checkpoint.
-        """
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_items(state))
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                items = self.manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-                )["state"]
-                data_state = None
-                if os.path.isdir(os.path.join(self.directory, str(step), "data")):
-                    data_state = self.manager.restore(
-                        step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
-                    )["data"]
-            except Exception as error:  # pylint: disable=broad-except
-                logging.error(
-                    "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one",
-                    step,
-                    self.directory,
-                    type(error).__name__,
-                    error,
-                )
-                continue
-            logging.info("Restored checkpoint of step %d from %s", step, self.directory)
-            restored = state.replace(
-                step=items["step"],
-                params=items["params"],
-                batch_stats=items["batch_stats"],
-                opt_state=items["opt_state"],
-            )
-            return restored, data_state
-        return state, None
-
-    def restore_variables(self, which: str = "latest") -> tuple[int, dict[str, Any]]:
-        """(step, {'params': ..., 'batch_stats': ...}) of the newest readable checkpoint
-        (``which='latest'``) or of the best one (``'best'``), in the saved structure (no target:
-        any model's checkpoint reads, e.g. to start a 1-bit run from a real one)."""
+    def _manager(self, which: str) -> ocp.CheckpointManager:
         if which not in CHECKPOINT_KINDS:
             raise ValueError(f"Unknown checkpoint {which!r}; valid choices: {CHECKPOINT_KINDS}")
-        manager = self.manager if which == "latest" else self.best
+        return self.manager if which == "latest" else self.best
+
+    def _newest_readable(self, which: str, restore_args):
+        """(step, restored items) of the newest ``which`` checkpoint that reads; None if none.
+
+        A checkpoint that cannot be read is reported and the one before it is tried."""
+        manager = self._manager(which)
         for step in sorted(manager.all_steps(), reverse=True):
             try:
-                items = manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-                )["state"]
+                return step, manager.restore(step, args=restore_args(step))
             except Exception as error:  # pylint: disable=broad-except
                 logging.error(
                     "Checkpoint %d in %s cannot be restored (%s: %s); trying the previous one",
@@ -131,10 +97,52 @@ class Checkpointer:
                     type(error).__name__,
                     error,
                 )
-                continue
-            variables = {"params": items["params"], "batch_stats": items["batch_stats"] or {}}
-            return step, jax.tree.map(np.asarray, variables)
-        raise FileNotFoundError(f"No readable {which} checkpoint in {manager.directory}")
+        return None
+
+    def restore(self, state, which: str = "latest"):
+        """(state from the newest readable ``which`` checkpoint, its iterator state or None).
+
+        ``state`` gives the target structure and shardings; it is returned unchanged, with None,
+        when there is no readable checkpoint. Best checkpoints hold no iterator state.
+        """
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_items(state))
+        directory = self._manager(which).directory
+
+        def restore_args(step):
+            items = {"state": ocp.args.StandardRestore(target)}
+            if os.path.isdir(os.path.join(directory, str(step), "data")):
+                items["data"] = ocp.args.JsonRestore()
+            return ocp.args.Composite(**items)
+
+        found = self._newest_readable(which, restore_args)
+        if found is None:
+            return state, None
+        step, restored = found
+        logging.info("Restored checkpoint of step %d from %s", step, directory)
+        items = restored["state"]
+        restored_state = state.replace(
+            step=items["step"],
+            params=items["params"],
+            batch_stats=items["batch_stats"],
+            opt_state=items["opt_state"],
+        )
+        return restored_state, restored["data"] if "data" in restored else None
+
+    def restore_variables(self, which: str = "latest") -> tuple[int, dict[str, Any]]:
+        """(step, {'params': ..., 'batch_stats': ...}) of the newest readable ``which``
+        checkpoint, as numpy in the saved structure (no target: any model's checkpoint reads,
+        e.g. to start a 1-bit run from a real one)."""
+        found = self._newest_readable(
+            which, lambda step: ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+        if found is None:
+            raise FileNotFoundError(
+                f"No readable {which} checkpoint in {self._manager(which).directory}"
+            )
+        step, restored = found
+        items = restored["state"]
+        variables = {"params": items["params"], "batch_stats": items["batch_stats"] or {}}
+        return step, jax.tree.map(np.asarray, variables)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

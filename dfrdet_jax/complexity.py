@@ -68,6 +68,11 @@ def _binary_input(module: nn.Module) -> bool:
     return module.input_quantizer not in (None, "none")
 
 
+def _binary_weights(module: nn.Module) -> bool:
+    """False for a binary layer kept real for staged training (weight_quantizer 'none')."""
+    return isinstance(module, _BINARY_LAYERS) and module.weight_quantizer not in (None, "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerTrace:
     """What one abstract inference pass saw: multiply-accumulates, the 1-bit kernels (their
@@ -100,7 +105,7 @@ def trace_layers(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any
             kernel = module.get_variable("params", "kernel")
             # Per output element: the kernel's fan-in (kh * kw * c_in / groups, or c_in).
             macs = (out.size // out.shape[0]) * (kernel.size // kernel.shape[-1])
-            if isinstance(module, _BINARY_LAYERS):
+            if _binary_weights(module):
                 binary_kernels[(*module.path, "kernel")] = module.scale
                 if _binary_input(module):
                     binary_macs += macs

@@ -92,30 +92,34 @@ def evaluate_state(config: ml_collections.ConfigDict, model, state, mesh: Mesh) 
 
 
 def restored_state(config: ml_collections.ConfigDict, workdir: str):
-    """(model, state restored from the latest checkpoint of workdir, mesh, dataset info)."""
+    """(model, state restored from the ``config.eval.checkpoint`` ('latest' or 'best')
+    checkpoint of workdir, mesh, dataset info)."""
     info = data_lib.dataset_info(config.data)
     model = registry.build_model(config, num_classes=info.num_classes)
     image_hw = (config.data.image_size, config.data.image_size)
     state = steps.create_train_state(config, model, jax.random.key(config.seed), image_hw, 1)
     mesh = sharding.make_mesh()
     state = jax.device_put(state, sharding.replicated_sharding(mesh))
+    which = config.eval.checkpoint
     checkpoints = checkpointing.Checkpointer(workdir)
-    if checkpoints.latest_step() is None:
+    if checkpoints.latest_step(which) is None:
         raise FileNotFoundError(
-            f"No checkpoint in {checkpoints.directory}; train first with "
-            "--mode train and the same --workdir"
+            f"No {which} checkpoint in {workdir}; train first with --mode train and the same "
+            "--workdir"
         )
-    state, _ = checkpoints.restore_latest(state)
+    state, _ = checkpoints.restore(state, which)
     return model, state, mesh, info
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """The ``eval`` mode: metrics of the latest checkpoint, written to workdir/eval_<step>.json."""
+    """The ``eval`` mode: metrics of the ``config.eval.checkpoint`` checkpoint on
+    ``config.eval.split``, written to workdir/eval_<split>_<checkpoint>_<step>.json."""
     registry.validate_config(config)
     model, state, mesh, _ = restored_state(config, workdir)
     metrics = evaluate_state(config, model, state, mesh)
     if jax.process_index() == 0:
-        path = os.path.join(workdir, f"eval_{int(state.step)}.json")
+        name = f"eval_{config.eval.split}_{config.eval.checkpoint}_{int(state.step)}.json"
+        path = os.path.join(workdir, name)
         with open(path, "w") as f:
             json.dump(metrics, f, indent=1)
         print(evaluation.format_table(metrics))

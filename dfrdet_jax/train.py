@@ -16,7 +16,16 @@ import jax
 import ml_collections
 from absl import logging
 
-from dfrdet_jax import checkpointing, evaluate, optimizers, prefetch, run_utils, sharding, steps
+from dfrdet_jax import (
+    checkpointing,
+    evaluate,
+    optimizers,
+    prefetch,
+    run_utils,
+    sharding,
+    steps,
+    warm_start,
+)
 from dfrdet_jax import data as data_lib
 from dfrdet_jax.models import registry
 
@@ -69,12 +78,14 @@ def train_and_evaluate(
 
     checkpoints = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     train_iter = iter(train_data.loader)
-    state, data_state = checkpoints.restore_latest(state)
+    state, data_state = checkpoints.restore(state)
     if data_state is not None:
         train_data.set_iterator_state(train_iter, data_state)
     start_step = int(state.step)
     if start_step:
         logging.info("Resumed from step %d in %s", start_step, workdir)
+    else:
+        state = warm_start.apply(config, state)
 
     step_fn = steps.make_sharded_train_step(config, model, mesh, total_steps)
     logging.info(

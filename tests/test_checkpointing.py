@@ -30,7 +30,7 @@ def test_round_trip_with_iterator_state(tmp_path):
     assert sorted(
         int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
     ) == [2, 3]
-    restored, data_state = checkpointing.Checkpointer(str(tmp_path)).restore_latest(_state(0))
+    restored, data_state = checkpointing.Checkpointer(str(tmp_path)).restore(_state(0))
     assert int(restored.step) == 3
     np.testing.assert_array_equal(restored.params["dense"]["kernel"], np.full((3, 2), 3.0))
     np.testing.assert_array_equal(restored.batch_stats["bn"]["mean"], np.full(2, 3.0))
@@ -39,7 +39,7 @@ def test_round_trip_with_iterator_state(tmp_path):
 
 def test_no_checkpoint_returns_the_given_state(tmp_path):
     fresh = _state(5)
-    restored, data_state = checkpointing.Checkpointer(str(tmp_path)).restore_latest(fresh)
+    restored, data_state = checkpointing.Checkpointer(str(tmp_path)).restore(fresh)
     assert restored is fresh and data_state is None
 
 
@@ -53,7 +53,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
         if path.is_file():
             path.write_bytes(b"\x00garbage")
     with caplog.at_level("ERROR"):
-        restored, data_state = checkpointing.Checkpointer(str(tmp_path)).restore_latest(_state(0))
+        restored, data_state = checkpointing.Checkpointer(str(tmp_path)).restore(_state(0))
     assert int(restored.step) == 1 and data_state == {"position": 10}
     assert any(
         "Checkpoint 2" in r.getMessage() and "cannot be restored" in r.getMessage()

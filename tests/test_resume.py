@@ -61,7 +61,7 @@ def _train_losses(workdir):
 
 
 def _final_params(workdir, like_state):
-    state, _ = checkpointing.Checkpointer(str(workdir)).restore_latest(like_state)
+    state, _ = checkpointing.Checkpointer(str(workdir)).restore(like_state)
     return state
 
 

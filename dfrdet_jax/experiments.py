@@ -1,0 +1,261 @@
+r"""The comparison table: detector x variant x start x seed at one budget, scored on a held-out
+test split, written as ``results.json``, ``results.md`` and ``results.png`` under ``--root``.
+
+Usage::
+
+  python -m dfrdet_jax.experiments --detector fcos --root runs/fcos --seeds 0,1,2
+
+Every run is ``python -m dfrdet_jax.main`` in its own process and workdir
+(``ROOT/<run>/seed<k>``, logs in ``train.log`` / ``test.log`` there): training evaluates on the
+validation split and keeps its best checkpoint by validation AP; that checkpoint, and only it,
+is then scored once on the test split, which nothing else reads. A run whose test metrics exist is
+skipped and a half-trained one resumes from its checkpoints, so an interrupted grid is finished by
+running the same command again.
+
+The grid (``grid(detector)``): two shared starts, trained once from scratch with seed 0,
+  start_real      the real-valued detector (the benchmark's stand-in for ImageNet weights);
+  start_topology  the 1-bit network's topology (its shortcuts, PReLUs and learnable biases) with
+                  real weights and activations, i.e. the real network 1-bit training starts from;
+then the table's rows, each trained for the same budget per seed:
+  real            continues start_real;
+  bnn, dfr        1-bit (baseline, + DFR) from start_topology, scales derived from its kernels;
+  bnn_scratch, dfr_scratch   the same from scratch, for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+DETECTORS = ("fcos", "retinanet", "faster_rcnn")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TABLE_METRICS = ("AP", "AP50", "AP75", "AP_vt", "AP_t", "AP_s", "AP_m")
+# The 1-bit topology computed in real values: BinaryConv/BinaryDense without quantizers.
+REAL_TOPOLOGY = (
+    "--config.model.binary.input_quantizer=none",
+    "--config.model.binary.weight_quantizer=none",
+    "--config.loss.reconstruction_weight=0.0",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One cell of the grid.
+
+    Attributes:
+      name: the workdir name and table row.
+      variant: the config's variant ('real', 'bnn', 'dfr').
+      overrides: extra ``--config.*`` flags.
+      init_from: the run (its best checkpoint, seed 0) this one starts from; None: scratch.
+      shared: trained once (seed 0) as a start, not a row of the table.
+    """
+
+    name: str
+    variant: str
+    overrides: tuple[str, ...] = ()
+    init_from: str | None = None
+    shared: bool = False
+
+
+def grid(detector: str) -> list[Run]:
+    """The runs of ``detector``'s comparison, starts first (see the module docstring)."""
+    if detector not in DETECTORS:
+        raise ValueError(f"Unknown detector {detector!r}; valid choices: {list(DETECTORS)}")
+    return [
+        Run("start_real", "real", shared=True),
+        Run("start_topology", "bnn", REAL_TOPOLOGY, shared=True),
+        Run("real", "real", init_from="start_real"),
+        Run("bnn", "bnn", init_from="start_topology"),
+        Run("dfr", "dfr", init_from="start_topology"),
+        Run("bnn_scratch", "bnn"),
+        Run("dfr_scratch", "dfr"),
+    ]
+
+
+def _workdir(root: str, run: Run, seed: int) -> str:
+    return os.path.join(root, run.name, f"seed{0 if run.shared else seed}")
+
+
+def _main_command(
+    detector: str, run: Run, seed: int, root: str, budget: Sequence[str], mode: str
+) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "dfrdet_jax.main",
+        f"--config={CONFIGS}/{detector}_r18.py:synthetic,{run.variant},demo",
+        f"--workdir={_workdir(root, run, seed)}",
+        f"--mode={mode}",
+        f"--config.seed={0 if run.shared else seed}",
+        *budget,
+        *run.overrides,
+    ]
+    if run.init_from and mode == "train":
+        command += [
+            f"--config.init_from={_workdir(root, Run(run.init_from, '', shared=True), 0)}",
+            "--config.init_from_checkpoint=best",
+        ]
+    if mode == "eval":
+        command += ["--config.eval.split=test", "--config.eval.checkpoint=best"]
+    return command
+
+
+def _run_logged(command: list[str], log_path: str, dry_run: bool) -> None:
+    print(" ".join(command), flush=True)
+    if dry_run:
+        return
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a") as log:
+        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if status.returncode:
+        raise RuntimeError(f"exit status {status.returncode}; see {log_path}")
+
+
+def test_metrics_path(workdir: str) -> str | None:
+    """The eval mode's file of the best checkpoint's test metrics; None before it exists."""
+    found = glob.glob(os.path.join(workdir, "eval_test_best_*.json"))
+    return found[0] if found else None
+
+
+def run_grid(
+    detector: str, root: str, seeds: Sequence[int], budget: Sequence[str], dry_run: bool = False
+) -> dict[str, dict[int, dict[str, float]]]:
+    """Trains and tests every run not done yet; returns {row: {seed: test metrics}}."""
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    for run in grid(detector):
+        for seed in [0] if run.shared else seeds:
+            workdir = _workdir(root, run, seed)
+            if test_metrics_path(workdir) is None:
+                for mode, log in (("train", "train.log"), ("eval", "test.log")):
+                    command = _main_command(detector, run, seed, root, budget, mode)
+                    _run_logged(command, os.path.join(workdir, log), dry_run)
+            done = test_metrics_path(workdir)
+            if done is not None:
+                with open(done) as f:
+                    results.setdefault(run.name, {})[seed] = json.load(f)
+    return results
+
+
+def summarize(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """{row: {metric: {'mean', 'std', 'n', 'values'}}} (std with ddof=1; 0 for one seed)."""
+    summary = {}
+    for name, by_seed in results.items():
+        row = {}
+        for metric in TABLE_METRICS:
+            values = [100.0 * by_seed[s][metric] for s in sorted(by_seed)]
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            row[metric] = {
+                "mean": float(np.mean(values)),
+                "std": std,
+                "n": len(values),
+                "values": values,
+            }
+        summary[name] = row
+    return summary
+
+
+def _difference(summary, a: str, b: str, metric: str = "AP") -> tuple[float, float] | None:
+    """(mean_a - mean_b, its standard error) over independent seeds, or None."""
+    if a not in summary or b not in summary:
+        return None
+    x, y = summary[a][metric], summary[b][metric]
+    se = math.sqrt(x["std"] ** 2 / x["n"] + y["std"] ** 2 / y["n"])
+    return x["mean"] - y["mean"], se
+
+
+def markdown_table(detector: str, summary, command: str) -> str:
+    """The README's table: mean +- std over seeds of every AI-TOD metric (%), then the
+    comparisons the paper makes (1-bit / real, DFR - baseline)."""
+    head = "| row | seeds | " + " | ".join(TABLE_METRICS) + " |"
+    lines = [f"`{command}`", "", head, "|" + "---|" * (len(TABLE_METRICS) + 2)]
+    for name, row in summary.items():
+        cells = [f"{row[m]['mean']:.1f} ± {row[m]['std']:.1f}" for m in TABLE_METRICS]
+        lines.append(f"| {detector} {name} | {row['AP']['n']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if "real" in summary:
+        for name in ("bnn", "dfr"):
+            if name in summary:
+                ratio = summary[name]["AP"]["mean"] / max(summary["real"]["AP"]["mean"], 1e-9)
+                lines.append(f"- {name} keeps {100 * ratio:.0f} % of the real AP.")
+    for a, b in (("dfr", "bnn"), ("dfr_scratch", "bnn_scratch"), ("bnn", "bnn_scratch")):
+        for metric in ("AP", "AP_vt", "AP_t"):
+            diff = _difference(summary, a, b, metric)
+            if diff is not None:
+                lines.append(
+                    f"- {a} - {b}, {metric}: {diff[0]:+.1f} (standard error {diff[1]:.1f})"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot(detector: str, summary, path: str) -> None:
+    """AP and AP_vt per row with standard-deviation error bars, as a PNG."""
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    names = list(summary)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    for offset, metric in ((-0.2, "AP"), (0.2, "AP_vt")):
+        means = [summary[n][metric]["mean"] for n in names]
+        stds = [summary[n][metric]["std"] for n in names]
+        ax.bar(x + offset, means, 0.4, yerr=stds, capsize=3, label=metric)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("% (test split)")
+    ax.set_title(f"{detector}: mean and standard deviation over seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(detector: str, root: str, results, command: str) -> dict[str, Any]:
+    """results.json, results.md and results.png under ``root``; returns the summary."""
+    summary = summarize(results)
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump({"detector": detector, "command": command, "runs": results,
+                   "summary": summary}, f, indent=1)
+    with open(os.path.join(root, "results.md"), "w") as f:
+        f.write(markdown_table(detector, summary, command))
+    if summary:
+        plot(detector, summary, os.path.join(root, "results.png"))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--detector", default="fcos", choices=DETECTORS)
+    parser.add_argument("--root", required=True, help="folder of the grid's workdirs and results")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the rows")
+    parser.add_argument(
+        "--budget",
+        default="",
+        help="extra --config.* flags for every run, space-separated (e.g. a step count)",
+    )
+    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    budget = args.budget.split()
+    os.makedirs(args.root, exist_ok=True)
+    results = run_grid(args.detector, args.root, seeds, budget, args.dry_run)
+    if not args.dry_run:
+        command = "python -m dfrdet_jax.experiments " + " ".join(
+            sys.argv[1:] if argv is None else argv
+        )
+        write_outputs(args.detector, args.root, results, command)
+        print(open(os.path.join(args.root, "results.md")).read())
+
+
+if __name__ == "__main__":
+    main()
