@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import math
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -128,9 +129,15 @@ def test_metrics_path(workdir: str) -> str | None:
 
 
 def run_grid(
-    detector: str, root: str, seeds: Sequence[int], budget: Sequence[str], dry_run: bool = False
+    detector: str,
+    root: str,
+    seeds: Sequence[int],
+    budget: Sequence[str],
+    dry_run: bool = False,
+    on_result: Callable[[dict], None] = lambda results: None,
 ) -> dict[str, dict[int, dict[str, float]]]:
-    """Trains and tests every run not done yet; returns {row: {seed: test metrics}}."""
+    """Trains and tests every run not done yet; returns {row: {seed: test metrics}} (shared
+    starts included), passing the results so far to ``on_result`` after each run."""
     results: dict[str, dict[int, dict[str, float]]] = {}
     for run in grid(detector):
         for seed in [0] if run.shared else seeds:
@@ -143,6 +150,7 @@ def run_grid(
             if done is not None:
                 with open(done) as f:
                     results.setdefault(run.name, {})[seed] = json.load(f)
+                on_result(results)
     return results
 
 
@@ -220,7 +228,7 @@ def plot(detector: str, summary, path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(detector: str, root: str, results, command: str) -> dict[str, Any]:
+def write_outputs(detector: str, root: str, results, *, command: str) -> dict[str, Any]:
     """results.json, results.md and results.png under ``root``; returns the summary."""
     summary = summarize(results)
     with open(os.path.join(root, "results.json"), "w") as f:
@@ -248,13 +256,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     budget = args.budget.split()
     os.makedirs(args.root, exist_ok=True)
-    results = run_grid(args.detector, args.root, seeds, budget, args.dry_run)
-    if not args.dry_run:
-        command = "python -m dfrdet_jax.experiments " + " ".join(
-            sys.argv[1:] if argv is None else argv
-        )
-        write_outputs(args.detector, args.root, results, command)
-        print(open(os.path.join(args.root, "results.md")).read())
+    command = "python -m dfrdet_jax.experiments " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    write = functools.partial(write_outputs, args.detector, args.root, command=command)
+    results = run_grid(args.detector, args.root, seeds, budget, args.dry_run, write)
+    if results:
+        write(results)
+        with open(os.path.join(args.root, "results.md")) as f:
+            print(f.read())
 
 
 if __name__ == "__main__":
