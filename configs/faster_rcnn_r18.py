@@ -1,10 +1,12 @@
 """Faster R-CNN with a ResNet-18 + FPN (P2-P6) backbone: real-valued, 1-bit, or 1-bit with DFR.
 
-Argument: comma-separated ``<dataset>,<variant>[,demo]``, as ``configs/fcos_r18.py``:
+Argument: comma-separated ``<dataset>,<variant>[,demo][,smoke]``, as ``configs/fcos_r18.py``:
   dataset  synthetic | aitod | tinyperson | dota2
   variant  real (32-bit) | bnn (1-bit baseline) | dfr (1-bit + DFR decoder, DFR-Det)
   demo     the small, fast setting for the synthetic data (narrow network, 128 px, 1,200 steps of
            AdamW, fewer proposals and RoIs)
+  smoke    the demo shrunk to a one-minute run (P2-P4, widths 8-16, 64 px, 12 steps of SGD,
+           fewer proposals and RoIs still)
 
 Two stages, as mmdetection's faster_rcnn_r50_fpn with tiny-object anchors: the RPN has three
 anchors per cell of 2x its level's stride (8 px on P2; mmdetection: 8x, 32 px), matched at IoU
@@ -25,7 +27,7 @@ from dfrdet_jax import base_config
 
 
 def get_config(arg: str = "synthetic,dfr"):
-    dataset, variant, demo = base_config.parse_arg(arg, "configs/faster_rcnn_r18.py")
+    dataset, variant, demo, smoke = base_config.parse_arg(arg, "configs/faster_rcnn_r18.py")
     config = base_config.base_config("faster_rcnn", dataset, variant)
 
     f = config.faster_rcnn = ml_collections.ConfigDict()
@@ -57,4 +59,10 @@ def get_config(arg: str = "synthetic,dfr"):
         f.rpn_post_nms_top_k = 300
         f.roi_num_samples = 128
         f.fc_width = 128
+    if smoke:
+        base_config.make_smoke(config)
+        f.rpn_pre_nms_top_k = 200
+        f.rpn_post_nms_top_k = 64
+        f.roi_num_samples = 32
+        f.fc_width = 32
     return config

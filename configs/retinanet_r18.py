@@ -1,10 +1,11 @@
 """RetinaNet with a ResNet-18 + FPN (P2-P6) backbone: real-valued, 1-bit, or 1-bit with DFR.
 
-Argument: comma-separated ``<dataset>,<variant>[,demo]``, as ``configs/fcos_r18.py``:
+Argument: comma-separated ``<dataset>,<variant>[,demo][,smoke]``, as ``configs/fcos_r18.py``:
   dataset  synthetic | aitod | tinyperson | dota2
   variant  real (32-bit) | bnn (1-bit baseline) | dfr (1-bit + DFR decoder, DFR-Det)
   demo     the small, fast setting for the synthetic data (narrow network, 128 px, 1,200
            steps of AdamW)
+  smoke    the demo shrunk to a one-minute run (P2-P4, widths 8-16, 64 px, 12 steps of SGD)
 
 Anchors for tiny objects: the pyramid starts at P2 (stride 4) and the smallest anchor of a level
 is 2x its stride (mmdetection's RetinaNet: P3-P7 and 4x), so P2's anchors are 8, 10 and 12.7 px,
@@ -22,7 +23,7 @@ from dfrdet_jax import base_config
 
 
 def get_config(arg: str = "synthetic,dfr"):
-    dataset, variant, demo = base_config.parse_arg(arg, "configs/retinanet_r18.py")
+    dataset, variant, demo, smoke = base_config.parse_arg(arg, "configs/retinanet_r18.py")
     config = base_config.base_config("retinanet", dataset, variant)
 
     config.retinanet = ml_collections.ConfigDict()
@@ -42,4 +43,6 @@ def get_config(arg: str = "synthetic,dfr"):
 
     if demo:
         base_config.make_demo(config)
+    if smoke:
+        base_config.make_smoke(config)
     return config

@@ -19,13 +19,13 @@ os.environ["XLA_FLAGS"] = (
 import flax  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from training_fixtures import make_batch, tiny_config  # noqa: E402
+from smoke import make_batch, smoke_config  # noqa: E402
 
 from dfrdet_jax import distributed, sharding, steps  # noqa: E402
 from dfrdet_jax.models import registry  # noqa: E402
 
 GLOBAL_BATCH = 4
-config = tiny_config("dfr", batch_size=GLOBAL_BATCH)
+config = smoke_config("dfr", batch_size=GLOBAL_BATCH)
 if num_processes > 1:
     config.distributed.mode = "on"
     config.distributed.coordinator_address = f"127.0.0.1:{port}"

@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,7 @@ def test_binary_layers_notebook_runs():
     assert float(_run("binary_layers.ipynb")["ce"]) < 0.5
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_trains_evaluates_and_draws(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     namespace = _run(

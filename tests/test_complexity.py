@@ -4,7 +4,6 @@ import json
 
 import flax.linen as nn
 import pytest
-from training_fixtures import tiny_config
 
 from dfrdet_jax import complexity, layers, main
 
@@ -36,10 +35,10 @@ def test_counts_match_a_hand_count():
 
 
 @pytest.mark.parametrize("family", ["fcos", "retinanet", "faster_rcnn"])
-def test_detector_variants_and_the_decoder_is_not_counted(tmp_path, family):
+def test_detector_variants_and_the_decoder_is_not_counted(smoke_config, tmp_path, family):
     counts = {}
     for variant in ("real", "bnn", "dfr"):
-        config = tiny_config(variant, family=family)
+        config = smoke_config(variant, family=family)
         counts[variant] = main.run("complexity", config, str(tmp_path / variant))
     assert counts["real"]["binary_params"] == 0 and counts["real"]["binary_macs_g"] == 0
     # At these tiny widths RetinaNet's real prediction convs (9 anchors x classes outputs) weigh

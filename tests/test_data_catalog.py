@@ -68,7 +68,7 @@ def test_a_registered_source_reaches_configs_evaluation_and_the_pipeline(tmp_pat
     with pytest.raises(ValueError, match="'cars' is already registered"):
         data.register_source(source)
     assert data.source_names() == (*BUILT_IN, "cars")
-    assert base_config.parse_arg("cars,bnn", "configs/fcos_r18.py") == ("cars", "bnn", False)
+    assert base_config.parse_arg("cars,bnn", "configs/fcos_r18.py") == ("cars", "bnn", False, False)
     config = base_config.base_config("fcos", "cars", "bnn")
     assert (config.eval.protocol, config.eval.best_metric) == ("aitod", "AP50")
     assert (config.data.image_size, config.data.flip_prob) == (32, 0.5)

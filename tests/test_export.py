@@ -9,8 +9,6 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from dfrdet_jax import complexity, export
 from dfrdet_jax.models import registry
 
-from training_fixtures import tiny_config
-
 
 def test_pack_by_hand():
     kernel = np.array([[0.3, -0.2, 0.0], [-1.0, 2.0, -0.5]], np.float32)  # [c_in 2, c_out 3]
@@ -28,8 +26,8 @@ def test_pack_by_hand():
 
 
 @pytest.mark.parametrize(("family", "scale"), [("fcos", "learned"), ("faster_rcnn", "mean")])
-def test_exported_detector_gives_the_same_outputs(family, scale):
-    config = tiny_config("dfr", family=family)
+def test_exported_detector_gives_the_same_outputs(smoke_config, family, scale):
+    config = smoke_config("dfr", family=family)
     config.model.binary.scale = scale
     model = registry.build_model(config, num_classes=3)
     images = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))

@@ -79,6 +79,7 @@ def test_fcos_outputs_cover_every_level_point():
     assert bool(jnp.all(out["ltrb"] >= 0))
 
 
+@pytest.mark.slow
 def test_decoder_reconstructs_input_shape_and_is_absent_from_inference():
     model = _tiny_fcos()
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))

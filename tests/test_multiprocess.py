@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 STEPS = 3
+pytestmark = pytest.mark.slow  # three training processes
 
 
 def _free_port():

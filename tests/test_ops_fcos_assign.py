@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from training_fixtures import load_config
 
 from dfrdet_jax.ops import fcos_assign as A
 from dfrdet_jax.ops.points import INF, fcos_flat_points
@@ -20,8 +19,9 @@ def test_regress_ranges():
     np.testing.assert_allclose(A.tiny_object_regress_ranges([8, 16], 8.0), [[-1, 64], [64, INF]])
 
 
-def test_the_config_ranges_are_the_tiny_object_ranges_of_its_levels():
-    config = load_config("synthetic,dfr")
+@pytest.mark.parametrize("arg", ["synthetic,dfr", "synthetic,dfr,smoke"])
+def test_the_config_ranges_are_the_tiny_object_ranges_of_its_levels(load_config, arg):
+    config = load_config(arg)
     strides = [2**level for level in range(config.model.min_level, config.model.max_level + 1)]
     np.testing.assert_allclose(config.fcos.regress_ranges, A.tiny_object_regress_ranges(strides))
 

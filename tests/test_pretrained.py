@@ -146,7 +146,9 @@ def test_real_backbone_computes_torchvision_features():
     reference = np_resnet(image.astype(np.float64), sd, 18)
     for name, expected in reference.items():
         scale = np.abs(expected).max()
-        np.testing.assert_allclose(np.asarray(ours[name][0]), expected, atol=1e-4 * scale, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(ours[name][0]), expected, atol=1e-4 * scale, err_msg=name
+        )
 
 
 def test_strided_conv_pads_like_torchvision():
@@ -162,7 +164,8 @@ def test_strided_conv_pads_like_torchvision():
         conv = variables["params"]["conv"]
         kernel = np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)  # torch layout
         if spec.enabled:  # sign(x) (*) sign(w), zero padding (pad_value 0)
-            expected = np_conv(np.where(x[0] >= 0, 1.0, -1.0), np.where(kernel >= 0, 1.0, -1.0), 2, 1)
+            signs = np.where(x[0] >= 0, 1.0, -1.0), np.where(kernel >= 0, 1.0, -1.0)
+            expected = np_conv(*signs, 2, 1)
         else:
             expected = np_conv(x[0], kernel, 2, 1) + np.asarray(conv.get("bias", 0.0))
         assert y.shape == (4, 4, 5)
@@ -182,7 +185,9 @@ def test_shape_and_name_mismatches_are_errors():
     missing = {k: v for k, v in sd.items() if k != "layer3.1.bn2.running_var"}
     with pytest.raises(ValueError, match="no 'layer3.1.bn2.running_var'"):
         pretrained.load_torchvision_resnet(variables, missing, depth=18, binary=False)
-    with pytest.raises(ValueError, match="layer1.2.bn1.bias. is not a tensor of torchvision.s ResNet-18"):
+    with pytest.raises(
+        ValueError, match="layer1.2.bn1.bias. is not a tensor of torchvision.s ResNet-18"
+    ):
         pretrained.load_torchvision_resnet(
             variables, torchvision_state_dict(34), depth=18, binary=False
         )

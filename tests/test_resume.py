@@ -16,15 +16,12 @@ from dfrdet_jax import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "tests" / "resume_config.py")
+pytestmark = pytest.mark.slow  # whole training runs
 
 
 def _start(workdir, data_dir):
-    env = {
-        **os.environ,
-        "DFRDET_TEST_DATA": str(data_dir),
-        # Cheap CPU code generation: these runs check numbers, not speed.
-        "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-    }
+    # XLA_FLAGS (cheap CPU code generation) comes from conftest.py through the environment.
+    env = {**os.environ, "DFRDET_TEST_DATA": str(data_dir)}
     return subprocess.Popen(
         [sys.executable, "-m", "dfrdet_jax.main", "--config", CONFIG, "--workdir", str(workdir)],
         cwd=ROOT,

@@ -153,6 +153,7 @@ def test_loss_checks_the_anchor_count():
 # Head, detector and post-processing.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binary", [False, True])
 def test_head_outputs_one_row_per_anchor(binary):
     spec = BinarySpec(enabled=binary)

@@ -1,18 +1,22 @@
-"""The train step: every variant lowers its loss, compiles once; schedule and config checks."""
+"""The train step: every variant lowers its loss, compiles once and learns from images without
+boxes; schedule and config checks."""
 
+import pathlib
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from training_fixtures import ROOT, load_config, make_batch, tiny_config
 
-from dfrdet_jax import optimizers, run_utils, sharding, steps
+from dfrdet_jax import base_config, optimizers, run_utils, sharding, steps
 from dfrdet_jax.models import registry
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 # 68 px is no multiple of P6's stride 64 (as AI-TOD's 800 px): levels are ceil-sized.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "variant", "size"),
     [
@@ -25,8 +29,10 @@ from dfrdet_jax.models import registry
         ("faster_rcnn", "dfr", 68),
     ],
 )
-def test_a_few_steps_lower_the_loss_and_compile_once(family, variant, size):
-    config = tiny_config(variant, family=family)
+def test_a_few_steps_lower_the_loss_and_compile_once(
+    smoke_config, make_batch, family, variant, size
+):
+    config = smoke_config(variant, family=family)
     model = registry.build_model(config, num_classes=3)
     total_steps = 12
     state = steps.create_train_state(config, model, jax.random.key(0), (size, size), total_steps)
@@ -44,7 +50,43 @@ def test_a_few_steps_lower_the_loss_and_compile_once(family, variant, size):
     assert int(state.step) == total_steps
 
 
-def test_learning_rate_schedule_warmup_and_step_decay():
+@pytest.mark.parametrize(
+    ("family", "variant"),
+    [
+        ("fcos", "real"),  # the quick run's (-m "not slow") one compiled train step
+        *(
+            pytest.param(family, variant, marks=pytest.mark.slow)
+            for family, variant in [
+                ("fcos", "dfr"),
+                ("retinanet", "real"),
+                ("retinanet", "dfr"),
+                ("faster_rcnn", "real"),
+                ("faster_rcnn", "dfr"),
+            ]
+        ),
+    ],
+)
+def test_a_step_on_images_without_boxes_is_finite_and_learns(
+    smoke_config, make_batch, family, variant
+):
+    # Empty DOTA tiles are common: no positive anywhere, only background to learn.
+    config = smoke_config(variant, family=family)
+    config.optimizer.weight_decay = 0.0  # so that only gradients can move the parameters
+    model = registry.build_model(config, num_classes=3)
+    state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 1)
+    batch = make_batch(num_boxes=0)
+    assert not batch["box_valid"].any()
+    new_state, metrics = jax.jit(steps.make_train_step(config, model, 1))(state, batch)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["grad_norm"] > 0  # finite (above): every gradient is finite
+    # Box losses and positive counts (loss_box, loss_rpn_box, num_roi_positive, ...) are 0.
+    assert all(v == 0 for k, v in metrics.items() if "box" in k or "positive" in k), metrics
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params, new_state.params)
+    assert any(jax.tree.leaves(changed))
+
+
+def test_learning_rate_schedule_warmup_and_step_decay(load_config):
     config = load_config("synthetic,dfr")
     config.train.batch_size = 8  # 4x the paper's batch 2: lr 0.02
     config.optimizer.warmup_steps = 100
@@ -59,7 +101,7 @@ def test_learning_rate_schedule_warmup_and_step_decay():
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
-def test_first_optimizer_step_by_hand(name):
+def test_first_optimizer_step_by_hand(load_config, name):
     config = load_config("synthetic,real")
     config.optimizer.name = name
     config.optimizer.warmup_steps = 0
@@ -79,7 +121,7 @@ def test_first_optimizer_step_by_hand(name):
         np.testing.assert_allclose(np.asarray(updates[key]), value, rtol=1e-4, err_msg=key)
 
 
-def test_unknown_optimizer_is_a_clear_error():
+def test_unknown_optimizer_is_a_clear_error(load_config):
     config = load_config("synthetic,real")
     config.optimizer.name = "lamb"
     with pytest.raises(ValueError, match=r"Unknown config.optimizer.name 'lamb'.*adamw"):
@@ -112,7 +154,7 @@ def test_weight_decay_only_on_kernels():
         ("faster_rcnn.rpn_scales_per_octave", 0, r"scales_per_octave >= 1"),
     ],
 )
-def test_config_errors_are_clear(field, value, message):
+def test_config_errors_are_clear(load_config, field, value, message):
     family = field.split(".")[0] if field.startswith(("retinanet", "faster_rcnn")) else "fcos"
     config = load_config("synthetic,dfr", family)
     parent, name = field.rsplit(".", 1) if "." in field else ("", field)
@@ -124,7 +166,7 @@ def test_config_errors_are_clear(field, value, message):
         registry.validate_config(config)
 
 
-def test_config_argument_errors():
+def test_config_argument_errors(load_config):
     with pytest.raises(ValueError, match=r"dataset in .*synthetic.*variant in .*real"):
         load_config("synthetic,xnor")
     with pytest.raises(ValueError, match=r"configs/retinanet_r18.py takes"):
@@ -132,6 +174,17 @@ def test_config_argument_errors():
     config = load_config("aitod,bnn")
     assert config.loss.dfr_weight == 0 and config.model.binary_parts
     assert load_config("aitod,real").model.binary_parts == ()
+
+
+def test_smoke_implies_demo_and_every_smoke_config_is_valid(load_config):
+    parse = base_config.parse_arg
+    assert parse("synthetic,dfr,smoke", "f.py") == ("synthetic", "dfr", True, True)
+    assert parse("demo,synthetic,real", "f.py") == ("synthetic", "real", True, False)
+    assert parse("synthetic,bnn,demo,smoke", "f.py") == ("synthetic", "bnn", True, True)
+    for family in ("fcos", "retinanet", "faster_rcnn"):
+        config = load_config("synthetic,dfr,smoke", family)
+        registry.validate_config(config)
+        assert (config.model.max_level, config.optimizer.name) == (4, "sgd")
 
 
 def test_config_typo_on_the_command_line_is_an_error(tmp_path):
@@ -165,8 +218,9 @@ def test_batch_must_divide_over_devices(monkeypatch):
         sharding.check_batch_divides(6, "config.train.batch_size")
 
 
-def test_bfloat16_compute_keeps_float32_parameters():
-    config = tiny_config("dfr")
+@pytest.mark.slow
+def test_bfloat16_compute_keeps_float32_parameters(smoke_config, make_batch):
+    config = smoke_config("dfr")
     config.model.dtype = "bfloat16"
     model = registry.build_model(config, num_classes=3)
     state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 3)

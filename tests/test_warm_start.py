@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from test_pretrained import torchvision_state_dict
-from training_fixtures import tiny_config
 
 from dfrdet_jax import checkpointing, steps, warm_start
 from dfrdet_jax.models import registry
@@ -32,10 +31,13 @@ def _saved_real_run(workdir, config):
     return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["latest", "best"])
-def test_init_from_moves_a_real_checkpoint_into_a_1bit_model(tmp_path, which, capsys):
-    real = _saved_real_run(tmp_path / "real", tiny_config("real"))
-    config = tiny_config("dfr")
+def test_init_from_moves_a_real_checkpoint_into_a_1bit_model(
+    smoke_config, tmp_path, which, capsys
+):
+    real = _saved_real_run(tmp_path / "real", smoke_config("real"))
+    config = smoke_config("dfr")
     config.init_from = str(tmp_path / "real")
     config.init_from_checkpoint = which
     fresh = _state(config)
@@ -57,25 +59,27 @@ def test_init_from_moves_a_real_checkpoint_into_a_1bit_model(tmp_path, which, ca
     assert f"({which} checkpoint, step 7)" in printed and "tensors loaded" in printed
 
 
-def test_init_from_errors_name_the_folder(tmp_path):
-    config = tiny_config("bnn")
+@pytest.mark.slow
+def test_init_from_errors_name_the_folder(smoke_config, tmp_path):
+    config = smoke_config("bnn")
     config.init_from = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="missing"):
         warm_start.apply(config, _state(config))
-    _saved_real_run(tmp_path / "real", tiny_config("real"))
+    _saved_real_run(tmp_path / "real", smoke_config("real"))
     config.init_from = str(tmp_path / "real")
     config.init_from_checkpoint = "newest"
     with pytest.raises(ValueError, match="Unknown checkpoint 'newest'"):
         warm_start.apply(config, _state(config))
 
 
-def test_pretrained_backbone_through_the_config(tmp_path):
+@pytest.mark.slow
+def test_pretrained_backbone_through_the_config(smoke_config, tmp_path):
     import safetensors.numpy
 
     sd = torchvision_state_dict(18)
     path = str(tmp_path / "resnet18.safetensors")
     safetensors.numpy.save_file(sd, path)
-    config = tiny_config("bnn")
+    config = smoke_config("bnn")
     config.model.backbone_width = 64
     config.model.pretrained = path
     started = warm_start.apply(config, _state(config))

@@ -1,4 +1,6 @@
-"""Tiny detector configs and hand-made batches shared by the training tests and their workers."""
+"""The smoke config and hand-made batches as plain functions: conftest.py hands them to the tests
+as fixtures, and the scripts tests run as subprocesses (resume_config.py,
+multiprocess_worker.py), which cannot take fixtures, import them from here."""
 
 import importlib.util
 import pathlib
@@ -17,31 +19,18 @@ def load_config(arg, family="fcos"):
     return module.get_config(arg)
 
 
-def tiny_config(variant, batch_size=2, family="fcos"):
-    """The demo config of ``variant`` narrowed to P2-P4, no warm-up, for 64 px images."""
-    config = load_config(f"synthetic,{variant},demo", family)
-    config.model.backbone_width = 8
-    config.model.fpn_width = 16
-    config.model.head_convs = 1
-    config.model.max_level = 4  # P2-P4: a smaller program, compiled faster
-    if family == "fcos":
-        config.fcos.regress_ranges = ((-1.0, 16.0), (16.0, 32.0), (32.0, 1e8))
-    if family == "faster_rcnn":
-        config.faster_rcnn.rpn_pre_nms_top_k = 200
-        config.faster_rcnn.rpn_post_nms_top_k = 64
-        config.faster_rcnn.roi_num_samples = 32
-        config.faster_rcnn.fc_width = 32
-    config.dfr.decoder_width = 8
+def smoke_config(variant, family="fcos", batch_size=2):
+    """configs/<family>_r18.py:synthetic,<variant>,smoke at global batch ``batch_size``, with
+    the smoke learning rate (0.01) at that batch."""
+    config = load_config(f"synthetic,{variant},smoke", family)
     config.train.batch_size = batch_size
     config.optimizer.base_batch_size = batch_size
-    config.optimizer.name = "sgd"
-    config.optimizer.warmup_steps = 0
-    config.optimizer.base_learning_rate = 0.01
     return config
 
 
 def make_batch(seed=0, batch_size=2, size=64, num_boxes=8, max_boxes=12):
-    """Bright squares of 3 classes on a dark noisy background, in the standard batch format."""
+    """Bright squares of 3 classes on a dark noisy background, in the standard batch format;
+    ``num_boxes=0`` gives images without any box (all ``box_valid`` False)."""
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 60, (batch_size, size, size, 3)).astype(np.uint8)
     boxes = np.zeros((batch_size, max_boxes, 4), np.float32)

@@ -1,0 +1,37 @@
+"""Shared fixtures: configs from configs/ (the smoke setting for anything that builds or trains
+a detector) and hand-made batches. Each fixture is a factory, so a test picks the variant,
+family and sizes it needs.
+
+Every test process compiles with cheap CPU code generation (as the runs test_resume.py and
+test_multiprocess.py start): the tests check numbers, not speed, and spend most of their time
+compiling. No fake CPU devices are set: in-process tests run on one device, and the
+multi-device runs (test_multiprocess.py) set their own device count in each worker process.
+"""
+
+import os
+
+import pytest
+import smoke
+
+CHEAP_CODEGEN = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# Read when JAX starts its backend, after this module is imported.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_CODEGEN}".strip()
+
+
+@pytest.fixture
+def load_config():
+    """load_config(arg, family="fcos"): get_config(arg) of configs/<family>_r18.py."""
+    return smoke.load_config
+
+
+@pytest.fixture
+def smoke_config():
+    """smoke_config(variant, family="fcos", batch_size=2): the ``smoke`` config of a family."""
+    return smoke.smoke_config
+
+
+@pytest.fixture
+def make_batch():
+    """make_batch(seed=0, batch_size=2, size=64, num_boxes=8, max_boxes=12): squares of 3
+    classes on noise, in the standard batch format (``num_boxes=0``: images without boxes)."""
+    return smoke.make_batch
