@@ -99,6 +99,7 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.optimizer.momentum = 0.9  # sgd
     config.optimizer.adam_betas = (0.9, 0.999)  # adamw
     config.optimizer.weight_decay = 1e-4
+    config.optimizer.latent_weight_decay = True  # False: none on the 1-bit layers' latent kernels
     config.optimizer.warmup_steps = 500
     config.optimizer.warmup_factor = 1.0 / 3
     config.optimizer.decay_epochs = (8, 11)

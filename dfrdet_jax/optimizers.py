@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import traverse_util
 
 
 def global_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -40,34 +42,42 @@ def make_learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> o
     return lambda step: jnp.where(step < opt.warmup_steps, warmup(step), decay(step))
 
 
-def weight_decay_mask(params):
+def weight_decay_mask(params, exclude: frozenset[tuple[str, ...]] = frozenset()):
     """True where weight decay applies: kernels only (ndim > 1), not biases, norms, scales or
-    alphas. Returns a tree of bools shaped as ``params``."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    alphas, nor the parameter paths in ``exclude``. Returns a tree of bools shaped as
+    ``params``."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {path: p.ndim > 1 and path not in exclude for path, p in flat.items()}
+    )
 
 
-def _sgd(opt: ml_collections.ConfigDict, learning_rate: optax.Schedule):
+Mask = Callable[[Any], Any]
+
+
+def _sgd(opt: ml_collections.ConfigDict, learning_rate: optax.Schedule, mask: Mask):
     """SGD with momentum and coupled weight decay (the paper's)."""
     return (
-        optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask),
+        optax.add_decayed_weights(opt.weight_decay, mask=mask),
         optax.sgd(learning_rate, momentum=opt.momentum),
     )
 
 
-def _adamw(opt: ml_collections.ConfigDict, learning_rate: optax.Schedule):
+def _adamw(opt: ml_collections.ConfigDict, learning_rate: optax.Schedule, mask: Mask):
     """AdamW, decoupled weight decay: the usual choice for 1-bit networks trained from scratch
     (ReActNet)."""
     b1, b2 = opt.adam_betas
-    return (
-        optax.adamw(learning_rate, b1, b2, weight_decay=opt.weight_decay, mask=weight_decay_mask),
-    )
+    return (optax.adamw(learning_rate, b1, b2, weight_decay=opt.weight_decay, mask=mask),)
 
 
-# name -> (config.optimizer, schedule) -> the transforms after gradient clipping, in order. A
-# tuple rather than a chain, so the optimizer state stays one flat tuple (checkpoint layout).
+# name -> (config.optimizer, schedule, weight-decay mask) -> the transforms after gradient
+# clipping, in order. A tuple rather than a chain, so the optimizer state stays one flat tuple
+# (checkpoint layout).
 OPTIMIZERS: dict[
     str,
-    Callable[[ml_collections.ConfigDict, optax.Schedule], tuple[optax.GradientTransformation, ...]],
+    Callable[
+        [ml_collections.ConfigDict, optax.Schedule, Mask], tuple[optax.GradientTransformation, ...]
+    ],
 ] = {"sgd": _sgd, "adamw": _adamw}
 
 
@@ -81,11 +91,16 @@ def check_optimizer(config: ml_collections.ConfigDict) -> None:
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict, total_steps: int
+    config: ml_collections.ConfigDict,
+    total_steps: int,
+    latent_kernels: frozenset[tuple[str, ...]] = frozenset(),
 ) -> optax.GradientTransformation:
     """Gradient clipping (global norm ``grad_clip_norm``; none when 0), then the update rule
     ``OPTIMIZERS[config.optimizer.name]`` on the schedule of ``make_learning_rate``. Weight
-    decay applies to kernels only (``weight_decay_mask``)."""
+    decay applies to kernels only (``weight_decay_mask``), and not to ``latent_kernels`` (the
+    parameter paths of the 1-bit layers' latent weights) when
+    ``config.optimizer.latent_weight_decay`` is False, as ReActNet's second step and Bi-Real
+    train them."""
     check_optimizer(config)
     opt = config.optimizer
     learning_rate = make_learning_rate(config, total_steps)
@@ -94,4 +109,6 @@ def make_optimizer(
         if opt.grad_clip_norm > 0
         else optax.identity()
     )
-    return optax.chain(clip, *OPTIMIZERS[opt.name](opt, learning_rate))
+    exclude = frozenset() if opt.latent_weight_decay else frozenset(latent_kernels)
+    mask = functools.partial(weight_decay_mask, exclude=exclude)
+    return optax.chain(clip, *OPTIMIZERS[opt.name](opt, learning_rate, mask))

@@ -19,7 +19,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from dfrdet_jax import layers, optimizers, sharding
+from dfrdet_jax import complexity, layers, optimizers, sharding
 from dfrdet_jax.losses import total
 from dfrdet_jax.models import registry
 from dfrdet_jax.models.detectors import normalize_images
@@ -52,11 +52,15 @@ def create_train_state(
     variables = jax.jit(
         functools.partial(model.init, train=True, reconstruct=bool(config.dfr.levels))
     )(rng, dummy)
+    latent_kernels = frozenset()
+    if not config.optimizer.latent_weight_decay:  # find the 1-bit kernels (an abstract trace)
+        trace = complexity.trace_layers(model, image_hw, train=False)
+        latent_kernels = frozenset(trace.binary_kernels)
     state = TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
-        tx=optimizers.make_optimizer(config, total_steps),
+        tx=optimizers.make_optimizer(config, total_steps, latent_kernels),
     )
     # A concrete int32 step (not a weakly typed Python 0), so the step compiles only once.
     return state.replace(step=jnp.zeros((), jnp.int32))

@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from dfrdet_jax import base_config, optimizers, run_utils, sharding, steps
 from dfrdet_jax.models import registry
@@ -119,6 +121,26 @@ def test_first_optimizer_step_by_hand(load_config, name):
         expected["bias"] = -lr * np.sign(grads["bias"])
     for key, value in expected.items():
         np.testing.assert_allclose(np.asarray(updates[key]), value, rtol=1e-4, err_msg=key)
+
+
+@pytest.mark.parametrize("latent_weight_decay", [True, False])
+def test_latent_weight_decay_switch(smoke_config, latent_weight_decay):
+    """With latent_weight_decay False the 1-bit kernels take no decay; real kernels still do."""
+    config = smoke_config("bnn")
+    config.optimizer.latent_weight_decay = latent_weight_decay
+    config.optimizer.grad_clip_norm = 0.0
+    model = registry.build_model(config, num_classes=8)
+    state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 10)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    updates, _ = state.tx.update(zeros, state.opt_state, state.params)
+    moved = {
+        "/".join(path): bool(np.any(np.asarray(u) != 0))
+        for path, u in flatten_dict(updates).items()
+    }
+    binary = "backbone/stage2_block1/unit1/conv/kernel"  # a 1-bit conv's latent weights
+    real = "backbone/stem_conv/kernel"
+    assert moved[real] and moved[binary] == latent_weight_decay
+    assert not moved["backbone/stage2_block1/unit1/conv/alpha"]
 
 
 def test_unknown_optimizer_is_a_clear_error(load_config):
