@@ -251,13 +251,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="",
         help="extra --config.* flags for every run, space-separated (e.g. a step count)",
     )
-    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="print the commands of unfinished runs and tabulate the finished ones; run nothing",
+    )
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     budget = args.budget.split()
     os.makedirs(args.root, exist_ok=True)
+    # The command that runs the grid: --dry_run, which only tabulates the finished runs, left out.
     command = "python -m dfrdet_jax.experiments " + " ".join(
-        sys.argv[1:] if argv is None else argv
+        a for a in (sys.argv[1:] if argv is None else argv) if a != "--dry_run"
     )
     write = functools.partial(write_outputs, args.detector, args.root, command=command)
     results = run_grid(args.detector, args.root, seeds, budget, args.dry_run, write)

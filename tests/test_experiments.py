@@ -1,0 +1,70 @@
+"""The comparison grid: its runs and commands, resuming from finished runs, and the summary
+(mean, sample standard deviation, differences with their standard errors) worked by hand."""
+
+import json
+import math
+
+import pytest
+
+from dfrdet_jax import experiments
+
+
+def _metrics(ap):
+    return {m: ap for m in experiments.TABLE_METRICS}
+
+
+def test_grid_starts_first_and_rows_start_from_them():
+    runs = experiments.grid("fcos")
+    names = [r.name for r in runs]
+    assert names[:2] == ["start_real", "start_topology"] and all(r.shared for r in runs[:2])
+    by_name = {r.name: r for r in runs}
+    assert by_name["real"].init_from == "start_real"
+    assert by_name["bnn"].init_from == by_name["dfr"].init_from == "start_topology"
+    assert by_name["bnn_scratch"].init_from is None
+    with pytest.raises(ValueError, match="Unknown detector 'yolo'"):
+        experiments.grid("yolo")
+
+
+def test_commands_and_resume(tmp_path, capsys):
+    root = str(tmp_path)
+    # Finished runs are read, not run again: fake the test metrics of two of them.
+    for run, seed, ap in (("start_real", 0, 0.4), ("bnn", 1, 0.2)):
+        workdir = tmp_path / run / f"seed{seed}"
+        workdir.mkdir(parents=True)
+        (workdir / "eval_test_best_1200.json").write_text(json.dumps(_metrics(ap)))
+    results = experiments.run_grid("fcos", root, [0, 1], ["--config.train.num_steps=5"], True)
+    assert results == {"start_real": {0: _metrics(0.4)}, "bnn": {1: _metrics(0.2)}}
+    commands = capsys.readouterr().out.splitlines()
+    assert not any(f"--workdir={root}/start_real/" in c for c in commands)  # done: not rerun
+    train = [c for c in commands if "/bnn/seed0" in c and "--mode=train" in c]
+    assert len(train) == 1 and "--config.seed=0" in train[0]
+    assert f"--config.init_from={root}/start_topology/seed0" in train[0]
+    assert "--config.init_from_checkpoint=best" in train[0]
+    assert "--config.train.num_steps=5" in train[0] and "fcos_r18.py:synthetic,bnn,demo" in train[0]
+    test = [c for c in commands if "/bnn/seed0" in c and "--mode=eval" in c]
+    assert "--config.eval.split=test" in test[0] and "--config.eval.checkpoint=best" in test[0]
+    topology = [c for c in commands if "/start_topology/seed0" in c and "--mode=train" in c]
+    assert "--config.model.binary.weight_quantizer=none" in topology[0]
+    assert not any("/start_topology/seed1" in c for c in commands)  # starts: seed 0 only
+
+
+def test_summary_and_table_by_hand(tmp_path):
+    results = {
+        "real": {0: _metrics(0.50), 1: _metrics(0.52), 2: _metrics(0.54)},
+        "bnn": {0: _metrics(0.20), 1: _metrics(0.22)},
+        "dfr": {0: _metrics(0.25), 1: _metrics(0.27)},
+    }
+    summary = experiments.summarize(results)
+    assert summary["real"]["AP"]["mean"] == pytest.approx(52.0)
+    assert summary["real"]["AP"]["std"] == pytest.approx(2.0)  # sample std of 50, 52, 54
+    assert summary["bnn"]["AP"]["values"] == pytest.approx([20.0, 22.0])
+    table = experiments.markdown_table("fcos", summary, "CMD")
+    assert "| fcos real | 3 | 52.0 ± 2.0 |" in table
+    assert "- bnn keeps 40 % of the real AP." in table
+    se = math.sqrt(2 * 2.0 / 2)  # both rows: std sqrt(2), two seeds
+    assert f"- dfr - bnn, AP: +5.0 (standard error {se:.1f})" in table
+    experiments.write_outputs("fcos", str(tmp_path), results, command="CMD")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["command"] == "CMD" and saved["summary"]["dfr"]["AP"]["n"] == 2
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert (tmp_path / "results.md").read_text() == table
