@@ -198,10 +198,13 @@ def markdown_table(detector: str, summary, command: str) -> str:
     for a, b in (("dfr", "bnn"), ("dfr_scratch", "bnn_scratch"), ("bnn", "bnn_scratch")):
         for metric in ("AP", "AP_vt", "AP_t"):
             diff = _difference(summary, a, b, metric)
-            if diff is not None:
-                lines.append(
-                    f"- {a} - {b}, {metric}: {diff[0]:+.1f} (standard error {diff[1]:.1f})"
-                )
+            if diff is None:
+                continue
+            if min(summary[a][metric]["n"], summary[b][metric]["n"]) < 2:
+                spread = "one seed: no standard error"
+            else:
+                spread = f"standard error {diff[1]:.1f}"
+            lines.append(f"- {a} - {b}, {metric}: {diff[0]:+.1f} ({spread})")
     return "\n".join(lines) + "\n"
 
 

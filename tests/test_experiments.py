@@ -63,6 +63,10 @@ def test_summary_and_table_by_hand(tmp_path):
     assert "- bnn keeps 40 % of the real AP." in table
     se = math.sqrt(2 * 2.0 / 2)  # both rows: std sqrt(2), two seeds
     assert f"- dfr - bnn, AP: +5.0 (standard error {se:.1f})" in table
+    one_seed = experiments.summarize({"bnn": results["bnn"], "dfr": {0: _metrics(0.25)}})
+    assert "- dfr - bnn, AP: +4.0 (one seed: no standard error)" in experiments.markdown_table(
+        "fcos", one_seed, "CMD"
+    )
     experiments.write_outputs("fcos", str(tmp_path), results, command="CMD")
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["command"] == "CMD" and saved["summary"]["dfr"]["AP"]["n"] == 2
