@@ -92,7 +92,7 @@ def scale_gradient(x: Array, scale: float | Array) -> Array:
 
 
 def lsq_levels(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer range (q_min, q_max) of a ``bits``-bit quantizer, e.g. (-8, 7) or (0, 15) for 4 bits."""
+    """Integer range (q_min, q_max) of a ``bits``-bit quantizer: (-8, 7) or (0, 15) for 4 bits."""
     if bits < 2:
         raise ValueError(
             f"LSQ needs at least 2 bits, got {bits}; use a binary quantizer for 1 bit."

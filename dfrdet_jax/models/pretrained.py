@@ -102,7 +102,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def _torch_to_flax(name: str, value: np.ndarray) -> np.ndarray:
     """A torchvision tensor in flax's layout: conv kernels [O, I, kh, kw] -> [kh, kw, I, O]."""
-    return np.transpose(value, (2, 3, 1, 0)) if name.endswith(".weight") and value.ndim == 4 else value
+    if name.endswith(".weight") and value.ndim == 4:
+        return np.transpose(value, (2, 3, 1, 0))
+    return value
 
 
 def _norm_entries(torch_prefix: str, flax_path: str) -> list[tuple[str, str]]:
@@ -125,7 +127,8 @@ def torchvision_resnet_names(depth: int, binary: bool) -> list[tuple[str, str]]:
             ours = f"stage{stage}_block{block + 1}"
             theirs = f"layer{stage}.{block}"
             for unit in (1, 2):
-                entries.append((f"{theirs}.conv{unit}.weight", f"params/{ours}/unit{unit}/conv/kernel"))
+                kernel = f"params/{ours}/unit{unit}/conv/kernel"
+                entries.append((f"{theirs}.conv{unit}.weight", kernel))
                 entries += _norm_entries(f"{theirs}.bn{unit}", f"{ours}/unit{unit}/norm")
             if stage > 1 and block == 0:
                 shortcut = f"{ours}/unit1" if binary else ours
