@@ -103,7 +103,7 @@ def _main_command(
     ]
     if run.init_from and mode == "train":
         command += [
-            f"--config.init_from={_workdir(root, Run(run.init_from, '', shared=True), 0)}",
+            f"--config.init_from={os.path.join(root, run.init_from, 'seed0')}",  # a shared start
             "--config.init_from_checkpoint=best",
         ]
     if mode == "eval":
