@@ -25,10 +25,6 @@ from dfrdet_jax import checkpointing
 from dfrdet_jax.models import pretrained
 
 
-def _variables(state) -> dict[str, Any]:
-    return {"params": state.params, "batch_stats": state.batch_stats}
-
-
 def _announce(report: pretrained.TransferReport) -> None:
     if jax.process_index() == 0:
         print(report.summary(), flush=True)
@@ -36,13 +32,13 @@ def _announce(report: pretrained.TransferReport) -> None:
 
 
 def pretrained_backbone(config: ml_collections.ConfigDict, variables: dict[str, Any]):
-    """``variables`` with the backbone loaded from ``config.model.pretrained``; returns
+    """``variables`` (numpy) with the backbone loaded from ``config.model.pretrained``; returns
     (variables, report)."""
     path = config.model.pretrained
     state_dict = pretrained.read_state_dict(path)
     backbone = {name: variables[name]["backbone"] for name in ("params", "batch_stats")}
     backbone, report = pretrained.load_torchvision_resnet(
-        jax.tree.map(np.asarray, backbone),
+        backbone,
         state_dict,
         depth=config.model.depth,
         binary="backbone" in config.model.binary_parts,
@@ -53,15 +49,15 @@ def pretrained_backbone(config: ml_collections.ConfigDict, variables: dict[str, 
 
 
 def from_checkpoint(config: ml_collections.ConfigDict, variables: dict[str, Any]):
-    """``variables`` with the matching tensors of the checkpoint of ``config.init_from``;
-    returns (variables, report)."""
+    """``variables`` (numpy) with the matching tensors of the checkpoint of
+    ``config.init_from``; returns (variables, report)."""
     workdir = os.path.expanduser(config.init_from)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"config.init_from={workdir!r} has no checkpoints folder")
     which = config.init_from_checkpoint
     step, source = checkpointing.Checkpointer(workdir).restore_variables(which)
     return pretrained.transfer_matching(
-        jax.tree.map(np.asarray, variables),
+        variables,
         source,
         source_name=f"{workdir} ({which} checkpoint, step {step})",
     )
@@ -70,10 +66,11 @@ def from_checkpoint(config: ml_collections.ConfigDict, variables: dict[str, Any]
 def apply(config: ml_collections.ConfigDict, state):
     """``state`` with its parameters and BatchNorm statistics taken from the configured starts
     (unchanged when none is set). The optimizer state is untouched: it is still the fresh one."""
-    variables = _variables(state)
     if not (config.model.pretrained or config.init_from):
         return state
-    target = jax.tree.map(lambda x: x.sharding, variables)
+    on_devices = {"params": state.params, "batch_stats": state.batch_stats}
+    target = jax.tree.map(lambda x: x.sharding, on_devices)
+    variables = jax.tree.map(np.asarray, on_devices)  # copied to host once for both starts
     if config.model.pretrained:
         variables, report = pretrained_backbone(config, variables)
         _announce(report)
