@@ -47,6 +47,11 @@ REAL_TOPOLOGY = (
     "--config.model.binary.weight_quantizer=none",
     "--config.loss.reconstruction_weight=0.0",
 )
+# ReActNet's first step: binary activations, real weights (no scale, hence no L_R).
+BINARY_ACTIVATIONS = (
+    "--config.model.binary.weight_quantizer=none",
+    "--config.loss.reconstruction_weight=0.0",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +60,12 @@ class Run:
 
     Attributes:
       name: the workdir name and table row.
-      variant: the config's variant ('real', 'bnn', 'dfr').
+      variant: the config's variant ('real', 'bnn', 'dfr', 'lsq4').
       overrides: extra ``--config.*`` flags.
       init_from: the run (its best checkpoint, seed 0) this one starts from; None: scratch.
       shared: trained once (seed 0) as a start, not a row of the table.
+      baseline: the row this one is compared with in the table (its difference, per metric).
+      teacher: the run (seed 0, best checkpoint) this one distils from; None: no distillation.
     """
 
     name: str
@@ -66,21 +73,120 @@ class Run:
     overrides: tuple[str, ...] = ()
     init_from: str | None = None
     shared: bool = False
+    baseline: str | None = None
+    teacher: str | None = None
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The runs this one reads: its start and its teacher."""
+        return tuple(name for name in (self.init_from, self.teacher) if name)
 
 
-def grid(detector: str) -> list[Run]:
-    """The runs of ``detector``'s comparison, starts first (see the module docstring)."""
-    if detector not in DETECTORS:
-        raise ValueError(f"Unknown detector {detector!r}; valid choices: {list(DETECTORS)}")
+def _starts() -> list[Run]:
     return [
         Run("start_real", "real", shared=True),
         Run("start_topology", "bnn", REAL_TOPOLOGY, shared=True),
+    ]
+
+
+def _comparison(detector: str) -> list[Run]:
+    del detector  # the same rows for every family
+    return [
         Run("real", "real", init_from="start_real"),
         Run("bnn", "bnn", init_from="start_topology"),
-        Run("dfr", "dfr", init_from="start_topology"),
-        Run("bnn_scratch", "bnn"),
-        Run("dfr_scratch", "dfr"),
+        Run("dfr", "dfr", init_from="start_topology", baseline="bnn"),
+        Run("bnn_scratch", "bnn", baseline="bnn"),
+        Run("dfr_scratch", "dfr", baseline="bnn_scratch"),
     ]
+
+
+def _recipes(detector: str) -> list[Run]:
+    """How the 1-bit network is trained, each row against the plain ``bnn`` from the same start
+    (the two-step start is trained from scratch, so that it too sees two budgets)."""
+    no_latent_decay = ("--config.optimizer.latent_weight_decay=False",)
+    distill = ["--config.distill.feature_weight=1.0"]
+    if detector != "faster_rcnn":  # its RoI logits cannot be matched (dfrdet_jax/distill.py)
+        distill.append("--config.distill.logit_weight=1.0")
+    topology, real_fpn = "start_topology", ("--config.model.binary_parts=('backbone','head')",)
+    return [
+        Run("real", "real", init_from="start_real"),
+        Run("bnn", "bnn", init_from=topology),
+        Run("dfr", "dfr", init_from=topology, baseline="bnn"),
+        Run("bnn_no_latent_wd", "bnn", no_latent_decay, topology, baseline="bnn"),
+        Run("start_binact", "bnn", BINARY_ACTIVATIONS, shared=True),
+        Run("bnn_twostep", "bnn", no_latent_decay, "start_binact", baseline="bnn"),
+        Run("dfr_twostep", "dfr", no_latent_decay, "start_binact", baseline="bnn_twostep"),
+        Run("bnn_distill", "bnn", tuple(distill), topology, baseline="bnn", teacher="start_real"),
+        Run(
+            "dfr_distill",
+            "dfr",
+            tuple(distill),
+            topology,
+            baseline="bnn_distill",
+            teacher="start_real",
+        ),
+        Run("bnn_real_fpn", "bnn", real_fpn, topology, baseline="bnn"),
+        Run("dfr_real_fpn", "dfr", real_fpn, topology, baseline="bnn_real_fpn"),
+        Run("lsq4", "lsq4", init_from=topology, baseline="bnn"),
+    ]
+
+
+def _ablation(detector: str) -> list[Run]:
+    """The paper's Table 1 on the benchmark: which levels DFR decodes, which loss terms, and
+    lambda; every row 1-bit + DFR from ``start_topology``, against ``bnn``."""
+    del detector
+    rows = [
+        Run("bnn", "bnn", init_from="start_topology"),
+        Run("dfr", "dfr", init_from="start_topology", baseline="bnn"),
+    ]
+    settings = {
+        "dfr_p2": ("--config.dfr.levels=(2,)",),
+        "dfr_p2_p6": ("--config.dfr.levels=(2,3,4,5,6)",),
+        "dfr_full": ("--config.dfr.mode=full",),
+        "dfr_foreground": ("--config.dfr.mode=foreground",),
+        "dfr_background": ("--config.dfr.mode=background",),
+        # L_DFR is a per-pixel mean here (losses/dfr.py), about 0.3 against an L_det of about 1
+        # at the demo budget, so the paper's lambda = 0.04 may be too weak to matter.
+        "dfr_lambda_0.2": ("--config.loss.dfr_weight=0.2",),
+        "dfr_lambda_1": ("--config.loss.dfr_weight=1.0",),
+        "dfr_lambda_4": ("--config.loss.dfr_weight=4.0",),
+    }
+    rows += [
+        Run(name, "dfr", flags, "start_topology", baseline="bnn")
+        for name, flags in settings.items()
+    ]
+    return rows
+
+
+GRIDS: dict[str, Callable[[str], list[Run]]] = {
+    "comparison": _comparison,
+    "recipes": _recipes,
+    "ablation": _ablation,
+}
+
+
+def grid(detector: str, name: str = "comparison", rows: Sequence[str] = ()) -> list[Run]:
+    """The runs of ``detector``'s grid ``name``, each after the runs it needs; ``rows`` keeps
+    only those rows (and what they need). See the module docstring."""
+    if detector not in DETECTORS:
+        raise ValueError(f"Unknown detector {detector!r}; valid choices: {list(DETECTORS)}")
+    if name not in GRIDS:
+        raise ValueError(f"Unknown grid {name!r}; valid choices: {sorted(GRIDS)}")
+    runs = {run.name: run for run in _starts() + GRIDS[name](detector)}
+    unknown = [row for row in rows if row not in runs]
+    if unknown:
+        raise ValueError(f"Grid {name!r} has no rows {unknown}; its rows: {sorted(runs)}")
+    ordered: dict[str, Run] = {}
+
+    def add(run: Run) -> None:
+        for needed in run.needs:
+            add(runs[needed])
+        ordered.setdefault(run.name, run)
+
+    for run in runs.values():
+        if not rows or run.name in rows:
+            add(run)
+    return list(ordered.values())
 
 
 def _workdir(root: str, run: Run, seed: int) -> str:
@@ -106,6 +212,8 @@ def _main_command(
             f"--config.init_from={os.path.join(root, run.init_from, 'seed0')}",  # a shared start
             "--config.init_from_checkpoint=best",
         ]
+    if run.teacher and mode == "train":
+        command.append(f"--config.distill.teacher={os.path.join(root, run.teacher, 'seed0')}")
     if mode == "eval":
         command += ["--config.eval.split=test", "--config.eval.checkpoint=best"]
     return command
@@ -135,11 +243,13 @@ def run_grid(
     budget: Sequence[str],
     dry_run: bool = False,
     on_result: Callable[[dict], None] = lambda results: None,
+    runs: Sequence[Run] | None = None,
 ) -> dict[str, dict[int, dict[str, float]]]:
-    """Trains and tests every run not done yet; returns {row: {seed: test metrics}} (shared
-    starts included), passing the results so far to ``on_result`` after each run."""
+    """Trains and tests every run of ``runs`` (default: ``grid(detector)``) not done yet;
+    returns {row: {seed: test metrics}} (shared starts included), passing the results so far
+    to ``on_result`` after each run."""
     results: dict[str, dict[int, dict[str, float]]] = {}
-    for run in grid(detector):
+    for run in grid(detector) if runs is None else runs:
         for seed in [0] if run.shared else seeds:
             workdir = _workdir(root, run, seed)
             if test_metrics_path(workdir) is None:
@@ -181,21 +291,23 @@ def _difference(summary, a: str, b: str, metric: str = "AP") -> tuple[float, flo
     return x["mean"] - y["mean"], se
 
 
-def markdown_table(detector: str, summary, command: str) -> str:
+def markdown_table(detector: str, summary, command: str, runs: Sequence[Run]) -> str:
     """The README's table: mean +- std over seeds of every AI-TOD metric (%), then the
-    comparisons the paper makes (1-bit / real, DFR - baseline)."""
+    comparisons the paper makes: each row's share of the real AP, and each row's difference
+    from its ``baseline`` with its standard error."""
     head = "| row | seeds | " + " | ".join(TABLE_METRICS) + " |"
     lines = [f"`{command}`", "", head, "|" + "---|" * (len(TABLE_METRICS) + 2)]
     for name, row in summary.items():
         cells = [f"{row[m]['mean']:.1f} ± {row[m]['std']:.1f}" for m in TABLE_METRICS]
         lines.append(f"| {detector} {name} | {row['AP']['n']} | " + " | ".join(cells) + " |")
     lines.append("")
+    rows = [run for run in runs if not run.shared and run.name in summary]
     if "real" in summary:
-        for name in ("bnn", "dfr"):
-            if name in summary:
-                ratio = summary[name]["AP"]["mean"] / max(summary["real"]["AP"]["mean"], 1e-9)
-                lines.append(f"- {name} keeps {100 * ratio:.0f} % of the real AP.")
-    for a, b in (("dfr", "bnn"), ("dfr_scratch", "bnn_scratch"), ("bnn", "bnn_scratch")):
+        for run in rows:
+            if run.name != "real":
+                ratio = summary[run.name]["AP"]["mean"] / max(summary["real"]["AP"]["mean"], 1e-9)
+                lines.append(f"- {run.name} keeps {100 * ratio:.0f} % of the real AP.")
+    for a, b in ((run.name, run.baseline) for run in rows if run.baseline):
         for metric in ("AP", "AP_vt", "AP_t"):
             diff = _difference(summary, a, b, metric)
             if diff is None:
@@ -231,22 +343,32 @@ def plot(detector: str, summary, path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(detector: str, root: str, results, *, command: str) -> dict[str, Any]:
-    """results.json, results.md and results.png under ``root``; returns the summary."""
+def write_outputs(
+    detector: str, root: str, results, *, command: str, runs: Sequence[Run], name: str = "results"
+) -> dict[str, Any]:
+    """``name``.json, .md and .png under ``root`` (``runs``: the grid, for the comparisons);
+    returns the summary."""
     summary = summarize(results)
-    with open(os.path.join(root, "results.json"), "w") as f:
-        json.dump({"detector": detector, "command": command, "runs": results,
-                   "summary": summary}, f, indent=1)
-    with open(os.path.join(root, "results.md"), "w") as f:
-        f.write(markdown_table(detector, summary, command))
+    with open(os.path.join(root, f"{name}.json"), "w") as f:
+        json.dump(
+            {"detector": detector, "command": command, "runs": results, "summary": summary},
+            f,
+            indent=1,
+        )
+    with open(os.path.join(root, f"{name}.md"), "w") as f:
+        f.write(markdown_table(detector, summary, command, runs))
     if summary:
-        plot(detector, summary, os.path.join(root, "results.png"))
+        plot(detector, summary, os.path.join(root, f"{name}.png"))
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--detector", default="fcos", choices=DETECTORS)
+    parser.add_argument("--grid", default="comparison", choices=sorted(GRIDS))
+    parser.add_argument(
+        "--rows", default="", help="comma-separated rows to run (and the runs they need); all: ''"
+    )
     parser.add_argument("--root", required=True, help="folder of the grid's workdirs and results")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the rows")
     parser.add_argument(
@@ -267,11 +389,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = "python -m dfrdet_jax.experiments " + " ".join(
         a for a in (sys.argv[1:] if argv is None else argv) if a != "--dry_run"
     )
-    write = functools.partial(write_outputs, args.detector, args.root, command=command)
-    results = run_grid(args.detector, args.root, seeds, budget, args.dry_run, write)
+    runs = grid(args.detector, args.grid, [r for r in args.rows.split(",") if r.strip()])
+    # One results file per grid: grids share a root (and so their common rows' runs).
+    name = "results" if args.grid == "comparison" else f"results_{args.grid}"
+    write = functools.partial(
+        write_outputs, args.detector, args.root, command=command, runs=runs, name=name
+    )
+    results = run_grid(args.detector, args.root, seeds, budget, args.dry_run, write, runs)
     if results:
         write(results)
-        with open(os.path.join(args.root, "results.md")) as f:
+        with open(os.path.join(args.root, f"{name}.md")) as f:
             print(f.read())
 
 

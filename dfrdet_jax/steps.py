@@ -19,7 +19,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from dfrdet_jax import complexity, layers, optimizers, sharding
+from dfrdet_jax import complexity, distill, layers, optimizers, sharding
 from dfrdet_jax.losses import total
 from dfrdet_jax.models import registry
 from dfrdet_jax.models.detectors import normalize_images
@@ -71,17 +71,22 @@ def loss_and_metrics(
     batch_stats,
     batch: Batch,
     rng: Array,
+    teacher_variables: Any = None,
     *,
     model: nn.Module,
     config: ml_collections.ConfigDict,
+    teacher_model: nn.Module | None = None,
 ) -> tuple[Array, tuple[dict[str, Array], Any]]:
-    """The total loss of a batch (Eq. 11, ``losses.total``) and its parts, in training mode.
+    """The total loss of a batch (Eq. 11, ``losses.total``, plus distillation with a teacher)
+    and its parts, in training mode.
 
     Args:
       params, batch_stats: the model's variables.
       batch: a global batch (``image`` uint8 [B, H, W, 3], ``boxes`` [B, N, 4] xyxy pixels,
         ``box_valid``, ``ignore``, ...).
       rng: PRNG key of the step's random draws (Faster R-CNN's anchor and RoI sampling).
+      teacher_variables, teacher_model: the frozen teacher of ``config.distill`` (both None
+        without one; see ``dfrdet_jax.distill``).
     Returns:
       (loss float32 scalar, (metrics: name -> float32 scalar, new batch_stats)).
     """
@@ -92,9 +97,15 @@ def loss_and_metrics(
         images,
         train=True,
         reconstruct=reconstruct,
+        features=teacher_model is not None,
         mutable=["batch_stats", layers.LOSSES_COLLECTION],
         **registry.apply_kwargs(config, batch, train=True, rng=rng),
     )
+    distillation = None
+    if teacher_model is not None:
+        distillation = distill.distillation_terms(
+            config, teacher_model, teacher_variables, images, outputs
+        )
     loss, metrics = total.total_loss(
         registry.detection_loss(config, outputs, batch),
         new_state.get(layers.LOSSES_COLLECTION, {}),
@@ -106,25 +117,38 @@ def loss_and_metrics(
         reconstruction_weight=config.loss.reconstruction_weight,
         dfr_weight=config.loss.dfr_weight,
         dfr_mode=config.dfr.mode,
+        distillation=distillation,
     )
     return loss, (metrics, new_state["batch_stats"])
 
 
 def make_train_step(
-    config: ml_collections.ConfigDict, model: nn.Module, total_steps: int
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """``train_step(state, batch) -> (new state, metrics)``: one optimizer step on a global
-    batch. Metrics are the loss parts of ``loss_and_metrics`` plus ``grad_norm`` and the step's
-    ``learning_rate`` (the schedule of ``total_steps``, as in the state's optimizer)."""
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    total_steps: int,
+    teacher_model: nn.Module | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """``train_step(state, batch, teacher_variables=None) -> (new state, metrics)``: one
+    optimizer step on a global batch (distilling from ``teacher_model`` with the given
+    variables when it is set). Metrics are the loss parts of ``loss_and_metrics`` plus
+    ``grad_norm`` and the step's ``learning_rate`` (the schedule of ``total_steps``, as in the
+    state's optimizer)."""
     learning_rate = optimizers.make_learning_rate(config, total_steps)
     grad_fn = jax.value_and_grad(
-        functools.partial(loss_and_metrics, model=model, config=config), has_aux=True
+        functools.partial(
+            loss_and_metrics, model=model, config=config, teacher_model=teacher_model
+        ),
+        has_aux=True,
     )
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+    def train_step(
+        state: TrainState, batch: Batch, teacher_variables: Any = None
+    ) -> tuple[TrainState, dict[str, Array]]:
         # A key per step, from the seed: a resumed run draws exactly what it would have drawn.
         rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
-        (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+        (_, (metrics, batch_stats)), grads = grad_fn(
+            state.params, state.batch_stats, batch, rng, teacher_variables
+        )
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = learning_rate(state.step)
         new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -153,15 +177,21 @@ def make_predict_step(
 
 
 def make_sharded_train_step(
-    config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh, total_steps: int
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    mesh: Mesh,
+    total_steps: int,
+    teacher: distill.Teacher | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
     """``make_train_step`` jit-compiled for ``mesh``: state replicated (and donated), batch
-    split over the ``data`` axis. Call it with a replicated state and a batch from
-    ``sharding.to_global_batch``."""
+    split over the ``data`` axis, the teacher's variables (replicated) passed to every call.
+    Call it with a replicated state and a batch from ``sharding.to_global_batch``."""
     replicated = sharding.replicated_sharding(mesh)
-    return jax.jit(
-        make_train_step(config, model, total_steps),
-        in_shardings=(replicated, sharding.batch_sharding(mesh)),
+    step = jax.jit(
+        make_train_step(config, model, total_steps, teacher.model if teacher else None),
+        in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
+    teacher_variables = teacher.variables if teacher else None
+    return lambda state, batch: step(state, batch, teacher_variables)

@@ -18,6 +18,7 @@ from absl import logging
 
 from dfrdet_jax import (
     checkpointing,
+    distill,
     evaluate,
     optimizers,
     prefetch,
@@ -42,6 +43,7 @@ def train_and_evaluate(
       stopped the run before any evaluation).
     """
     registry.validate_config(config)
+    distill.validate(config)
     optimizers.check_optimizer(config)
     sharding.check_batch_divides(config.train.batch_size, "config.train.batch_size")
     sharding.check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
@@ -87,7 +89,10 @@ def train_and_evaluate(
     else:
         state = warm_start.apply(config, state)
 
-    step_fn = steps.make_sharded_train_step(config, model, mesh, total_steps)
+    teacher = distill.load_teacher(
+        config, train_data.num_classes, image_hw, sharding.replicated_sharding(mesh)
+    )
+    step_fn = steps.make_sharded_train_step(config, model, mesh, total_steps, teacher)
     logging.info(
         "Training %s (%s) for %d steps (%d per epoch), global batch %d on %d devices",
         config.model.name,

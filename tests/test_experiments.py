@@ -23,6 +23,35 @@ def test_grid_starts_first_and_rows_start_from_them():
     assert by_name["bnn_scratch"].init_from is None
     with pytest.raises(ValueError, match="Unknown detector 'yolo'"):
         experiments.grid("yolo")
+    with pytest.raises(ValueError, match="Unknown grid 'big'"):
+        experiments.grid("fcos", "big")
+    with pytest.raises(ValueError, match=r"has no rows \['bnn_fast'\]"):
+        experiments.grid("fcos", "recipes", ["bnn_fast"])
+
+
+def test_every_run_comes_after_the_runs_it_needs():
+    for detector in experiments.DETECTORS:
+        for name in experiments.GRIDS:
+            runs = experiments.grid(detector, name)
+            seen = set()
+            for run in runs:
+                assert set(run.needs) <= seen, (detector, name, run.name)
+                assert run.baseline is None or run.baseline in {r.name for r in runs}
+                seen.add(run.name)
+    # A subset brings exactly what it needs, in order.
+    runs = experiments.grid("fcos", "recipes", ["dfr_twostep", "bnn_distill"])
+    assert [r.name for r in runs] == [
+        "start_binact",
+        "dfr_twostep",
+        "start_topology",
+        "start_real",
+        "bnn_distill",
+    ]
+    by_name = {r.name: r for r in experiments.grid("faster_rcnn", "recipes")}
+    assert by_name["bnn_distill"].teacher == "start_real"
+    assert not any("logit_weight" in flag for flag in by_name["bnn_distill"].overrides)
+    assert by_name["start_binact"].overrides == experiments.BINARY_ACTIVATIONS
+    assert by_name["start_binact"].init_from is None and by_name["start_binact"].shared
 
 
 def test_commands_and_resume(tmp_path, capsys):
@@ -46,6 +75,16 @@ def test_commands_and_resume(tmp_path, capsys):
     topology = [c for c in commands if "/start_topology/seed0" in c and "--mode=train" in c]
     assert "--config.model.binary.weight_quantizer=none" in topology[0]
     assert not any("/start_topology/seed1" in c for c in commands)  # starts: seed 0 only
+    assert not any("distill" in c for c in commands)
+
+    runs = experiments.grid("fcos", "recipes", ["dfr_distill"])
+    experiments.run_grid("fcos", root, [1], [], True, runs=runs)
+    commands = capsys.readouterr().out.splitlines()
+    train = [c for c in commands if "/dfr_distill/seed1" in c and "--mode=train" in c]
+    assert f"--config.distill.teacher={root}/start_real/seed0" in train[0]
+    assert "--config.distill.feature_weight=1.0" in train[0]
+    test = [c for c in commands if "/dfr_distill/seed1" in c and "--mode=eval" in c]
+    assert "--config.distill.teacher" not in test[0]  # scoring needs no teacher
 
 
 def test_summary_and_table_by_hand(tmp_path):
@@ -58,16 +97,17 @@ def test_summary_and_table_by_hand(tmp_path):
     assert summary["real"]["AP"]["mean"] == pytest.approx(52.0)
     assert summary["real"]["AP"]["std"] == pytest.approx(2.0)  # sample std of 50, 52, 54
     assert summary["bnn"]["AP"]["values"] == pytest.approx([20.0, 22.0])
-    table = experiments.markdown_table("fcos", summary, "CMD")
+    runs = experiments.grid("fcos")
+    table = experiments.markdown_table("fcos", summary, "CMD", runs)
     assert "| fcos real | 3 | 52.0 ± 2.0 |" in table
     assert "- bnn keeps 40 % of the real AP." in table
     se = math.sqrt(2 * 2.0 / 2)  # both rows: std sqrt(2), two seeds
     assert f"- dfr - bnn, AP: +5.0 (standard error {se:.1f})" in table
     one_seed = experiments.summarize({"bnn": results["bnn"], "dfr": {0: _metrics(0.25)}})
     assert "- dfr - bnn, AP: +4.0 (one seed: no standard error)" in experiments.markdown_table(
-        "fcos", one_seed, "CMD"
+        "fcos", one_seed, "CMD", runs
     )
-    experiments.write_outputs("fcos", str(tmp_path), results, command="CMD")
+    experiments.write_outputs("fcos", str(tmp_path), results, command="CMD", runs=runs)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["command"] == "CMD" and saved["summary"]["dfr"]["AP"]["n"] == 2
     assert (tmp_path / "results.png").stat().st_size > 1000

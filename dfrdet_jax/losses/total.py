@@ -1,6 +1,7 @@
-"""The total training loss of DFR-Det (paper, Eq. 11): L = L_det + gamma * sum L_R + lambda * L_DFR.
+"""The total training loss of DFR-Det (paper, Eq. 11): L = L_det + gamma * sum L_R +
+lambda * L_DFR, plus, when a run distils from a teacher, each distillation term times its weight.
 
-gamma and lambda are applied here and nowhere else. The parts come in already computed (the
+gamma, lambda and the distillation weights are applied here and nowhere else. The parts come in already computed (the
 detection losses of a head, the L_R terms the binary layers sow), except L_DFR, which is built
 here from the decoder's reconstruction, the images and the ground-truth boxes.
 """
@@ -29,6 +30,7 @@ def total_loss(
     reconstruction_weight: float,
     dfr_weight: float,
     dfr_mode: str,
+    distillation: Mapping[str, tuple[jnp.ndarray, float]] | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """Eq. 11 on a batch, and every part of it as a metric.
 
@@ -47,10 +49,12 @@ def total_loss(
       reconstruction_weight: gamma (paper: 1e-4).
       dfr_weight: lambda (paper: 0.04).
       dfr_mode: the L_DFR variant, one of ``dfr.MODES``.
+      distillation: {name: (unweighted float32 scalar, weight)} of ``losses.distill`` terms,
+        e.g. {'features': ...}; None or empty without a teacher.
     Returns:
       (L float32 scalar, metrics): metrics hold ``detection_losses`` plus ``loss_det``,
       ``loss_reconstruction`` (sum L_R, unweighted), ``loss_dfr`` (unweighted; only with a
-      reconstruction) and ``loss`` (= L).
+      reconstruction), ``loss_distill_<name>`` (unweighted) and ``loss`` (= L).
     """
     metrics = dict(detection_losses)
     loss_det = sum(v for k, v in metrics.items() if k.startswith("loss_"))
@@ -65,5 +69,8 @@ def total_loss(
         loss_dfr = dfr.dfr_loss(reconstruction, images, fg, ignore_mask, mode=dfr_mode)
         loss = loss + dfr_weight * loss_dfr
         metrics["loss_dfr"] = loss_dfr
+    for name, (value, weight) in (distillation or {}).items():
+        loss = loss + weight * value
+        metrics[f"loss_distill_{name}"] = value
     metrics["loss"] = loss
     return loss, metrics

@@ -76,13 +76,19 @@ class Detector(nn.Module):
         train: bool,
         reconstruct: bool = False,
         targets: dict[str, Array] | None = None,
+        features: bool = False,
+        run_head: bool = True,
     ) -> dict[str, Array]:
         """images: normalised [B, H, W, 3] of any size; level l is ceil(H / 2^l) x ceil(W / 2^l)
         (stride-2 3x3 convs padded by 1), so e.g. AI-TOD's 800 px need no padding to 832.
         targets: ground truth for heads that sample from it (Faster R-CNN; see
         ``registry.apply_kwargs``), passed on to the head when given.
+        features: also return the FPN maps (for distillation).
+        run_head: False skips the head (a teacher whose logits are not needed).
 
-        Returns the head outputs and, with ``reconstruct``, 'reconstruction' [B, H, W, 3] float32.
+        Returns the head outputs and, with ``reconstruct``, 'reconstruction' [B, H, W, 3] float32;
+        with ``features``, 'features': the maps [P{min_level}, ..., P{max_level}], each
+        [B, h_l, w_l, fpn_width].
         """
         features = ResNet(
             self.depth, self.backbone_width, self.backbone_binary, self.dtype, name="backbone"
@@ -96,7 +102,13 @@ class Detector(nn.Module):
             name="neck",
         )(features, train)
         levels = [pyramid[f"P{level}"] for level in range(self.min_level, self.max_level + 1)]
-        outputs = self.head(levels, train) if targets is None else self.head(levels, train, targets)
+        outputs = {}
+        if run_head:
+            outputs = (
+                self.head(levels, train) if targets is None else self.head(levels, train, targets)
+            )
+        if features:
+            outputs["features"] = levels
         if reconstruct:
             if not self.decoder_levels:
                 raise ValueError("reconstruct=True needs decoder_levels, e.g. (2, 3, 4)")

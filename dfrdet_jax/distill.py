@@ -1,0 +1,185 @@
+"""Distillation from a frozen real-valued teacher (``config.distill``).
+
+The teacher is the real variant of the student's own config (same family, widths and levels,
+no binary parts, no decoder), restored from the workdir of a trained run
+(``config.distill.teacher``, its ``teacher_checkpoint``: "best" or "latest"). In every training
+step it runs in inference mode on the same images, and the student is pulled towards it by
+``losses.distill``'s terms:
+
+  feature_weight  FPN feature imitation on ``config.distill.levels`` (empty: every level),
+                  as LWS-Det and IDa-Det distil;
+  logit_weight    the binary KL of the per-class scores (FCOS, RetinaNet: their dense
+                  ``cls_logits``; Faster R-CNN's RoI logits are not comparable, since teacher
+                  and student sample different RoIs).
+
+The teacher's variables live on the devices next to the train state and enter the jit-compiled
+step as an argument, not as constants; checkpoints hold only the student.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import traverse_util
+
+from dfrdet_jax import checkpointing
+from dfrdet_jax.losses import distill as distill_losses
+from dfrdet_jax.models import registry
+
+Array = jax.Array
+NO_LOGITS = ("faster_rcnn",)  # families whose classification logits cannot be matched
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A frozen teacher: its model and its variables ({'params', 'batch_stats'})."""
+
+    model: nn.Module
+    variables: Any
+
+
+def enabled(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.distill.teacher)
+
+
+def levels(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The FPN levels whose maps are imitated (``config.distill.levels``; empty: all)."""
+    chosen = tuple(config.distill.levels)
+    return chosen or tuple(range(config.model.min_level, config.model.max_level + 1))
+
+
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The real variant of ``config``: what the teacher's workdir must have trained."""
+    teacher = copy.deepcopy(config)
+    teacher.variant = "real"
+    teacher.model.binary_parts = ()
+    teacher.dfr.levels = ()
+    teacher.loss.dfr_weight = 0.0
+    teacher.distill.teacher = ""
+    return teacher
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config.distill`` before anything is built; raises ValueError."""
+    d = config.distill
+    if d.feature_weight < 0 or d.logit_weight < 0:
+        raise ValueError(
+            f"config.distill weights must be >= 0, got feature_weight={d.feature_weight}, "
+            f"logit_weight={d.logit_weight}"
+        )
+    if not enabled(config):
+        if d.feature_weight or d.logit_weight:
+            raise ValueError(
+                "config.distill.feature_weight / logit_weight > 0 need config.distill.teacher "
+                "(the workdir of a trained real run of this config)"
+            )
+        return
+    if not (d.feature_weight or d.logit_weight):
+        raise ValueError(
+            f"config.distill.teacher={d.teacher!r} is set but both distillation weights are 0; "
+            "set config.distill.feature_weight and/or config.distill.logit_weight"
+        )
+    if d.logit_weight and config.model.name in NO_LOGITS:
+        raise ValueError(
+            f"config.distill.logit_weight needs a dense head (fcos, retinanet); "
+            f"{config.model.name}'s RoI logits cannot be matched: use feature_weight"
+        )
+    fpn = range(config.model.min_level, config.model.max_level + 1)
+    outside = [level for level in levels(config) if level not in fpn]
+    if outside:
+        raise ValueError(f"config.distill.levels {outside} are not FPN levels {list(fpn)}")
+    if d.teacher_checkpoint not in checkpointing.CHECKPOINT_KINDS:
+        raise ValueError(
+            f"Unknown config.distill.teacher_checkpoint {d.teacher_checkpoint!r}; valid "
+            f"choices: {list(checkpointing.CHECKPOINT_KINDS)}"
+        )
+    if not os.path.isdir(os.path.join(os.path.expanduser(d.teacher), "checkpoints")):
+        raise FileNotFoundError(f"config.distill.teacher={d.teacher!r} has no checkpoints folder")
+
+
+def _check_structure(expected: Any, restored: Any, where: str) -> None:
+    """ValueError naming the paths whose presence or shape differ between two variable trees."""
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
+    got = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(restored, sep="/").items()}
+    problems = [f"{k}: missing" for k in sorted(want.keys() - got.keys())]
+    problems += [f"{k}: not in the real model" for k in sorted(got.keys() - want.keys())]
+    problems += [
+        f"{k}: shape {got[k]}, expected {want[k]}"
+        for k in sorted(want.keys() & got.keys())
+        if want[k] != got[k]
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; ... {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise ValueError(
+            f"The teacher in {where} is not the real variant of this config (same family, "
+            f"widths and levels): {shown}"
+        )
+
+
+def load_teacher(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    image_hw: tuple[int, int],
+    sharding: jax.sharding.Sharding,
+) -> Teacher | None:
+    """The teacher of ``config`` with its variables placed with ``sharding``; None without one."""
+    validate(config)
+    if not enabled(config):
+        return None
+    model = registry.build_model(teacher_config(config), num_classes)
+    workdir = os.path.expanduser(config.distill.teacher)
+    which = config.distill.teacher_checkpoint
+    step, variables = checkpointing.Checkpointer(workdir).restore_variables(which)
+    dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
+    expected = {k: expected.get(k, {}) for k in ("params", "batch_stats")}
+    _check_structure(expected, variables, f"{workdir} ({which} checkpoint, step {step})")
+    print(f"Distilling from {workdir} ({which} checkpoint, step {step})", flush=True)
+    return Teacher(model, jax.device_put(variables, sharding))
+
+
+def distillation_terms(
+    config: ml_collections.ConfigDict,
+    teacher_model: nn.Module,
+    teacher_variables: Any,
+    images: Array,
+    student_outputs: dict[str, Any],
+) -> dict[str, tuple[Array, float]]:
+    """{name: (unweighted loss, weight)} for ``losses.total.total_loss``.
+
+    Args:
+      teacher_model, teacher_variables: the frozen teacher (``Teacher``'s fields).
+      images: the normalised batch both networks see, [B, H, W, 3].
+      student_outputs: the student's outputs with 'features' (and 'cls_logits' for logits).
+    """
+    d = config.distill
+    want_logits = d.logit_weight > 0
+    teacher_outputs = teacher_model.apply(
+        teacher_variables, images, train=False, features=True, run_head=want_logits
+    )
+    teacher_outputs = jax.lax.stop_gradient(teacher_outputs)
+    terms = {}
+    if d.feature_weight > 0:
+        index = [level - config.model.min_level for level in levels(config)]
+        terms["features"] = (
+            distill_losses.feature_imitation(
+                [student_outputs["features"][i] for i in index],
+                [teacher_outputs["features"][i] for i in index],
+            ),
+            d.feature_weight,
+        )
+    if want_logits:
+        terms["logits"] = (
+            distill_losses.sigmoid_kl(student_outputs["cls_logits"], teacher_outputs["cls_logits"]),
+            d.logit_weight,
+        )
+    return terms

@@ -1,0 +1,153 @@
+"""Distillation from a frozen real teacher: the two loss terms against numpy (values and
+gradients), the config checks, and a train step that distils from a saved real run."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfrdet_jax import checkpointing, distill, sharding, steps
+from dfrdet_jax.losses import distill as distill_losses
+from dfrdet_jax.models import registry
+
+
+def _maps(seed, shapes):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=s).astype(np.float32) for s in shapes]
+
+
+def test_feature_imitation_value_and_gradient_by_numpy():
+    shapes = [(2, 4, 4, 3), (2, 2, 2, 3)]
+    student, teacher = _maps(0, shapes), _maps(1, shapes)
+    teacher[1] *= 5.0  # a level at another scale weighs the same after normalisation
+    want = np.mean([np.mean((s - t) ** 2) / np.mean(t**2) for s, t in zip(student, teacher)])
+    got = distill_losses.feature_imitation(student, teacher)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+    grads = jax.grad(distill_losses.feature_imitation, argnums=(0, 1))(student, teacher)
+    for s, t, g_s, g_t in zip(student, teacher, *grads):
+        # d/dS of mean((S - T)^2) / mean(T^2) / L, with L = 2 levels
+        np.testing.assert_allclose(g_s, 2 * (s - t) / s.size / np.mean(t**2) / 2, rtol=1e-4)
+        np.testing.assert_array_equal(g_t, 0.0)  # the teacher does not learn
+    assert float(distill_losses.feature_imitation(teacher, teacher)) == 0.0
+    zeros = [np.zeros_like(t) for t in teacher]
+    np.testing.assert_allclose(distill_losses.feature_imitation(zeros, teacher), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        distill_losses.feature_imitation(student, [t[:, :1] for t in teacher])
+
+
+def test_sigmoid_kl_value_and_gradient_by_numpy():
+    s, t = _maps(2, [(2, 5, 3)] * 2)
+    t = 3 * t  # confident teacher
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    p, q = sig(t), sig(s)
+    want = np.mean(np.sum(p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q)), -1))
+    np.testing.assert_allclose(distill_losses.sigmoid_kl(s, t), want, rtol=1e-5)
+    g_s, g_t = jax.grad(distill_losses.sigmoid_kl, argnums=(0, 1))(s, t)
+    np.testing.assert_allclose(g_s, (q - p) / (2 * 5), rtol=1e-4, atol=1e-7)  # mean over B x P
+    np.testing.assert_array_equal(g_t, 0.0)
+    assert abs(float(distill_losses.sigmoid_kl(t, t))) < 1e-6
+    with pytest.raises(ValueError, match="differ in shape"):
+        distill_losses.sigmoid_kl(s, t[:, :4])
+
+
+def test_config_checks(smoke_config, tmp_path):
+    config = smoke_config("bnn")
+    distill.validate(config)  # off by default
+    config.distill.feature_weight = 1.0
+    with pytest.raises(ValueError, match="need config.distill.teacher"):
+        distill.validate(config)
+    config.distill.teacher = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        distill.validate(config)
+    (tmp_path / "nowhere" / "checkpoints").mkdir(parents=True)
+    distill.validate(config)
+    config.distill.levels = (2, 7)
+    with pytest.raises(ValueError, match=r"levels \[7\] are not FPN levels"):
+        distill.validate(config)
+    config.distill.levels = ()
+    assert distill.levels(config) == (2, 3, 4)  # smoke: P2-P4
+    config.distill.feature_weight = 0.0
+    with pytest.raises(ValueError, match="both distillation weights are 0"):
+        distill.validate(config)
+    rcnn = smoke_config("bnn", "faster_rcnn")
+    rcnn.distill.teacher, rcnn.distill.logit_weight = config.distill.teacher, 1.0
+    with pytest.raises(ValueError, match="needs a dense head"):
+        distill.validate(rcnn)
+    rcnn.distill.logit_weight, rcnn.distill.feature_weight = 0.0, 1.0
+    distill.validate(rcnn)
+    teacher = distill.teacher_config(smoke_config("dfr"))
+    assert teacher.model.binary_parts == () and teacher.dfr.levels == ()
+
+
+def _save_real_run(workdir, config, image_hw):
+    model = registry.build_model(config, num_classes=3)
+    state = steps.create_train_state(config, model, jax.random.key(1), image_hw, 10)
+    state = state.replace(params=jax.tree.map(lambda p: p + 0.1, state.params))
+    checkpoints = checkpointing.Checkpointer(str(workdir))
+    checkpoints.save(5, state, None)
+    checkpoints.save_best(5, state, 0.5)
+    checkpoints.wait()
+    return state
+
+
+@pytest.mark.slow
+def test_train_step_distils_from_a_saved_real_run(smoke_config, make_batch, tmp_path, capsys):
+    image_hw = (64, 64)
+    real = _save_real_run(tmp_path / "teacher", smoke_config("real"), image_hw)
+    config = smoke_config("dfr")
+    config.distill.teacher = str(tmp_path / "teacher")
+    config.distill.feature_weight = 0.5
+    config.distill.logit_weight = 2.0
+    mesh = sharding.make_mesh()
+    teacher = distill.load_teacher(config, 3, image_hw, sharding.replicated_sharding(mesh))
+    assert "(best checkpoint, step 5)" in capsys.readouterr().out
+    assert jax.tree.structure(teacher.variables["params"]) == jax.tree.structure(real.params)
+    np.testing.assert_array_equal(  # the saved (perturbed) weights, not a fresh init
+        teacher.variables["params"]["head"]["cls_logits"]["kernel"],
+        real.params["head"]["cls_logits"]["kernel"],
+    )
+
+    model = registry.build_model(config, num_classes=3)
+    state = steps.create_train_state(config, model, jax.random.key(0), image_hw, 10)
+    batch = make_batch(num_boxes=4)
+    step = steps.make_train_step(config, model, 10, teacher.model)
+    _, metrics = jax.jit(step)(state, batch, teacher.variables)
+    _, plain = jax.jit(steps.make_train_step(config, model, 10))(state, batch)
+    assert float(metrics["loss_distill_features"]) > 0 and float(metrics["loss_distill_logits"]) > 0
+    np.testing.assert_allclose(
+        metrics["loss"],
+        plain["loss"]
+        + 0.5 * metrics["loss_distill_features"]
+        + 2.0 * metrics["loss_distill_logits"],
+        rtol=1e-5,
+    )
+    assert "loss_distill_features" not in plain
+
+    # The same terms computed directly from the two networks' outputs.
+    images = (jnp.asarray(batch["image"], jnp.float32) - jnp.asarray([123.675, 116.28, 103.53])) / (
+        jnp.asarray([58.395, 57.12, 57.375])
+    )
+    student = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        features=True,
+        mutable=["batch_stats", "losses"],
+    )[0]
+    teacher_out = teacher.model.apply(teacher.variables, images, train=False, features=True)
+    np.testing.assert_allclose(
+        metrics["loss_distill_features"],
+        distill_losses.feature_imitation(student["features"], teacher_out["features"]),
+        rtol=1e-4,
+    )
+
+    wider = smoke_config("real")
+    wider.model.fpn_width = 32
+    _save_real_run(tmp_path / "other", wider, image_hw)
+    config.distill.teacher = str(tmp_path / "other")
+    with pytest.raises(
+        ValueError,
+        match=r"not the real variant of this config.*head/bbox_pred/kernel: shape \(3, 3, 32, 4\)",
+    ):
+        distill.load_teacher(config, 3, image_hw, sharding.replicated_sharding(mesh))
