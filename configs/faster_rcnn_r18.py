@@ -1,8 +1,9 @@
-"""Faster R-CNN with a ResNet-18 + FPN (P2-P6) backbone: real-valued, 1-bit, or 1-bit with DFR.
+"""Faster R-CNN with a ResNet-18 + FPN (P2-P6) backbone: real, 1-bit, 1-bit with DFR or LSQ 4-bit.
 
 Argument: comma-separated ``<dataset>,<variant>[,demo][,smoke]``, as ``configs/fcos_r18.py``:
   dataset  synthetic | aitod | tinyperson | dota2
-  variant  real (32-bit) | bnn (1-bit baseline) | dfr (1-bit + DFR decoder, DFR-Det)
+  variant  real (32-bit) | bnn (1-bit baseline) | dfr (1-bit + DFR decoder, DFR-Det) |
+           lsq4 (LSQ 4-bit weights and inputs in the same convs and units as bnn)
   demo     the small, fast setting for the synthetic data (narrow network, 128 px, 1,200 steps of
            AdamW, fewer proposals and RoIs)
   smoke    the demo shrunk to a one-minute run (P2-P4, widths 8-16, 64 px, 12 steps of SGD,

@@ -1,8 +1,9 @@
-"""FCOS with a ResNet-18 + FPN (P2-P6) backbone: real-valued, 1-bit, or 1-bit with DFR.
+"""FCOS with a ResNet-18 + FPN (P2-P6) backbone: real, 1-bit, 1-bit with DFR or LSQ 4-bit.
 
 Argument: comma-separated ``<dataset>,<variant>[,demo][,smoke]``:
   dataset  synthetic | aitod | tinyperson | dota2
-  variant  real (32-bit) | bnn (1-bit baseline) | dfr (1-bit + DFR decoder, DFR-Det)
+  variant  real (32-bit) | bnn (1-bit baseline) | dfr (1-bit + DFR decoder, DFR-Det) |
+           lsq4 (LSQ 4-bit weights and inputs in the same convs and units as bnn)
   demo     a small, fast setting (narrow network, 128 px images, 1,200 steps of AdamW) that
            trains on 2 CPU cores in a few minutes; meant for the synthetic data.
   smoke    the demo shrunk further (P2-P4, widths 8-16, 64 px images, 12 steps of SGD): a
@@ -14,8 +15,8 @@ Examples::
   --config configs/fcos_r18.py:synthetic,dfr,demo the README's quick run
   --config configs/fcos_r18.py:synthetic,dfr,smoke a check that everything runs
 
-The sections shared by every detector (data, model, postprocess, loss, dfr, optimizer, train,
-eval) are documented in ``dfrdet_jax/base_config.py``; ``config.fcos`` holds FCOS's own.
+The sections shared by every detector (data, model, postprocess, loss, dfr, distill, optimizer,
+train, eval) are documented in ``dfrdet_jax/base_config.py``; ``config.fcos`` holds FCOS's own.
 """
 
 import ml_collections

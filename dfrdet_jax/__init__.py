@@ -2,6 +2,7 @@
 
 Subpackages:
   layers      importable 1-bit building blocks (quantizers, BinaryConv/BinaryDense, RSign, RPReLU)
+              and the k-bit LSQConv/LSQDense
   ops         box math, NMS, anchors and target assignment as pure jnp functions
   losses      focal, IoU-family and DFR losses
   models      ResNet backbones, FPN, detection heads and the DFR decoder

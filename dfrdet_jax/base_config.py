@@ -14,7 +14,7 @@ import ml_collections
 
 from dfrdet_jax import data
 
-VARIANTS = ("real", "bnn", "dfr")
+VARIANTS = ("real", "bnn", "dfr", "lsq4")
 SETTINGS = ("demo", "smoke")  # optional tokens of a config argument
 
 
@@ -38,7 +38,7 @@ def parse_arg(arg: str, config_file: str) -> tuple[str, str, bool, bool]:
 
 
 def base_config(family: str, dataset: str, variant: str) -> ml_collections.ConfigDict:
-    """Every section but the family's own, for ``variant`` ('real', 'bnn' or 'dfr')."""
+    """Every section but the family's own, for ``variant`` ('real', 'bnn', 'dfr' or 'lsq4')."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.variant = variant
@@ -61,7 +61,8 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.init_from = ""
     config.init_from_checkpoint = "latest"
     # 1-bit settings (paper, Sec. 4.1): every conv of these parts is binary except the stem, the
-    # downsampling shortcuts and the head's prediction convs.
+    # downsampling shortcuts and the head's prediction convs. lsq4 (the paper's LSQ 4-bit
+    # baseline) quantizes the same convs, in the same units, to 4-bit weights and inputs.
     config.model.binary_parts = () if variant == "real" else ("backbone", "neck", "head")
     config.model.binary = ml_collections.ConfigDict(
         dict(
@@ -71,6 +72,7 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
             pad_value=0.0,
             activation="prelu",
             learnable_bias=True,
+            bits=4 if variant == "lsq4" else 1,  # 1: binary; 2-8: LSQ (the quantizers unused)
         )
     )
 
@@ -84,13 +86,23 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
 
     # L = L_det + gamma * sum L_R + lambda * L_DFR (paper, Eq. 11).
     config.loss = ml_collections.ConfigDict()
-    config.loss.reconstruction_weight = 0.0 if variant == "real" else 1e-4  # gamma
+    # gamma. L_R is a 1-bit term: no layer of the real and lsq4 variants sows it.
+    config.loss.reconstruction_weight = 0.0 if variant in ("real", "lsq4") else 1e-4
     config.loss.dfr_weight = 0.04 if variant == "dfr" else 0.0  # lambda
     config.dfr = ml_collections.ConfigDict()
     config.dfr.levels = (2, 3, 4) if variant == "dfr" else ()
     config.dfr.mode = "decoupled"  # Eq. 10; or "full", "foreground", "background" (Table 1)
     config.dfr.decoder_width = 64
     config.dfr.decoder_blocks = 2
+    # Distillation from a frozen real teacher (dfrdet_jax/distill.py): the workdir of a trained
+    # run of this config's real variant; L += feature_weight * FPN imitation on ``levels``
+    # (empty: all) + logit_weight * the KL of the per-class scores (dense heads only).
+    config.distill = ml_collections.ConfigDict()
+    config.distill.teacher = ""
+    config.distill.teacher_checkpoint = "best"
+    config.distill.feature_weight = 0.0
+    config.distill.logit_weight = 0.0
+    config.distill.levels = ()
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "sgd"  # the paper's; or "adamw"
@@ -99,7 +111,8 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.optimizer.momentum = 0.9  # sgd
     config.optimizer.adam_betas = (0.9, 0.999)  # adamw
     config.optimizer.weight_decay = 1e-4
-    config.optimizer.latent_weight_decay = True  # False: none on the 1-bit layers' latent kernels
+    # False: no decay on the 1-bit layers' latent kernels (LSQ's k-bit kernels keep theirs).
+    config.optimizer.latent_weight_decay = True
     config.optimizer.warmup_steps = 500
     config.optimizer.warmup_factor = 1.0 / 3
     config.optimizer.decay_epochs = (8, 11)

@@ -1,25 +1,29 @@
-r"""The comparison table: detector x variant x start x seed at one budget, scored on a held-out
-test split, written as ``results.json``, ``results.md`` and ``results.png`` under ``--root``.
+r"""Grids of runs: detector x variant x start x seed at one budget, scored on a held-out test
+split, written as ``results[_<grid>].json``, ``.md`` and ``.png`` under ``--root``.
 
 Usage::
 
   python -m dfrdet_jax.experiments --detector fcos --root runs/fcos --seeds 0,1,2
+  python -m dfrdet_jax.experiments --detector fcos --root runs/fcos --grid recipes --rows lsq4
 
 Every run is ``python -m dfrdet_jax.main`` in its own process and workdir
 (``ROOT/<run>/seed<k>``, logs in ``train.log`` / ``test.log`` there): training evaluates on the
 validation split and keeps its best checkpoint by validation AP; that checkpoint, and only it,
 is then scored once on the test split, which nothing else reads. A run whose test metrics exist is
 skipped and a half-trained one resumes from its checkpoints, so an interrupted grid is finished by
-running the same command again.
+running the same command again. Grids share a root: a row two grids hold (``bnn``) runs once.
+``--rows`` runs some rows and whatever they need (their start, their teacher).
 
-The grid (``grid(detector)``): two shared starts, trained once from scratch with seed 0,
+Every grid starts from two shared starts, trained once from scratch with seed 0,
   start_real      the real-valued detector (the benchmark's stand-in for ImageNet weights);
   start_topology  the 1-bit network's topology (its shortcuts, PReLUs and learnable biases) with
                   real weights and activations, i.e. the real network 1-bit training starts from;
-then the table's rows, each trained for the same budget per seed:
+then trains its rows, each for the same budget per seed. ``comparison`` (the default):
   real            continues start_real;
   bnn, dfr        1-bit (baseline, + DFR) from start_topology, scales derived from its kernels;
   bnn_scratch, dfr_scratch   the same from scratch, for reference.
+``recipes``: ways to train the 1-bit network and which parts to binarize (``_recipes``);
+``ablation``: the paper's Table 1 (levels decoded, loss terms, lambda; ``_ablation``).
 """
 
 from __future__ import annotations
@@ -101,13 +105,17 @@ def _comparison(detector: str) -> list[Run]:
 
 
 def _recipes(detector: str) -> list[Run]:
-    """How the 1-bit network is trained, each row against the plain ``bnn`` from the same start
-    (the two-step start is trained from scratch, so that it too sees two budgets)."""
+    """How the 1-bit network is trained and which parts are binary, each row against the plain
+    ``bnn`` from the same start (the two-step start is trained from scratch, so that it too sees
+    two budgets): no weight decay on latent weights, ReActNet's two steps, distillation from
+    the real start, a real FPN (the paper's 1-bit sizes fit one), only the backbone binary
+    (where the accuracy goes), and the paper's LSQ 4-bit baseline."""
     no_latent_decay = ("--config.optimizer.latent_weight_decay=False",)
     distill = ["--config.distill.feature_weight=1.0"]
     if detector != "faster_rcnn":  # its RoI logits cannot be matched (dfrdet_jax/distill.py)
         distill.append("--config.distill.logit_weight=1.0")
     topology, real_fpn = "start_topology", ("--config.model.binary_parts=('backbone','head')",)
+    backbone_only = ("--config.model.binary_parts=('backbone',)",)
     return [
         Run("real", "real", init_from="start_real"),
         Run("bnn", "bnn", init_from=topology),
@@ -127,6 +135,8 @@ def _recipes(detector: str) -> list[Run]:
         ),
         Run("bnn_real_fpn", "bnn", real_fpn, topology, baseline="bnn"),
         Run("dfr_real_fpn", "dfr", real_fpn, topology, baseline="bnn_real_fpn"),
+        Run("bnn_binary_backbone", "bnn", backbone_only, topology, baseline="bnn"),
+        Run("dfr_binary_backbone", "dfr", backbone_only, topology, baseline="bnn_binary_backbone"),
         Run("lsq4", "lsq4", init_from=topology, baseline="bnn"),
     ]
 

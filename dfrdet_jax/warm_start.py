@@ -42,6 +42,7 @@ def pretrained_backbone(config: ml_collections.ConfigDict, variables: dict[str, 
         state_dict,
         depth=config.model.depth,
         binary="backbone" in config.model.binary_parts,
+        bits=config.model.binary.bits,
         source=path,
     )
     merged = {name: {**variables[name], "backbone": backbone[name]} for name in backbone}
@@ -60,6 +61,7 @@ def from_checkpoint(config: ml_collections.ConfigDict, variables: dict[str, Any]
         variables,
         source,
         source_name=f"{workdir} ({which} checkpoint, step {step})",
+        bits=config.model.binary.bits,
     )
 
 

@@ -136,6 +136,7 @@ def test_train_step_distils_from_a_saved_real_run(smoke_config, make_batch, tmp_
         mutable=["batch_stats", "losses"],
     )[0]
     teacher_out = teacher.model.apply(teacher.variables, images, train=False, features=True)
+    assert "features" not in teacher.model.apply(teacher.variables, images, train=False)
     np.testing.assert_allclose(
         metrics["loss_distill_features"],
         distill_losses.feature_imitation(student["features"], teacher_out["features"]),

@@ -1,4 +1,4 @@
-"""Importable 1-bit building blocks for any Flax model.
+"""Importable 1-bit (and k-bit LSQ) building blocks for any Flax model.
 
 Example::
 
@@ -26,6 +26,7 @@ from dfrdet_jax.layers.binary import (
     reconstruction_loss,
     total_reconstruction_loss,
 )
+from dfrdet_jax.layers.lsq import LSQConv, LSQDense, initial_input_step
 from dfrdet_jax.layers.quantizers import (
     BINARY_QUANTIZERS,
     get_binary_quantizer,
@@ -47,10 +48,13 @@ __all__ = [
     "SCALE_MODES",
     "BinaryConv",
     "BinaryDense",
+    "LSQConv",
+    "LSQDense",
     "LearnableBias",
     "RPReLU",
     "explicit_padding",
     "get_binary_quantizer",
+    "initial_input_step",
     "lsq_init_step",
     "lsq_levels",
     "lsq_quantize",

@@ -105,7 +105,10 @@ def lsq_levels(bits: int, signed: bool) -> tuple[int, int]:
 def lsq_quantize(x: Array, step: Array, bits: int, signed: bool = True) -> Array:
     """LSQ fake-quantization: round(clip(x / s, q_min, q_max)) * s with a learned step ``s``.
 
-    Gradients (Esser et al., Eq. 3 and the gradient scale g = 1 / sqrt(numel(x) * q_max)):
+    Gradients (Esser et al., Eq. 3 and the gradient scale g = 1 / sqrt(n * q_max), with n the
+    number of values one step quantizes: numel(x) for a scalar step, as in the paper's
+    per-tensor steps, and numel(x) / c for c per-channel steps, so that each step's summed
+    gradient is scaled for the values it actually sees):
       d/dx = 1 inside the clipping range, else 0;
       d/ds = g * (round(x/s) - x/s) inside the range, g * q_min below it, g * q_max above it.
 
@@ -119,7 +122,7 @@ def lsq_quantize(x: Array, step: Array, bits: int, signed: bool = True) -> Array
       The de-quantized values, same shape and dtype as ``x``.
     """
     q_min, q_max = lsq_levels(bits, signed)
-    grad_scale = 1.0 / jnp.sqrt(x.size * q_max)
+    grad_scale = 1.0 / jnp.sqrt(x.size // jnp.size(step) * q_max)
     s = scale_gradient(step, grad_scale).astype(x.dtype)
     return round_ste(jnp.clip(x / s, q_min, q_max)) * s
 

@@ -1,4 +1,4 @@
-"""Building blocks shared by backbone, neck and heads: one conv unit, real or 1-bit.
+"""Building blocks shared by backbone, neck and heads: one conv unit, real, 1-bit or k-bit.
 
 A real unit is conv -> norm -> activation. A 1-bit unit follows Bi-Real Net / ReActNet, as the
 DFR-Det paper does (Sec. 4.1, "an extra shortcut and PReLU"):
@@ -6,7 +6,9 @@ DFR-Det paper does (Sec. 4.1, "an extra shortcut and PReLU"):
     x -> [learnable bias] -> BinaryConv -> norm -> (+ shortcut(x)) -> PReLU / RPReLU
 
 with a real shortcut around every binary conv: the identity when shapes match, else (downsampling
-or a channel change) avg-pool + real 1x1 conv + norm.
+or a channel change) avg-pool + real 1x1 conv + norm. A k-bit unit (``BinarySpec.bits`` > 1, the
+paper's LSQ baseline) is the same unit with an ``LSQConv`` in place of the ``BinaryConv``, under
+the same name, so that both take the same starting weights.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ class BinarySpec:
     """How a part of the network is binarized; ``enabled=False`` means real-valued.
 
     Attributes:
-      enabled: use 1-bit convolutions.
+      enabled: use 1-bit (or, with ``bits`` > 1, k-bit) convolutions.
       input_quantizer: activation STE ('approx', 'clipped', 'identity').
       weight_quantizer: weight STE ('clipped', 'identity', 'approx').
       scale: channel-wise alpha: 'learned' (DFR-Det), 'mean' (detached), 'none'.
       pad_value: value of the padding around binarized inputs.
       activation: 'prelu' or 'rprelu' after each binary unit.
       learnable_bias: RSign's learnable threshold before each sign.
+      bits: 1 for the binary units above; 2-8 for LSQ k-bit weights and inputs (``LSQConv``),
+        which ignore the quantizers, scale and pad_value and keep the rest of the unit.
     """
 
     enabled: bool = False
@@ -46,8 +50,11 @@ class BinarySpec:
     pad_value: float = 0.0
     activation: str = "prelu"
     learnable_bias: bool = True
+    bits: int = 1
 
     def __post_init__(self):
+        if not (isinstance(self.bits, int) and (self.bits == 1 or 2 <= self.bits <= 8)):
+            raise ValueError(f"bits must be 1 (binary) or 2-8 (LSQ), got {self.bits!r}")
         layers.get_binary_quantizer(self.input_quantizer)
         layers.get_binary_quantizer(self.weight_quantizer)
         if self.scale not in layers.SCALE_MODES:
@@ -135,18 +142,30 @@ class ConvUnit(nn.Module):
 
         spec = self.binary
         y = layers.LearnableBias(name="bias")(x) if spec.learnable_bias else x
-        y = layers.BinaryConv(
-            self.features,
-            k,
-            strides=self.strides,
-            padding=pads,
-            input_quantizer=spec.input_quantizer,
-            weight_quantizer=spec.weight_quantizer,
-            scale=spec.scale,
-            pad_value=spec.pad_value,
-            dtype=self.dtype,
-            name="conv",
-        )(y)
+        if spec.bits > 1:
+            conv = layers.LSQConv(
+                self.features,
+                k,
+                strides=self.strides,
+                padding=pads,
+                bits=spec.bits,
+                dtype=self.dtype,
+                name="conv",
+            )
+        else:
+            conv = layers.BinaryConv(
+                self.features,
+                k,
+                strides=self.strides,
+                padding=pads,
+                input_quantizer=spec.input_quantizer,
+                weight_quantizer=spec.weight_quantizer,
+                scale=spec.scale,
+                pad_value=spec.pad_value,
+                dtype=self.dtype,
+                name="conv",
+            )
+        y = conv(y)
         y = apply_norm(self.norm, y, train, self.dtype, "norm")
         if self.shortcut:
             y = y + self._shortcut(x, train)

@@ -90,7 +90,7 @@ class Detector(nn.Module):
         with ``features``, 'features': the maps [P{min_level}, ..., P{max_level}], each
         [B, h_l, w_l, fpn_width].
         """
-        features = ResNet(
+        stages = ResNet(
             self.depth, self.backbone_width, self.backbone_binary, self.dtype, name="backbone"
         )(images, train)
         pyramid = FPN(
@@ -100,7 +100,7 @@ class Detector(nn.Module):
             self.neck_binary,
             self.dtype,
             name="neck",
-        )(features, train)
+        )(stages, train)
         levels = [pyramid[f"P{level}"] for level in range(self.min_level, self.max_level + 1)]
         outputs = {}
         if run_head:

@@ -13,22 +13,25 @@ of ``models.resnet.ResNet``, real or 1-bit:
 
 In a 1-bit backbone the real kernels become the latent weights and every learned scale alpha
 starts from them (mean |w| per output channel, the minimiser of L_R), as the DFR-Det paper
-starts from ImageNet weights; the learnable biases and PReLUs a 1-bit unit adds keep their
-initial values. The classifier (fc.*) and BatchNorm's num_batches_tracked are skipped. A name the
-mapping does not know, a missing tensor or a shape that differs is an error naming it: nothing
-is skipped silently. Every transfer returns a ``TransferReport`` of what was loaded, what was
-newly initialised and what was skipped.
+starts from ImageNet weights; in a k-bit (LSQ) one every weight step starts from them by LSQ's
+rule (``DERIVED_FROM_KERNEL``). The learnable biases, PReLUs and LSQ input steps a quantized unit
+adds keep their initial values. The classifier (fc.*) and BatchNorm's num_batches_tracked are
+skipped. A name the mapping does not know, a missing tensor or a shape that differs is an error
+naming it: nothing is skipped silently. Every transfer returns a ``TransferReport`` of what was
+loaded, what was newly initialised and what was skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
+from dfrdet_jax import layers
 from dfrdet_jax.models.resnet import STAGE_BLOCKS
 
 SAFETENSORS_CONVERSION = (
@@ -39,9 +42,30 @@ SAFETENSORS_CONVERSION = (
 # Unused parts of a torchvision ResNet: its classifier and BatchNorm's step counters.
 SKIPPED_SUFFIXES = ("num_batches_tracked",)
 SKIPPED_PREFIXES = ("fc.",)
-# Parameters a 1-bit unit has and a real ResNet does not (RSign's bias, (R)PReLU): initialised.
+# Parameters a quantized unit has and a real ResNet does not, initialised: RSign's bias and the
+# (R)PReLU (modules), an LSQ layer's input step (a parameter of its conv).
 BINARY_ONLY_MODULES = ("bias", "act")
-ALPHA = "alpha"
+BINARY_ONLY_PARAMS = ("input_step",)
+
+
+def _lsq_weight_step(kernel: np.ndarray, bits: int) -> np.ndarray:
+    if bits < 2:
+        raise ValueError(
+            "An LSQ weight_step is derived from its kernel with the bit width: pass bits=2-8 "
+            f"(config.model.binary.bits), got {bits}"
+        )
+    channel_axes = tuple(range(kernel.ndim - 1))
+    return np.asarray(layers.lsq_init_step(kernel, bits, axis=channel_axes))
+
+
+# Parameters set from the kernel beside them when that kernel is loaded and they are not:
+# name -> (kernel [..., c_out] float32, bits of the layer) -> value [c_out].
+DERIVED_FROM_KERNEL: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+    # a 1-bit layer's learned scale: mean |w| per output channel, the minimiser of L_R
+    "alpha": lambda w, bits: np.mean(np.abs(w), axis=tuple(range(w.ndim - 1))),
+    # an LSQ layer's weight step: LSQ's initialisation, 2 mean |w| / sqrt(q_max) per channel
+    "weight_step": _lsq_weight_step,
+}
 
 
 @dataclasses.dataclass
@@ -50,7 +74,8 @@ class TransferReport:
 
     source: str
     loaded: list[str] = dataclasses.field(default_factory=list)
-    derived: list[str] = dataclasses.field(default_factory=list)  # alpha from its loaded kernel
+    # alphas and weight steps (DERIVED_FROM_KERNEL) from their loaded kernels
+    derived: list[str] = dataclasses.field(default_factory=list)
     initialised: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)  # in the source, not used
 
@@ -143,17 +168,17 @@ def _flat(variables: dict[str, Any]) -> dict[str, Any]:
     return traverse_util.flatten_dict(variables, sep="/")
 
 
-def _derive_alphas(flat: dict[str, Any], report: TransferReport) -> None:
-    """Sets every learned alpha whose kernel was loaded to mean |w| per output channel."""
+def _derive_from_kernels(flat: dict[str, Any], report: TransferReport, bits: int) -> None:
+    """Sets every parameter of ``DERIVED_FROM_KERNEL`` whose kernel was loaded (and it was not)
+    from that kernel; ``bits``: the quantized layers' bit width (1: binary)."""
     loaded = set(report.loaded)
     for path in list(flat):
-        if path.endswith("/" + ALPHA):
-            kernel = path[: -len(ALPHA)] + "kernel"
-            if kernel in loaded and path not in loaded:
-                w = np.asarray(flat[kernel], np.float32)
-                alpha = np.mean(np.abs(w), axis=tuple(range(w.ndim - 1)))
-                flat[path] = alpha.astype(np.asarray(flat[path]).dtype)
-                report.derived.append(path)
+        module, name = path.rsplit("/", 1)
+        kernel = f"{module}/kernel"
+        if name in DERIVED_FROM_KERNEL and kernel in loaded and path not in loaded:
+            value = DERIVED_FROM_KERNEL[name](np.asarray(flat[kernel], np.float32), bits)
+            flat[path] = value.astype(np.asarray(flat[path]).dtype)
+            report.derived.append(path)
 
 
 def load_torchvision_resnet(
@@ -162,10 +187,12 @@ def load_torchvision_resnet(
     *,
     depth: int,
     binary: bool,
+    bits: int = 1,
     source: str = "state dict",
 ) -> tuple[dict[str, Any], TransferReport]:
     """Backbone variables ({'params': ..., 'batch_stats': ...} of a ``ResNet``) with the tensors
-    of a torchvision ResNet state dict; returns (new variables, report).
+    of a torchvision ResNet state dict; returns (new variables, report). ``binary``: the backbone
+    has the quantized units' topology, of ``bits``-bit layers (1: binary, 2-8: LSQ).
 
     Raises ValueError naming the tensor for a missing or unknown name or a shape mismatch (a
     ``backbone_width`` other than 64 shows up as one)."""
@@ -197,24 +224,25 @@ def load_torchvision_resnet(
             )
         flat[ours] = value.astype(target.dtype)
         report.loaded.append(ours)
-    _derive_alphas(flat, report)
+    _derive_from_kernels(flat, report, bits)
     done = set(report.loaded) | set(report.derived)
     for path in flat:
         if path in done:
             continue
-        module = path.split("/")[-2]
-        if not binary or module not in BINARY_ONLY_MODULES:
+        module, name = path.split("/")[-2:]
+        if not binary or (module not in BINARY_ONLY_MODULES and name not in BINARY_ONLY_PARAMS):
             raise ValueError(f"backbone/{path} has no counterpart in {source}")
         report.initialised.append(path)
     return traverse_util.unflatten_dict(flat, sep="/"), report
 
 
 def transfer_matching(
-    target: dict[str, Any], source: dict[str, Any], *, source_name: str
+    target: dict[str, Any], source: dict[str, Any], *, source_name: str, bits: int = 1
 ) -> tuple[dict[str, Any], TransferReport]:
     """``target`` variables with every tensor of ``source`` whose path and shape match copied in
-    (e.g. a trained real detector into a 1-bit one); learned alphas of copied kernels are derived
-    from them. Returns (new variables, report); nothing is required to match."""
+    (e.g. a trained real detector into a 1-bit one); the learned alphas and LSQ weight steps of
+    copied kernels are derived from them (``bits``: the target's quantized bit width, 1: binary).
+    Returns (new variables, report); nothing is required to match."""
     flat_target, flat_source = _flat(target), _flat(source)
     report = TransferReport(source_name)
     for path, value in flat_source.items():
@@ -225,7 +253,7 @@ def transfer_matching(
         else:
             why = "no such parameter" if path not in flat_target else f"shape {value.shape}"
             report.skipped.append(f"{path} ({why})")
-    _derive_alphas(flat_target, report)
+    _derive_from_kernels(flat_target, report, bits)
     done = set(report.loaded) | set(report.derived)
     report.initialised = [path for path in flat_target if path not in done]
     return traverse_util.unflatten_dict(flat_target, sep="/"), report
