@@ -1,9 +1,10 @@
 """The total training loss of DFR-Det (paper, Eq. 11): L = L_det + gamma * sum L_R +
 lambda * L_DFR, plus, when a run distils from a teacher, each distillation term times its weight.
 
-gamma, lambda and the distillation weights are applied here and nowhere else. The parts come in already computed (the
-detection losses of a head, the L_R terms the binary layers sow), except L_DFR, which is built
-here from the decoder's reconstruction, the images and the ground-truth boxes.
+gamma, lambda and the distillation weights are applied here and nowhere else. The parts come in
+already computed (the detection losses of a head, the L_R terms the binary layers sow, the
+distillation terms), except L_DFR, which is built here from the decoder's reconstruction, the
+images and the ground-truth boxes.
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ def total_loss(
     metrics.update(loss_det=loss_det, loss_reconstruction=loss_rec)
     if reconstruction is not None:
         height, width = images.shape[1:3]
-        fg, ignore_mask = jax.vmap(
-            lambda b, v, i: dfr.foreground_mask(b, v, i, height, width)
-        )(boxes, box_valid, ignore)
+        fg, ignore_mask = jax.vmap(lambda b, v, i: dfr.foreground_mask(b, v, i, height, width))(
+            boxes, box_valid, ignore
+        )
         loss_dfr = dfr.dfr_loss(reconstruction, images, fg, ignore_mask, mode=dfr_mode)
         loss = loss + dfr_weight * loss_dfr
         metrics["loss_dfr"] = loss_dfr

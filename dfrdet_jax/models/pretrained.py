@@ -35,7 +35,7 @@ from dfrdet_jax import layers
 from dfrdet_jax.models.resnet import STAGE_BLOCKS
 
 SAFETENSORS_CONVERSION = (
-    "python -c \"import torch, safetensors.numpy as st; "
+    'python -c "import torch, safetensors.numpy as st; '
     "sd = torch.load('{path}', map_location='cpu'); "
     "st.save_file({{k: v.numpy() for k, v in sd.items()}}, '{stem}.safetensors')\""
 )
