@@ -1,11 +1,14 @@
-"""TinyPerson ignore regions and size ranges; DOTA tile merging, NMS and VOC AP50."""
+"""TinyPerson ignore regions, size ranges and miss rate; DOTA tile merging, NMS, VOC AP50 and
+the AI-TOD metrics after merging."""
+
+import math
 
 import numpy as np
 import pytest
 from test_evaluation_aitod import det, make_gt
 
 from dfrdet_jax import evaluation
-from dfrdet_jax.evaluation import coco_tiny, dota
+from dfrdet_jax.evaluation import coco_tiny, dota, tinyperson
 
 
 def tinyperson_gt(with_ignore=True):
@@ -53,6 +56,67 @@ def test_uncertain_annotations_are_ignore_regions():
     dets = [det(1, [55, 55, 10, 10], 0.9), det(1, [0, 0, 10, 10], 0.5)]
     assert evaluation.evaluate(gt, dets, protocol="tinyperson")["AP50_tiny"] == pytest.approx(1.0)
     assert "iscrowd" not in gt["annotations"][1]  # the caller's ground truth is not modified
+
+
+@pytest.mark.parametrize("backend", coco_tiny.BACKENDS)
+def test_detection_on_a_person_outside_the_range_is_ignored_by_iod(backend):
+    # A tiny person (10 px) and a small one (25 px); the top detection lies 6 x 10 px inside the
+    # small person: IoU 60 / 665 = 0.09, IoD 0.6. In 'tiny' the small person is ignored, so the
+    # detection is ignored at IoU thresholds 0.25 and 0.5 and a FP above the TP at 0.75 (AP 0.5).
+    gt = make_gt({1: [(1, [0, 0, 10, 10]), (1, [50, 50, 25, 25])]})
+    dets = [det(1, [69, 55, 10, 10], 0.9), det(1, [0, 0, 10, 10], 0.5)]
+    m = evaluation.evaluate(gt, dets, protocol="tinyperson", backend=backend)
+    assert m["AP25_tiny"] == pytest.approx(1.0)
+    assert m["AP50_tiny"] == pytest.approx(1.0)
+    assert m["AP50_tiny2"] == pytest.approx(1.0)
+    assert m["AP75_tiny"] == pytest.approx(0.5)
+    # In 'all' both persons count: FP, TP and a miss; precision 1/2 up to recall 1/2, i.e. at 51
+    # of the 101 recall points.
+    for iou in (25, 50, 75):
+        assert m[f"AP{iou}_all"] == pytest.approx(0.5 * 51 / 101)
+        assert m[f"AR{iou}_all"] == pytest.approx(0.5)
+        assert m[f"AR{iou}_tiny"] == pytest.approx(1.0)
+    # In 'small' the top detection is outside the range (ignored), the other on an ignored
+    # person: nothing scores and the small person is missed.
+    assert m["AP50_small"] == 0.0 and m["AR50_small"] == 0.0
+
+
+def test_miss_rate_by_hand():
+    # 8 images; image 1: four tiny persons (10 px), a 40 x 40 ignore region, a small person
+    # (25 px). Detections, best first: a TP; one inside the region (IoD 1); one 30% inside it
+    # (IoD 0.3, ignored by the official fallback 0.3 / 1.3 x (1 + 1600 / 100) = 3.9 > 0.5); one
+    # inside the small person; a 40 px box (beyond tiny's 20 x 1.25 size filter); a FP in image
+    # 2; a TP.
+    persons = [(1, [20 * i, 0, 10, 10]) for i in range(4)] + [(1, [200, 200, 25, 25])]
+    gt = make_gt({1: persons, **{i: [] for i in range(2, 9)}})
+    gt["annotations"].append(
+        {"id": 9, "image_id": 1, "category_id": 1, "bbox": [100, 100, 40, 40], "ignore": 1}
+    )
+    dets = [
+        det(1, [0, 0, 10, 10], 0.95),
+        det(1, [110, 110, 10, 10], 0.9),
+        det(1, [137, 110, 10, 10], 0.85),
+        det(1, [205, 205, 10, 10], 0.8),
+        det(1, [300, 300, 40, 40], 0.75),
+        det(2, [0, 0, 10, 10], 0.7),
+        det(1, [20, 0, 10, 10], 0.6),
+    ]
+    m = evaluation.evaluate(gt, dets, protocol="tinyperson")
+    np.testing.assert_allclose(tinyperson.MR_FPPI, np.logspace(-2, 0, 9))
+    # tiny: the detections in the region, 30% in it and in the small person are ignored, the
+    # 40 px one dropped: TP, FP (FPPI 1/8), TP on 4 persons: recall 1/4 at the five FPPI points
+    # below 1/8 (0.01 ... 0.1), 1/2 at the four from 0.178 on.
+    tiny = math.exp((5 * math.log(0.75) + 4 * math.log(0.5)) / 9)
+    for iou in (25, 50, 75):
+        assert m[f"MR{iou}_tiny"] == pytest.approx(tiny)
+    assert m["MR50_tiny2"] == pytest.approx(tiny)
+    # all: the small person counts, so the detection inside it is a FP, as are the 40 px box and
+    # image 2's: TP, FP, FP, FP, TP on 5 persons at FPPI 1/8, 2/8, 3/8: recall 1/5 up to 0.316,
+    # 2/5 at 0.562 and 1.
+    assert m["MR50_all"] == pytest.approx(math.exp((7 * math.log(0.8) + 2 * math.log(0.6)) / 9))
+    assert m["MR50_small"] == 1.0  # no detection within small's [16, 40) px filter: a miss
+    assert m["MR50_tiny1"] == -1.0  # no person of 2-8 px
+    assert "MR50_tiny3" in "\n".join(m["summary"])
 
 
 def test_nms_suppresses_overlaps_above_threshold_only():
@@ -128,3 +192,60 @@ def test_voc_ap_matches_direct_sum():
     recall = np.array([0.25, 0.5, 0.5, 0.75])
     precision = np.array([1.0, 1.0, 2 / 3, 0.75])
     assert dota.voc_ap(recall, precision) == pytest.approx(0.5 * 1.0 + 0.25 * 0.75)
+
+
+@pytest.mark.parametrize("backend", coco_tiny.BACKENDS)
+def test_dota_aitod_scores_merged_tiles_as_the_full_image(backend):
+    # A 224 x 128 image cut into tiles x 0-128 and x 96-224: objects of every AI-TOD size in two
+    # classes, one in the overlap (found by both tiles, the second also as a copy shifted by
+    # 1 px and scored lower), one missed and flagged difficult (counted, as in COCO-format
+    # DOTA), two false positives.
+    gt = make_gt(
+        {
+            1: [
+                (1, [10, 10, 6, 6]),
+                (1, [100, 40, 12, 12]),
+                (2, [150, 60, 20, 20]),
+                (2, [20, 70, 40, 40]),
+                (1, [180, 10, 10, 10]),
+            ]
+        },
+        categories=(1, 2),
+    )
+    gt["annotations"][4]["ignore"] = 1
+    full = [  # (x1, y1, x2, y2, score, class index) in full-image px
+        (10.5, 10, 16.5, 16, 0.4, 0),
+        (100, 41, 112, 53, 0.8, 0),
+        (60, 100, 68, 108, 0.85, 0),
+        (22, 72, 60, 110, 0.6, 1),
+        (151, 60, 171, 80, 0.7, 1),
+        (200, 100, 216, 116, 0.3, 1),
+    ]
+    tiles = [[row for row in full if row[2] <= 128], [row for row in full if row[0] >= 96]]
+    tiles[1].append((101, 41, 113, 53, 0.5, 0))  # IoU 0.85 with the box in the overlap
+    k = max(len(t) for t in tiles)
+    boxes, scores = np.zeros((2, k, 4)), np.zeros((2, k))
+    classes, valid = np.zeros((2, k), int), np.zeros((2, k), bool)
+    offsets = np.array([[0, 0], [96, 0]])
+    for b, rows in enumerate(tiles):
+        for j, (x1, y1, x2, y2, score, label) in enumerate(rows):
+            boxes[b, j] = [x1 - offsets[b, 0], y1, x2 - offsets[b, 0], y2]
+            scores[b, j], classes[b, j], valid[b, j] = score, label, True
+    tile_dets = evaluation.detections_to_coco(
+        boxes, scores, classes, valid, np.array([1, 1]), np.ones(2), [1, 2], offsets
+    )
+    full_dets = [det(1, [x1, y1, x2 - x1, y2 - y1], s, c + 1) for x1, y1, x2, y2, s, c in full]
+    merged = evaluation.evaluate(gt, tile_dets, protocol="dota_aitod", backend=backend)
+    direct = evaluation.evaluate(gt, full_dets, protocol="aitod", backend=backend)
+    assert (merged["num_detections"], merged["merged_detections"]) == (8, 6)
+    for key, value in direct.items():
+        if isinstance(value, float):
+            assert merged[key] == pytest.approx(value), key
+    for name, values in direct["per_class"].items():
+        assert merged["per_class"][name] == pytest.approx(values), name
+    assert 0 < direct["AP"] < 1
+    # The difficult box counts as a tiny object, missed: without it tiny recall is higher.
+    easy = {**gt, "annotations": gt["annotations"][:4]}
+    assert merged["AR_t"] < evaluation.evaluate(easy, full_dets, backend=backend)["AR_t"]
+    # Unmerged, the duplicates are false positives ranked above the 0.4 true positive.
+    assert evaluation.evaluate(gt, tile_dets, backend=backend)["AP"] < direct["AP"]

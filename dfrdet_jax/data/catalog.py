@@ -344,6 +344,7 @@ register_source(
         },
         load_records=_dota_records,
         class_table=lambda config: DatasetInfo.numbered(dota.CLASS_NAMES),
+        # VOC mAP50; 'dota_aitod' with best_metric 'AP' gives the paper's Table 3 (AI-TOD metrics).
         protocol="dota",
         best_metric="mAP50",
         tfds_builder="Dota2Builder",

@@ -1,5 +1,6 @@
 """Tiny-object detection metrics: AI-TOD (COCO API with tiny area ranges), TinyPerson (ignore
-regions, tiny size ranges) and DOTA-v2.0 horizontal boxes (tile merging + VOC AP50).
+regions, tiny size ranges, miss rate) and DOTA-v2.0 horizontal boxes (tile merging, then VOC
+AP50 or the AI-TOD metrics).
 
     metrics = evaluate("ann.json", "results.json", protocol="aitod")
     print(format_table(metrics))

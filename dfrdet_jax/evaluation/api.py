@@ -6,7 +6,7 @@ from typing import Any
 
 from dfrdet_jax.evaluation import coco_tiny, dota, results, tinyperson
 
-PROTOCOLS = ("aitod", "tinyperson", "dota")
+PROTOCOLS = ("aitod", "tinyperson", "dota", "dota_aitod")
 
 
 def evaluate(
@@ -22,11 +22,14 @@ def evaluate(
       detections: COCO results (image_id, category_id, bbox [x, y, w, h] in original-image px,
         score), a JSON path or a list of dicts; an empty list scores 0.
       protocol: 'aitod' (AP, AP50, AP75, AP_vt/t/s/m, AR@1/100/1500, AR_vt/t/s/m),
-        'tinyperson' (AP{25,50,75}_{all,tiny,tiny1,tiny2,tiny3,small,reasonable}, AR50_*) or
-        'dota' (mAP50 after merging tile predictions with class-wise NMS).
+        'tinyperson' (AP{25,50,75}_{all,tiny,tiny1,tiny2,tiny3,small,reasonable}, AR{25,50,75}_*,
+        MR{25,50,75}_{tiny1,tiny2,tiny3,tiny,small,all}), 'dota' (VOC mAP50 after merging
+        tile predictions with class-wise NMS) or 'dota_aitod' (the paper's Table 3: the same
+        merge, then the 'aitod' metrics of the full images; difficult objects count as ground
+        truth, as in COCO-format DOTA, where the COCO API reads no 'ignore' field).
       backend: 'faster_coco_eval' (C++, default) or 'pycocotools' for the COCOeval protocols;
-        both give the same numbers. DOTA is scored by dota.py whatever the backend
-        (reported as 'numpy').
+        both give the same numbers. 'dota' is scored by dota.py whatever the backend
+        (reported as 'numpy'), as is TinyPerson's MR.
     Returns:
       JSON-serialisable dict: headline metrics as top-level floats in [0, 1] (-1 where no
       ground truth exists for them), 'per_class' {category name: metrics}, 'summary' (lines for
@@ -44,6 +47,12 @@ def evaluate(
         metrics = coco_tiny.evaluate_aitod(gt_data, dets, backend=backend)
     elif protocol == "tinyperson":
         metrics = tinyperson.evaluate_tinyperson(gt_data, dets, backend=backend)
+    elif protocol == "dota_aitod":
+        merged = dota.merge_tile_detections(dets)
+        metrics = {
+            **coco_tiny.evaluate_aitod(gt_data, merged, backend=backend),
+            "merged_detections": len(merged),
+        }
     else:
         metrics = dota.evaluate_dota(gt_data, dets)
         backend = "numpy"

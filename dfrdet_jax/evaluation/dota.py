@@ -3,7 +3,8 @@
 Detections arrive as COCO results already shifted to full-image pixels (``detections_to_coco``
 adds each tile's offset and the 'image_id' is the full image's). Tiles overlap, so the same
 object is found in several tiles: ``merge_tile_detections`` runs class-wise NMS per full image
-(IoU threshold 0.3 by default, as the DOTA devkit merges horizontal boxes).
+at the DOTA devkit's IoU threshold for horizontal boxes (DOTA_MERGE_NMS_IOU). The merged
+detections are scored here (protocol 'dota') or by the AI-TOD metrics ('dota_aitod', api.py).
 
 Scoring follows the DOTA devkit's task-2 (horizontal boxes) evaluation: per class, detections
 sorted by score, each matched to the unmatched ground truth with the highest IoU in its image;
@@ -25,6 +26,14 @@ import numpy as np
 from dfrdet_jax.ops import boxes as box_ops
 from dfrdet_jax.ops import nms as nms_ops
 
+# DOTA_devkit (github.com/CAPTAIN-WHU/DOTA_devkit) merges horizontal boxes per class and image
+# with mergebyrec -> py_cpu_nms (greedy; IoU > thresh is suppressed): ResultMerge.py line 15
+# sets nms_thresh = 0.3. AerialDetection (github.com/dingjiansw101/AerialDetection, the code of
+# the DOTA-v2.0 benchmarks) keeps 0.3 as mergebyrec's default in its
+# DOTA_devkit/ResultMerge_multi_process.py line 216, and tools/parse_results.py line 119 calls it
+# so for task 2 (polygons: o_thresh, 0.1 by default). The devkit's own
+# ResultMerge_multi_process.py (line 24) has one nms_thresh = 0.1 for both kinds; we follow the
+# horizontal-box value of the other two.
 DOTA_MERGE_NMS_IOU = 0.3
 DOTA_MATCH_IOU = 0.5
 # Boxes per IoU and NMS call: memory stays within [block, block] matrices (64 MB of IoU).

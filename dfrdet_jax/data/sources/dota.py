@@ -3,8 +3,8 @@
 Label files (``<root>/<split>/labelTxt/<name>.txt``, images ``<root>/<split>/images/<name>.png``)
 hold one object per line: ``x1 y1 x2 y2 x3 y3 x4 y4 class difficult``; the header lines
 ``imagesource:...`` and ``gsd:...`` of the released files are skipped. A polygon becomes its
-enclosing horizontal box; ``difficult == 1`` objects become ignore regions (the DOTA protocol
-does not score them).
+enclosing horizontal box; ``difficult == 1`` objects become ignore regions (the 'dota' mAP50
+protocol does not score them; 'dota_aitod', COCO-style, counts them as ground truth).
 
 Tiling: tiles of ``tile_size`` px start every ``tile_size - overlap`` px, the last tile of a
 row/column aligned with the image border, so every pixel is covered. A box cut by a tile border
