@@ -142,30 +142,19 @@ class ConvUnit(nn.Module):
 
         spec = self.binary
         y = layers.LearnableBias(name="bias")(x) if spec.learnable_bias else x
+        conv = {"strides": self.strides, "padding": pads, "dtype": self.dtype, "name": "conv"}
         if spec.bits > 1:
-            conv = layers.LSQConv(
-                self.features,
-                k,
-                strides=self.strides,
-                padding=pads,
-                bits=spec.bits,
-                dtype=self.dtype,
-                name="conv",
-            )
+            y = layers.LSQConv(self.features, k, bits=spec.bits, **conv)(y)
         else:
-            conv = layers.BinaryConv(
+            y = layers.BinaryConv(
                 self.features,
                 k,
-                strides=self.strides,
-                padding=pads,
                 input_quantizer=spec.input_quantizer,
                 weight_quantizer=spec.weight_quantizer,
                 scale=spec.scale,
                 pad_value=spec.pad_value,
-                dtype=self.dtype,
-                name="conv",
-            )
-        y = conv(y)
+                **conv,
+            )(y)
         y = apply_norm(self.norm, y, train, self.dtype, "norm")
         if self.shortcut:
             y = y + self._shortcut(x, train)
