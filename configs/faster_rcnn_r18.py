@@ -30,6 +30,8 @@ from dfrdet_jax import base_config
 def get_config(arg: str = "synthetic,dfr"):
     dataset, variant, demo, smoke = base_config.parse_arg(arg, "configs/faster_rcnn_r18.py")
     config = base_config.base_config("faster_rcnn", dataset, variant)
+    # P6: P5 max-pooled (kernel 1, stride 2; no parameters), as mmdetection's Faster R-CNN.
+    config.model.p6_source = "maxpool"
 
     f = config.faster_rcnn = ml_collections.ConfigDict()
     f.rpn_octave_base_scale = 2.0  # anchor side: 2x the level's stride

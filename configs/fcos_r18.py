@@ -27,6 +27,7 @@ from dfrdet_jax import base_config
 def get_config(arg: str = "synthetic,dfr"):
     dataset, variant, demo, smoke = base_config.parse_arg(arg, "configs/fcos_r18.py")
     config = base_config.base_config("fcos", dataset, variant)
+    config.model.p6_source = "p5"  # P6: stride-2 conv on the FPN's P5, as mmdetection's FCOS
 
     config.fcos = ml_collections.ConfigDict()
     # Max regression distance per level, px; P2..P6, each level ~4-8x its stride (tiny objects).

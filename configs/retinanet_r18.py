@@ -26,6 +26,7 @@ from dfrdet_jax import base_config
 def get_config(arg: str = "synthetic,dfr"):
     dataset, variant, demo, smoke = base_config.parse_arg(arg, "configs/retinanet_r18.py")
     config = base_config.base_config("retinanet", dataset, variant)
+    config.model.p6_source = "c5"  # P6: stride-2 conv on C5, as mmdetection's RetinaNet
 
     config.retinanet = ml_collections.ConfigDict()
     config.retinanet.octave_base_scale = 2.0  # smallest anchor of a level: 2x its stride

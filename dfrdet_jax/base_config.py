@@ -52,6 +52,8 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.model.fpn_width = 256
     config.model.min_level = 2
     config.model.max_level = 6
+    # config.model.p6_source, how the FPN builds P6 ('p5', 'c5' or 'maxpool'; models/fpn.py),
+    # is set by each family's config file to that family's convention.
     config.model.head_convs = 4
     config.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 parameters and optimizer state
     # Starting weights of a new run (dfrdet_jax/warm_start.py): a torchvision-layout ResNet
@@ -90,6 +92,7 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.loss.reconstruction_weight = 0.0 if variant in ("real", "lsq4") else 1e-4
     config.loss.dfr_weight = 0.04 if variant == "dfr" else 0.0  # lambda
     config.dfr = ml_collections.ConfigDict()
+    # FPN levels decoded: any subset of the pyramid (Table 1), all merged on the stride-4 grid.
     config.dfr.levels = (2, 3, 4) if variant == "dfr" else ()
     config.dfr.mode = "decoupled"  # Eq. 10; or "full", "foreground", "background" (Table 1)
     config.dfr.decoder_width = 64

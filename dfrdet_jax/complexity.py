@@ -9,13 +9,14 @@ for one image of the given size through the inference network: the training-only
 and the post-processing (decoding, NMS) are not part of it. Operations are those of the
 convolution and dense layers (normalisation, activations and additions are not counted, as in
 Bi-Real-Net); a layer called several times (FCOS's head, shared over the pyramid levels) counts
-each call, its parameters once. A binary multiply-accumulate is one of a BinaryConv/BinaryDense
-whose input is binarized too (XNOR + popcount); a 1-bit kernel applied to a real-valued input
-counts as real. A k-bit one (2 <= k <= 8) is one of an LSQConv/LSQDense, whose input is always
-quantized: k / 32 of a real one, the 1/8 for k = 4 that reproduces the paper's LSQ 4-bit rows
-(Table 2; e.g. FCOS's 55.88 G OPs from its real and 1-bit counts; other k are not in the paper).
-Every parameter that is not a 1-bit or k-bit kernel (BatchNorm, scales alpha, LSQ steps, biases,
-PReLU slopes) counts as 32-bit.
+each call, its parameters once, and Faster R-CNN's box head counts once per proposal it
+classifies (``config.faster_rcnn.rpn_post_nms_top_k``: 1,000). A binary multiply-accumulate is
+one of a BinaryConv/BinaryDense whose input is binarized too (XNOR + popcount); a 1-bit kernel
+applied to a real-valued input counts as real. A k-bit one (2 <= k <= 8) is one of an
+LSQConv/LSQDense, whose input is always quantized: k / 32 of a real one, the 1/8 for k = 4 that
+reproduces the paper's LSQ 4-bit rows (Table 2; e.g. FCOS's 55.88 G OPs from its real and 1-bit
+counts; other k are not in the paper). Every parameter that is not a 1-bit or k-bit kernel
+(BatchNorm, scales alpha, LSQ steps, biases, PReLU slopes) counts as 32-bit.
 """
 
 from __future__ import annotations
@@ -125,8 +126,10 @@ def trace_layers(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any
         module = context.module
         if context.method_name == "__call__" and isinstance(module, _COUNTED_LAYERS):
             kernel = module.get_variable("params", "kernel")
-            # Per output element: the kernel's fan-in (kh * kw * c_in / groups, or c_in).
-            macs = (out.size // out.shape[0]) * (kernel.size // kernel.shape[-1])
+            # Per output element: the kernel's fan-in (kh * kw * c_in / groups, or c_in). The
+            # trace holds one image, so every output element is that image's, whatever the
+            # leading axis holds: the batch, or the box head's RoIs (its MACs scale with them).
+            macs = out.size * (kernel.size // kernel.shape[-1])
             if isinstance(module, _KBIT_LAYERS):
                 kbit_kernels[(*module.path, "kernel")] = module.bits
                 kbit_macs[module.bits] = kbit_macs.get(module.bits, 0) + macs

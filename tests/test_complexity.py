@@ -6,6 +6,21 @@ import flax.linen as nn
 import pytest
 
 from dfrdet_jax import complexity, layers, main
+from dfrdet_jax.models import registry
+
+# (size MB, G OPs) of each R18 detector at the paper's setting (800 x 800 px, 8 classes): the
+# README's table (dfr is bnn's: test_detector_variants_and_the_decoder_is_not_counted).
+PAPER_SETTING = {
+    ("fcos", "real"): (76.51, 308.86),
+    ("fcos", "bnn"): (3.64, 8.13),
+    ("fcos", "lsq4"): (10.73, 41.55),
+    ("retinanet", "real"): (79.74, 320.63),
+    ("retinanet", "bnn"): (4.85, 19.81),
+    ("retinanet", "lsq4"): (12.16, 53.24),
+    ("faster_rcnn", "real"): (113.38, 102.91),
+    ("faster_rcnn", "bnn"): (4.76, 5.19),
+    ("faster_rcnn", "lsq4"): (15.28, 16.04),
+}
 
 
 class Mixed(nn.Module):
@@ -54,3 +69,27 @@ def test_detector_variants_and_the_decoder_is_not_counted(smoke_config, tmp_path
     assert counts["bnn"]["size_mb"] < counts["real"]["size_mb"] / share
     with open(tmp_path / "dfr" / "complexity.json") as f:
         assert json.load(f) == counts["dfr"]
+
+
+def test_the_box_head_counts_every_proposal(smoke_config):
+    # The box head's leading axis holds the RoIs, not the batch: its MACs scale with them.
+    counts = {}
+    for proposals in (32, 48):
+        config = smoke_config("real", family="faster_rcnn")
+        config.faster_rcnn.rpn_post_nms_top_k = proposals
+        model = registry.build_model(config, num_classes=3)
+        counts[proposals] = complexity.count(model, (64, 64), train=False)
+    f, width = config.faster_rcnn, config.model.fpn_width
+    # Per RoI: fc0 on the 7 x 7 x width RoIAlign map, fc1, 3 + 1 logits, 3 x 4 deltas.
+    per_roi = f.fc_width * (f.roi_output_size**2 * width + f.fc_width + 4 + 12)
+    assert counts[48].real_macs - counts[32].real_macs == 16 * per_roi
+    assert counts[48].real_params == counts[32].real_params
+
+
+@pytest.mark.parametrize(("family", "variant"), list(PAPER_SETTING))
+def test_counts_at_the_papers_setting(load_config, family, variant):
+    # Faster R-CNN: 1,000 proposals through the box head. P6: a conv on P5 (FCOS), a conv on C5
+    # (RetinaNet), P5 max-pooled (Faster R-CNN).
+    config = load_config(f"synthetic,{variant}", family)
+    got = complexity.count(registry.build_model(config, num_classes=8), (800, 800), train=False)
+    assert (round(got.size_mb, 2), round(got.ops / 1e9, 2)) == PAPER_SETTING[family, variant]

@@ -1,6 +1,9 @@
 """Backbone, FPN, FCOS head, DFR decoder and the family registry: sizes, which layers are binary,
 shapes, registration."""
 
+import functools
+import itertools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -8,11 +11,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dfrdet_jax import steps
 from dfrdet_jax.models import registry
 from dfrdet_jax.models.common import BinarySpec
-from dfrdet_jax.models.decoder import DFRDecoder, pixel_shuffle
-from dfrdet_jax.models.detectors import Detector
-from dfrdet_jax.models.fpn import upsample_nearest_to
+from dfrdet_jax.models.decoder import pixel_shuffle
+from dfrdet_jax.models.detectors import Detector, normalize_images
+from dfrdet_jax.models.fpn import FPN, upsample_nearest_to
 from dfrdet_jax.models.heads import family, single_stage
 from dfrdet_jax.models.heads import fcos as fcos_head
 from dfrdet_jax.models.resnet import ResNet
@@ -133,13 +137,125 @@ def test_pixel_shuffle_matches_index_definition():
         assert y[b, i * r + di, j * r + dj, ch] == x[b, i, j, ch * r * r + di * r + dj]
 
 
-def test_decoder_from_single_level_and_common_stride():
-    decoder = DFRDecoder(width=8, num_blocks=1, common_stride=8)
-    levels = [jnp.ones((1, 4, 4, 16)), jnp.ones((1, 2, 2, 16))]
-    variables = decoder.init(jax.random.key(0), levels, (32, 32))
-    assert decoder.apply(variables, levels, (32, 32)).shape == (1, 32, 32, 3)
-    with pytest.raises(ValueError, match="divisible by 8"):
-        decoder.init(jax.random.key(0), levels, (36, 32))
+def _decoder_shapes(num_levels, channels, width, blocks):
+    """The decoder's parameter shapes: a 2x2 deconv per level, then the same stage for any set
+    of levels (1x1 fuse, residual blocks, 1x1 projection to 3 x 4 x 4 for a 4x4 pixel shuffle)."""
+    shapes = {}
+    for i in range(num_levels):
+        shapes.update({f"deconv{i}/kernel": (2, 2, channels, width), f"deconv{i}/bias": (width,)})
+    shapes.update({"fuse/kernel": (1, 1, width * num_levels, width), "fuse/bias": (width,)})
+    for j, k in itertools.product(range(blocks), (1, 2)):
+        shapes.update({f"block{j}/conv{k}/kernel": (3, 3, width, width)})
+        shapes.update({f"block{j}/conv{k}/bias": (width,)})
+    shapes.update({"project/kernel": (1, 1, width, 48), "project/bias": (48,)})
+    return shapes
+
+
+def _shapes(params):
+    return {k: v.shape for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()}
+
+
+def _reference_decoder(params, levels, image_hw):
+    """The decoder with P2 among its levels, written out: each level 2x up by its transposed conv
+    (output pixel (2i + a, 2j + b) = input (i, j) times the kernel tap (1 - a, 1 - b)), resized
+    bilinearly to P2's H/4 x W/4 grid, concatenated, fused, refined, projected and 4x4
+    pixel-shuffled."""
+
+    def conv(x, p):
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), "SAME", dimension_numbers=dims)
+
+    h, w = image_hw
+    merged = []
+    for i, x in enumerate(levels):
+        p = params[f"deconv{i}"]
+        b, lh, lw, _ = x.shape
+        up = jnp.einsum("bhwk,acko->bhawco", x, p["kernel"][::-1, ::-1])
+        up = up.reshape(b, 2 * lh, 2 * lw, -1) + p["bias"]
+        merged.append(jax.image.resize(up, (b, h // 4, w // 4, up.shape[-1]), "bilinear"))
+    x = conv(jnp.concatenate(merged, -1), params["fuse"]) + params["fuse"]["bias"]
+    for j in range(sum(name.startswith("block") for name in params)):
+        block = params[f"block{j}"]
+        y = jax.nn.relu(conv(x, block["conv1"]) + block["conv1"]["bias"])
+        x = x + conv(y, block["conv2"]) + block["conv2"]["bias"]
+    x = conv(x, params["project"]) + params["project"]["bias"]  # [B, H/4, W/4, 3 * 4 * 4]
+    x = x.reshape(x.shape[0], h // 4, w // 4, 3, 4, 4)  # channel (c, i, j) -> sub-pixel (i, j)
+    return x.transpose(0, 1, 4, 2, 5, 3).reshape(x.shape[0], h, w, 3)
+
+
+def _smoke_p2_p6(smoke_config, load_config, levels, mode="decoupled"):
+    """The smoke 1-bit DFR FCOS on P2-P6 (smoke has P2-P4) decoding ``levels`` with ``mode``."""
+    config = smoke_config("dfr")
+    config.model.max_level = 6
+    config.fcos.regress_ranges = load_config("synthetic,dfr").fcos.regress_ranges
+    config.dfr.levels, config.dfr.mode = levels, mode
+    return config
+
+
+@pytest.mark.parametrize("levels", [(2, 3, 4), (2, 3, 4, 5, 6), (2, 6)])
+def test_decoder_with_p2_keeps_its_construction(smoke_config, load_config, make_batch, levels):
+    # Sets with P2 merged on P2's grid before the grid was fixed at stride 4: nothing changes.
+    config = _smoke_p2_p6(smoke_config, load_config, levels)
+    model = registry.build_model(config, num_classes=3)
+    images = normalize_images(jnp.asarray(make_batch(size=72)["image"]))
+    variables = model.init(jax.random.key(0), images, train=False, reconstruct=True)
+    out = model.apply(variables, images, train=False, reconstruct=True, features=True)
+    params = variables["params"]["decoder"]
+    assert _shapes(params) == _decoder_shapes(len(levels), 16, 8, 1)
+    expected = _reference_decoder(params, [out["features"][v - 2] for v in levels], (72, 72))
+    np.testing.assert_allclose(out["reconstruction"], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(800, 800), (50, 37)])
+def test_every_level_subset_builds_the_same_output_stage(smoke_config, load_config, hw):
+    # AI-TOD's 800 px is no multiple of 64, (50, 37) not even of 4: every level subset of P2-P6
+    # (Table 1's rows among them) still merges on the stride-4 grid, into the same output stage.
+    images = jax.ShapeDtypeStruct((2, *hw, 3), jnp.float32)
+    for levels in (s for n in range(1, 6) for s in itertools.combinations(range(2, 7), n)):
+        model = registry.build_model(_smoke_p2_p6(smoke_config, load_config, levels), 3)
+        out, variables = jax.eval_shape(
+            lambda x: model.init_with_output(jax.random.key(0), x, train=False, reconstruct=True),
+            images,
+        )
+        assert out["reconstruction"].shape == (2, *hw, 3), levels
+        assert _shapes(variables["params"]["decoder"]) == _decoder_shapes(len(levels), 16, 8, 1)
+
+
+TABLE1_ROWS = [
+    ((6,), "decoupled"),  # the quick run's (-m "not slow") one: P6's stride is 64
+    *(
+        pytest.param(levels, mode, marks=pytest.mark.slow)
+        for levels, mode in [
+            ((2,), "decoupled"),
+            ((3,), "decoupled"),
+            ((4,), "decoupled"),
+            ((5,), "decoupled"),
+            ((2, 3), "decoupled"),
+            ((2, 3, 5), "decoupled"),
+            ((2, 3, 6), "decoupled"),
+            ((2, 3, 4), "full"),
+            ((2, 3, 4), "foreground"),
+            ((2, 3, 4), "background"),
+            ((2, 3, 4), "decoupled"),
+        ]
+    ),
+]
+
+
+@pytest.mark.parametrize(("levels", "mode"), TABLE1_ROWS)
+def test_every_table1_row_trains_at_a_size_no_multiple_of_64(
+    smoke_config, load_config, make_batch, levels, mode
+):
+    config = _smoke_p2_p6(smoke_config, load_config, levels, mode)
+    model = registry.build_model(config, num_classes=3)
+    state = steps.create_train_state(config, model, jax.random.key(0), (100, 100), 1)
+    grad_fn = functools.partial(steps.loss_and_metrics, model=model, config=config)
+    (loss, (metrics, _)), grads = jax.jit(jax.value_and_grad(grad_fn, has_aux=True))(
+        state.params, state.batch_stats, make_batch(size=100), jax.random.key(1)
+    )
+    assert np.isfinite(float(loss)) and float(metrics["loss_dfr"]) > 0
+    decoder_grads = jax.tree.leaves(grads["decoder"])
+    assert all(bool(jnp.all(jnp.isfinite(g))) and bool(jnp.any(g != 0)) for g in decoder_grads)
 
 
 def test_postprocess_decodes_and_clips_the_best_point():
@@ -175,6 +291,56 @@ def test_upsample_nearest_to_an_odd_size_repeats_and_crops():
     expected = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)[:, :3, :5]
     np.testing.assert_array_equal(y, expected)
     assert y[0, 2, 4, 0] == x[0, 1, 2, 0]
+
+
+def _max_pool(x, kernel, stride):
+    """numpy max pool of [B, H, W, C], no padding."""
+    rows, cols = (x.shape[1] - kernel) // stride + 1, (x.shape[2] - kernel) // stride + 1
+    out = np.empty((x.shape[0], rows, cols, x.shape[3]), x.dtype)
+    for i, j in itertools.product(range(rows), range(cols)):
+        window = x[:, i * stride : i * stride + kernel, j * stride : j * stride + kernel]
+        out[:, i, j] = window.max(axis=(1, 2))
+    return out
+
+
+def test_maxpool_p6_and_p7_are_max_pools_of_the_level_below():
+    # Odd sides: a kernel-1 stride-2 pool gives ceil(h / 2), as the stride-2 convs do.
+    sizes = {2: (19, 13), 3: (10, 7), 4: (5, 4), 5: (3, 2)}
+    features = {
+        f"C{v}": jax.random.normal(jax.random.key(v), (2, *hw, 4 * 2**v)) for v, hw in sizes.items()
+    }
+    fpn = FPN(width=4, max_level=7, p6_source="maxpool")
+    out, variables = fpn.init_with_output(jax.random.key(0), features, train=False)
+    assert not any(name.startswith("extra") for name in variables["params"])
+    for level in (6, 7):
+        below = np.asarray(out[f"P{level - 1}"])
+        np.testing.assert_array_equal(out[f"P{level}"], _max_pool(below, kernel=1, stride=2))
+    assert out["P7"].shape == (2, 1, 1, 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "extra6"),
+    [("fcos", (3, 3, 256, 256)), ("retinanet", (3, 3, 512, 256)), ("faster_rcnn", None)],
+)
+def test_each_family_builds_p6_as_mmdetection(load_config, name, extra6):
+    # FCOS: a stride-2 conv on P5 (256 channels); RetinaNet: on ResNet-18's C5 (512 channels);
+    # Faster R-CNN: P5 max-pooled, no parameters.
+    model = registry.build_model(load_config("synthetic,real", name), num_classes=3)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)), train=False)
+    )
+    neck = _shapes(shapes["params"]["neck"])
+    expected = {} if extra6 is None else {"extra6/conv/kernel": extra6, "extra6/conv/bias": (256,)}
+    assert {k: v for k, v in neck.items() if k.startswith("extra")} == expected
+
+
+def test_unknown_p6_source_lists_the_valid_ones(load_config):
+    config = load_config("synthetic,real", "retinanet")
+    config.model.p6_source = "c4"
+    with pytest.raises(
+        ValueError, match=r"p6_source 'c4'; valid choices: \['p5', 'c5', 'maxpool'\]"
+    ):
+        registry.validate_config(config)
 
 
 def test_every_family_is_registered_once_by_its_config_name():

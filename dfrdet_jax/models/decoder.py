@@ -1,16 +1,21 @@
 """The DFR decoder phi (paper, Sec. 3.2): FPN features -> a reconstruction of the input image.
 
 Each chosen level (default P2, P3, P4) is upsampled by a stride-2 transposed convolution and then
-bilinearly resized to the common grid of stride ``common_stride`` (4: the P2 grid, H/4 x W/4, as
-the paper says); the maps are concatenated along channels, refined by residual blocks
-(conv-ReLU-conv + identity), projected linearly (1x1 conv) to 3 * r^2 channels and rearranged by
-an r x r pixel shuffle into [B, H, W, 3], with r = common_stride.
+bilinearly resized to the stride-4 grid (P2's: ceil(H/4) x ceil(W/4), the paper's C x W/4 x H/4);
+the maps are concatenated along channels, refined by residual blocks (conv-ReLU-conv +
+identity), projected linearly (1x1 conv) to 3 * 4^2 channels and rearranged by a 4 x 4 pixel
+shuffle into [B, H, W, 3] (the rows and columns past H and W cropped).
 
-Why 3 * r^2 and not the paper's 12: the paper squeezes to 12 channels and applies a 2x pixel
+The grid is the stride-4 one whatever the levels: the paper merges every level there, so every
+row of its Table 1 ({P5} or {P6} alone too) builds the same output stage and trains at any input
+size. (On the grid of the finest chosen level instead, {P5} alone would need a 32 x 32 shuffle to
+3,072 channels, and {P6} alone sides divisible by 64, which AI-TOD's 800 px are not.)
+
+Why 3 * 4^2 and not the paper's 12: the paper squeezes to 12 channels and applies a 2x pixel
 shuffle, which from H/4 gives only H/2 x W/2 x 3 and cannot match the H x W x 3 input it is
-compared with. A shuffle by r from stride r is the construction that gives exactly H x W; with
-r = 4 that is 48 channels. (Upsampling to H/2 and keeping 12 channels would also be exact, at
-four times the decoder's compute.)
+compared with. A shuffle by 4 from stride 4 is the construction that gives exactly H x W: 48
+channels. (Upsampling to H/2 and keeping 12 channels would also be exact, at four times the
+decoder's compute.)
 
 The decoder is real-valued and used only in training: detectors call it only when asked for the
 reconstruction, so inference never runs it.
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+MERGE_STRIDE = 4  # the grid every level is merged on: P2's
 
 
 def pixel_shuffle(x: Array, r: int) -> Array:
@@ -50,25 +56,22 @@ class DFRDecoder(nn.Module):
     """Attributes:
     width: channels after each transposed conv and in the residual blocks.
     num_blocks: number of residual blocks.
-    common_stride: stride of the grid the levels are merged on (4 = P2's grid).
     out_channels: channels of the reconstruction (3 for RGB).
     dtype: computation dtype (the output is float32).
     """
 
     width: int = 64
     num_blocks: int = 2
-    common_stride: int = 4
     out_channels: int = 3
     dtype: Any = None
 
     @nn.compact
     def __call__(self, levels: Sequence[Array], image_hw: tuple[int, int]) -> Array:
-        """levels: FPN maps [B, h_l, w_l, C]; image_hw: (H, W) of the input -> [B, H, W, 3]."""
+        """levels: FPN maps [B, h_l, w_l, C], any of P2-P6 in any number; image_hw: (H, W) of the
+        input, any size -> [B, H, W, 3]."""
         h, w = image_hw
-        r = self.common_stride
-        if h % r or w % r:
-            raise ValueError(f"DFR decoder needs an input size divisible by {r}, got {image_hw}")
-        grid = (h // r, w // r)
+        r = MERGE_STRIDE
+        grid = (-(-h // r), -(-w // r))
         merged = []
         for index, x in enumerate(levels):
             x = nn.ConvTranspose(
@@ -80,4 +83,4 @@ class DFRDecoder(nn.Module):
         for index in range(self.num_blocks):
             x = ResidualBlock(self.width, self.dtype, name=f"block{index}")(x)
         x = nn.Conv(self.out_channels * r * r, (1, 1), dtype=self.dtype, name="project")(x)
-        return pixel_shuffle(x, r).astype(jnp.float32)
+        return pixel_shuffle(x, r)[:, :h, :w].astype(jnp.float32)

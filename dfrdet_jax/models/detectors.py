@@ -46,6 +46,8 @@ class Detector(nn.Module):
       backbone_width: first-stage channels (64 standard).
       fpn_width: FPN channels (256 standard).
       min_level, max_level: FPN levels used for detection (2..6: strides 4..64).
+      p6_source: how the FPN builds the levels above 5 ('p5', 'c5' or 'maxpool'; see
+        ``models.fpn``).
       backbone_binary, neck_binary: binarization of each part (the head carries its own).
       decoder_levels: FPN levels fed to the DFR decoder, e.g. (2, 3, 4); empty: no decoder.
       decoder_width, decoder_blocks: DFR decoder size.
@@ -58,6 +60,7 @@ class Detector(nn.Module):
     fpn_width: int = 256
     min_level: int = 2
     max_level: int = 6
+    p6_source: str = "p5"
     backbone_binary: BinarySpec = REAL
     neck_binary: BinarySpec = REAL
     decoder_levels: Sequence[int] = ()
@@ -97,6 +100,7 @@ class Detector(nn.Module):
             self.fpn_width,
             self.min_level,
             self.max_level,
+            self.p6_source,
             self.neck_binary,
             self.dtype,
             name="neck",
@@ -119,11 +123,7 @@ class Detector(nn.Module):
                     f"{self.min_level}..{self.max_level}"
                 )
             outputs["reconstruction"] = DFRDecoder(
-                self.decoder_width,
-                self.decoder_blocks,
-                common_stride=2 ** min(self.decoder_levels),
-                dtype=self.dtype,
-                name="decoder",
+                self.decoder_width, self.decoder_blocks, dtype=self.dtype, name="decoder"
             )([pyramid[f"P{v}"] for v in self.decoder_levels], images.shape[1:3])
         return outputs
 

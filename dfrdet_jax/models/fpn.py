@@ -1,9 +1,17 @@
 """Feature Pyramid Network (Lin et al. 2017) with configurable levels, default P2..P6.
 
 Levels up to 5 come from the backbone stages C_l through a lateral 1x1 conv, the top-down path
-(nearest 2x upsampling and addition) and a 3x3 output conv; levels above 5 come from a stride-2
-3x3 conv on the level below (on the FPN output, as FCOS does). In 1-bit variants the lateral and
-output convs are binary ``ConvUnit``s (with GroupNorm, and a shortcut where shapes allow).
+(nearest 2x upsampling and addition) and a 3x3 output conv. Levels above 5 follow the detector
+family's convention (``p6_source``, as mmdetection builds them):
+
+  'p5'       a stride-2 3x3 conv on the FPN's P5 output (FCOS; mmdetection 'on_output'),
+  'c5'       a stride-2 3x3 conv on the backbone's C5 (RetinaNet; mmdetection 'on_input'),
+  'maxpool'  a stride-2 max pool of kernel 1 of P5, no parameters (Faster R-CNN; mmdetection and
+             torchvision's LastLevelMaxPool);
+
+each level above 6 is the same stride-2 step on the level below (a conv on P_{l-1} after a ReLU
+for 'p5' and 'c5'; a max pool for 'maxpool'). In 1-bit variants the lateral, output and extra
+convs are binary ``ConvUnit``s (with GroupNorm, and a shortcut where shapes allow).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import jax.numpy as jnp
 from dfrdet_jax.models.common import REAL, BinarySpec, ConvUnit
 
 Array = jax.Array
+P6_SOURCES = ("p5", "c5", "maxpool")
 
 
 def upsample_nearest_to(x: Array, hw: tuple[int, int]) -> Array:
@@ -36,13 +45,15 @@ class FPN(nn.Module):
       width: channels of every output level (256 in the paper's detectors).
       min_level: lowest level (2: stride 4), at least 2.
       max_level: highest level (6: stride 64).
-      binary: binarization of the lateral and output convs.
+      p6_source: how the levels above 5 are built, one of ``P6_SOURCES`` (module docstring).
+      binary: binarization of the lateral, output and extra convs.
       dtype: computation dtype.
     """
 
     width: int = 256
     min_level: int = 2
     max_level: int = 6
+    p6_source: str = "p5"
     binary: BinarySpec = REAL
     dtype: Any = None
 
@@ -52,6 +63,10 @@ class FPN(nn.Module):
             raise ValueError(
                 f"FPN levels must satisfy 2 <= min_level <= 5 and max_level >= min_level, "
                 f"got {self.min_level}..{self.max_level}"
+            )
+        if self.p6_source not in P6_SOURCES:
+            raise ValueError(
+                f"Unknown FPN p6_source {self.p6_source!r}; valid choices: {list(P6_SOURCES)}"
             )
         norm = "group" if self.binary.enabled else "none"
         unit = dict(binary=self.binary, norm=norm, activation="none", dtype=self.dtype)
@@ -74,9 +89,17 @@ class FPN(nn.Module):
             for level in range(self.min_level, top + 1)
         }
         for level in range(top + 1, self.max_level + 1):
-            source = outputs[f"P{level - 1}"]
-            if level > top + 1 and not self.binary.enabled:
-                source = nn.relu(source)  # as FCOS/RetinaNet: ReLU between the extra stride-2 convs
+            below = outputs[f"P{level - 1}"]
+            if self.p6_source == "maxpool":
+                # A max pool of kernel 1 and stride 2 keeps every second pixel: ceil(h / 2) rows.
+                outputs[f"P{level}"] = below[:, ::2, ::2]
+                continue
+            if level == 6 and self.p6_source == "c5":
+                source = features["C5"]
+            elif level > 6 and not self.binary.enabled:
+                source = nn.relu(below)  # as FCOS/RetinaNet: ReLU between the extra stride-2 convs
+            else:
+                source = below
             outputs[f"P{level}"] = ConvUnit(self.width, 3, 2, name=f"extra{level}", **unit)(
                 source, train
             )

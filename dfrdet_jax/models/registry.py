@@ -21,6 +21,7 @@ import ml_collections
 from dfrdet_jax.losses import dfr
 from dfrdet_jax.models.common import REAL, BinarySpec
 from dfrdet_jax.models.detectors import Detector
+from dfrdet_jax.models.fpn import P6_SOURCES
 from dfrdet_jax.models.heads import faster_rcnn, fcos, retinanet  # noqa: F401  (registers them)
 from dfrdet_jax.models.heads.family import FAMILIES, DetectorFamily
 
@@ -56,6 +57,7 @@ def _detector(config: ml_collections.ConfigDict, head) -> Detector:
         fpn_width=m.fpn_width,
         min_level=m.min_level,
         max_level=m.max_level,
+        p6_source=m.p6_source,
         backbone_binary=binary_spec(config, "backbone"),
         neck_binary=binary_spec(config, "neck"),
         decoder_levels=tuple(config.dfr.levels),
@@ -89,6 +91,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.model.binary_parts:
         binary_spec(config, config.model.binary_parts[0])  # validates quantizer and scale names
+    if config.model.p6_source not in P6_SOURCES:
+        raise ValueError(
+            f"Unknown config.model.p6_source {config.model.p6_source!r}; "
+            f"valid choices: {list(P6_SOURCES)}"
+        )
     if config.dfr.mode not in dfr.MODES:
         raise ValueError(
             f"Unknown config.dfr.mode {config.dfr.mode!r}; valid choices: {list(dfr.MODES)}"
