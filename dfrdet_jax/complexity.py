@@ -10,7 +10,7 @@ and the post-processing (decoding, NMS) are not part of it. Operations are those
 convolution and dense layers (normalisation, activations and additions are not counted, as in
 Bi-Real-Net); a layer called several times (FCOS's head, shared over the pyramid levels) counts
 each call, its parameters once, and Faster R-CNN's box head counts once per proposal it
-classifies (``config.faster_rcnn.rpn_post_nms_top_k``: 1,000). A binary multiply-accumulate is
+classifies (``faster_rcnn.rpn_post_nms_top_k_test``: 1,000). A binary multiply-accumulate is
 one of a BinaryConv/BinaryDense whose input is binarized too (XNOR + popcount); a 1-bit kernel
 applied to a real-valued input counts as real. A k-bit one (2 <= k <= 8) is one of an
 LSQConv/LSQDense, whose input is always quantized: k / 32 of a real one, the 1/8 for k = 4 that

@@ -76,7 +76,7 @@ def test_the_box_head_counts_every_proposal(smoke_config):
     counts = {}
     for proposals in (32, 48):
         config = smoke_config("real", family="faster_rcnn")
-        config.faster_rcnn.rpn_post_nms_top_k = proposals
+        config.faster_rcnn.rpn_post_nms_top_k_test = proposals
         model = registry.build_model(config, num_classes=3)
         counts[proposals] = complexity.count(model, (64, 64), train=False)
     f, width = config.faster_rcnn, config.model.fpn_width

@@ -16,7 +16,8 @@ from dfrdet_jax.data.sources import synthetic
 
 # What the 'aitod' protocol returns (dfrdet_jax/evaluation/api.py and coco_tiny.py).
 AITOD_HEADLINE = {"AP", "AP50", "AP75", "AP_vt", "AP_t", "AP_s", "AP_m"}
-AITOD_HEADLINE |= {"AR@1", "AR@100", "AR@1500", "AR_vt", "AR_t", "AR_s", "AR_m"}
+AITOD_HEADLINE |= {"AR@1", "AR@100", "AR@300", "AR@1500", "AR_vt", "AR_t", "AR_s", "AR_m"}
+AITOD_HEADLINE |= {"oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN"}
 AITOD_KEYS = AITOD_HEADLINE | {"per_class", "summary", "protocol", "backend"}
 AITOD_KEYS |= {"num_images", "num_detections", "skipped"}
 

@@ -205,3 +205,134 @@ def test_unknown_backend_and_protocol():
         evaluation.evaluate(gt, [], backend="nope")
     with pytest.raises(ValueError, match="protocol"):
         evaluation.evaluate(gt, [], protocol="voc")
+
+
+# oLRP (the official AI-TOD evaluator's aitodpycocotools/cocoeval.py, accumulate with_lrp) and
+# AR@300 (mmdet-aitod's maxDets 100/300/1500).
+
+
+def lrp_example():
+    """One class, 3 ground truths (10x10 px), a crowd region and 5 detections, worked by hand.
+
+    Ranked by score: d0 (0.95) lies inside the crowd region (ignored: neither TP nor FP), d1 (0.9)
+    matches G1 at IoU 0.8, d2 (0.8) is a FP, d3 (0.7) matches G2 at IoU 0.7, d4 (0.6) is a FP;
+    G3 is missed. With tau = 0.5, N_FN = 3 - N_TP and loc = sum of (1 - IoU) over the TPs, LRP =
+    (loc / 0.5 + N_FP + N_FN) / (N_TP + N_FP + N_FN) after each rank:
+      d0: (0 + 0 + 3) / 3 = 1;  d1: (0.4 + 0 + 2) / 3 = 0.8;  d2: (0.4 + 1 + 2) / 4 = 0.85;
+      d3: (1.0 + 1 + 1) / 4 = 0.75;  d4: (1.0 + 2 + 1) / 5 = 0.8.
+    oLRP = 0.75 at d3: loc = 0.5 / 2 TPs = 0.25 (mean 1 - IoU, as the official code, not divided
+    by 1 - tau), FP = 1 / (2 + 1) = 1/3, FN = 1 / 3.
+    """
+    gt = make_gt({1: [(1, [0, 0, 10, 10]), (1, [50, 50, 10, 10]), (1, [100, 100, 10, 10])]})
+    crowd = {"id": 99, "image_id": 1, "category_id": 1, "bbox": [0, 60, 30, 30], "area": 900.0}
+    gt["annotations"].append({**crowd, "iscrowd": 1})
+    dets = [
+        det(1, [5, 65, 10, 10], 0.95),  # inside the crowd region
+        det(1, [0, 0, 10, 8], 0.9),  # IoU 80 / 100 with G1
+        det(1, [70, 90, 10, 10], 0.8),
+        det(1, [50, 50, 10, 7], 0.7),  # IoU 70 / 100 with G2
+        det(1, [80, 20, 10, 10], 0.6),
+    ]
+    return gt, dets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_olrp_hand_worked(backend):
+    gt, dets = lrp_example()
+    m = evaluation.evaluate(gt, dets, backend=backend)
+    assert m["oLRP"] == pytest.approx(0.75)
+    assert m["oLRP_loc"] == pytest.approx(0.25)
+    assert m["oLRP_FP"] == pytest.approx(1 / 3)
+    assert m["oLRP_FN"] == pytest.approx(1 / 3)
+    assert m["per_class"]["class1"]["oLRP"] == pytest.approx(0.75)
+    g, _ = results.load_ground_truth(gt)
+    arrays = coco_tiny.run_cocoeval(
+        g,
+        results.load_detections(dets, g),
+        area_ranges=coco_tiny.AITOD_AREA_RANGES,
+        max_dets=coco_tiny.AITOD_MAX_DETS,
+        backend=backend,
+        lrp_areas=("all",),
+    )
+    assert arrays.lrp["oLRP_thr"][0, 0] == pytest.approx(0.7)  # the LRP-optimal score
+    assert (arrays.lrp["oLRP"][0, 1:] == -1).all()  # only the asked area ranges are computed
+    text = "\n".join(m["summary"])
+    row = " Optimal LRP             @[ IoU=0.50      | area=     all | maxDets=1500 ] = 0.750"
+    assert row in text
+    assert "Optimal LRP Loc" in text and "Optimal LRP FP" in text and "Optimal LRP FN" in text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_olrp_mean_over_classes(backend):
+    # class1: the hand-worked 0.75 / 0.25 / 1/3 / 1/3; class2: detected exactly (0 / 0 / 0 / 0);
+    # class3: one FP, no TP (oLRP = FN = 1, loc and FP undefined: -1, left out of their means);
+    # class4: no ground truth (-1 everywhere, left out of every mean), one detection.
+    gt, dets = lrp_example()
+    more = make_gt({2: [(2, [10, 10, 6, 6]), (3, [40, 40, 6, 6])]}, categories=(2, 3, 4))
+    gt["images"] += more["images"]
+    gt["categories"] = make_gt({}, categories=(1, 2, 3, 4))["categories"]
+    for i, ann in enumerate(more["annotations"]):
+        gt["annotations"].append({**ann, "id": 200 + i})
+    dets += [det(2, [10, 10, 6, 6], 0.5, 2), det(2, [90, 90, 6, 6], 0.5, 3)]
+    dets += [det(2, [40, 40, 6, 6], 0.5, 4)]
+    m = evaluation.evaluate(gt, dets, backend=backend)
+    assert m["oLRP"] == pytest.approx((0.75 + 0 + 1) / 3)
+    assert m["oLRP_loc"] == pytest.approx((0.25 + 0) / 2)
+    assert m["oLRP_FP"] == pytest.approx((1 / 3 + 0) / 2)
+    assert m["oLRP_FN"] == pytest.approx((1 / 3 + 0 + 1) / 3)
+    pc = m["per_class"]
+    assert [pc["class2"][k] for k in coco_tiny.LRP_KEYS] == [0.0, 0.0, 0.0, 0.0]
+    assert [pc["class3"][k] for k in coco_tiny.LRP_KEYS] == [1.0, -1.0, -1.0, 1.0]
+    assert [pc["class4"][k] for k in coco_tiny.LRP_KEYS] == [-1.0] * 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_olrp_perfect_and_no_detections(backend):
+    gt = make_gt({1: [(1, [10, 10, 20, 20]), (1, [40, 40, 5, 6])], 2: [(1, [0, 0, 12, 9])]})
+    perfect = [det(a["image_id"], a["bbox"], 0.9) for a in gt["annotations"]]
+    m = evaluation.evaluate(gt, perfect, backend=backend)
+    assert [m[k] for k in coco_tiny.LRP_KEYS] == [0.0, 0.0, 0.0, 0.0]
+    m = evaluation.evaluate(gt, [], backend=backend)
+    assert (m["oLRP"], m["oLRP_FN"]) == (1.0, 1.0)
+    assert (m["oLRP_loc"], m["oLRP_FP"]) == (-1.0, -1.0)  # undefined without a TP
+
+
+def test_fast_backend_equals_pycocotools_lrp_arrays():
+    gt, dets = random_set(3, num_images=12, num_dets=120)
+    g, _ = results.load_ground_truth(gt)
+    d = results.load_detections(dets, g)
+    arrays = [
+        coco_tiny.run_cocoeval(
+            g,
+            d,
+            area_ranges=coco_tiny.AITOD_AREA_RANGES,
+            max_dets=coco_tiny.AITOD_MAX_DETS,
+            backend=b,
+            lrp_areas=tuple(coco_tiny.AITOD_AREA_RANGES),
+        )
+        for b in BACKENDS
+    ]
+    olrp = arrays[0].lrp["oLRP"]
+    assert ((olrp > 0) & (olrp < 1)).sum() >= 10  # most entries are non-trivial
+    for key in arrays[0].lrp:
+        np.testing.assert_allclose(
+            arrays[0].lrp[key], arrays[1].lrp[key], atol=1e-12, equal_nan=True, err_msg=key
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ar_at_300(backend):
+    # Three exact detections ranked 100th, 300th and 1,000th among far false positives: recall 1/3
+    # within the top 100, 2/3 within 300, 1 within 1,500 (at every IoU threshold).
+    gt = make_gt({1: [(1, [0, 0, 4, 4]), (1, [10, 0, 4, 4]), (1, [20, 0, 4, 4])]})
+    rng = np.random.default_rng(0)
+    boxes = [[float(x), float(y), 3.0, 3.0] for x, y in rng.uniform(30, 120, (1000, 2))]
+    for rank, g in zip((99, 299, 999), gt["annotations"]):
+        boxes[rank] = g["bbox"]
+    dets = [det(1, b, (1000 - i) / 1000) for i, b in enumerate(boxes)]
+    m = evaluation.evaluate(gt, dets, backend=backend)
+    assert m["AR@1"] == 0.0
+    assert m["AR@100"] == pytest.approx(1 / 3)
+    assert m["AR@300"] == pytest.approx(2 / 3)
+    assert m["AR@1500"] == pytest.approx(1.0)
+    assert "maxDets= 300 ] = 0.667" in "\n".join(m["summary"])

@@ -1,5 +1,6 @@
 """Faster R-CNN: RoIAlign (against a plain-loop bilinear reference), level choice, balanced
-sampling, RPN targets and proposals, RoI sampling, the box-head loss and post-processing."""
+sampling, RPN targets and proposals (per level, as mmdetection), RoI sampling, the box-head loss
+and post-processing, and a train step."""
 
 import math
 
@@ -8,13 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dfrdet_jax import steps
+from dfrdet_jax.models import registry
+from dfrdet_jax.models.detectors import normalize_images
 from dfrdet_jax.models.heads import faster_rcnn, roi_head, rpn
 from dfrdet_jax.ops import boxes as boxes_ops
 from dfrdet_jax.ops import roi_align, sampling
 
 # The RPN's proposal settings of configs/faster_rcnn_r18.py and the NMS settings of
 # dfrdet_jax/base_config.py, where a test does not set its own.
-PROPOSALS = dict(pre_nms_top_k=2000, min_size=0.0, box_weights=faster_rcnn.RPN_BOX_WEIGHTS)
+PROPOSALS = dict(
+    pre_nms_top_k_per_level=2000, min_size=0.0, box_weights=faster_rcnn.RPN_BOX_WEIGHTS
+)
 NMS = dict(score_threshold=0.05, iou_threshold=0.5)
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +188,7 @@ def test_rpn_proposals_decode_clip_and_suppress():
         logits,
         deltas,
         jnp.asarray(anchors),
+        (4,),
         jnp.array([48, 52]),
         post_nms_top_k=4,
         nms_iou=0.5,
@@ -194,12 +201,78 @@ def test_rpn_proposals_decode_clip_and_suppress():
         logits,
         deltas,
         jnp.asarray(anchors),
+        (4,),
         jnp.array([48, 52]),
         post_nms_top_k=4,
         nms_iou=0.5,
         **{**PROPOSALS, "min_size": 9.5},
     )
     assert int(np.asarray(valid).sum()) == 2  # the clipped 7 x 8 px proposal is too small
+
+
+def _square(x, y, side=8.0):
+    return [x, y, x + side, y + side]
+
+
+def test_rpn_proposals_take_the_top_k_of_each_level():
+    # Three levels of 6, 2 and 1 anchors, none overlapping. Every anchor of the fine level
+    # scores above the coarse ones: one top-2 (or top-4) over all levels would keep only fine
+    # anchors; mmdetection's per-level top-2 keeps the 2 best of each (the 1 of the last), all
+    # survive NMS, and the 8 output slots hold them best first, then 3 padding slots.
+    anchors = np.array([_square(20.0 * i, 0.0) for i in range(9)], np.float32)
+    logits = jnp.array([5.0, 3.0, 4.0, 2.5, 2.0, 1.5, 0.5, 1.0, 0.2])
+    assert set(np.argsort(-np.asarray(logits))[:4]) <= set(range(6))  # the global top-4
+    proposals = jax.jit(
+        lambda logits: rpn.rpn_proposals(
+            logits,
+            jnp.zeros((9, 4)),
+            jnp.asarray(anchors),
+            (6, 2, 1),
+            jnp.array([100, 200]),
+            pre_nms_top_k_per_level=2,
+            post_nms_top_k=8,
+            nms_iou=0.7,
+            min_size=0.0,
+            box_weights=faster_rcnn.RPN_BOX_WEIGHTS,
+        )
+    )
+    boxes, scores, valid = proposals(logits)
+    assert boxes.shape == (8, 4) and scores.shape == (8,) and valid.shape == (8,)
+    kept = [0, 2, 7, 6, 8]  # logits 5, 4 (fine), 1, 0.5 (coarse), 0.2 (coarsest)
+    assert np.asarray(valid).tolist() == [True] * 5 + [False] * 3
+    np.testing.assert_allclose(boxes[:5], anchors[kept])
+    np.testing.assert_allclose(scores[:5], jax.nn.sigmoid(logits[np.array(kept)]), rtol=1e-6)
+    assert not np.asarray(boxes[5:]).any() and not np.asarray(scores[5:]).any()
+
+
+def test_rpn_proposals_suppress_within_a_level_only():
+    # mmcv's batched_nms with the level as the id: the same box on two levels survives twice;
+    # an overlapping one (IoU 225 / 287 = 0.78 > 0.7) on the same level is suppressed.
+    anchors = jnp.array([[0, 0, 16, 16], [1, 1, 17, 17], [0, 0, 16, 16]], jnp.float32)
+    boxes, scores, valid = rpn.rpn_proposals(
+        jnp.array([3.0, 2.0, 1.0]),
+        jnp.zeros((3, 4)),
+        anchors,
+        (2, 1),
+        jnp.array([64, 64]),
+        post_nms_top_k=3,
+        nms_iou=0.7,
+        **PROPOSALS,
+    )
+    assert np.asarray(valid).tolist() == [True, True, False]
+    np.testing.assert_allclose(boxes[:2], [[0, 0, 16, 16], [0, 0, 16, 16]])
+    np.testing.assert_allclose(scores[:2], jax.nn.sigmoid(jnp.array([3.0, 1.0])), rtol=1e-6)
+    with pytest.raises(ValueError, match="do not add up to the 3 anchors"):
+        rpn.rpn_proposals(
+            jnp.zeros(3),
+            jnp.zeros((3, 4)),
+            anchors,
+            (2, 2),
+            jnp.array([64, 64]),
+            post_nms_top_k=3,
+            nms_iou=0.7,
+            **PROPOSALS,
+        )
 
 
 def test_rpn_loss_by_hand():
@@ -303,3 +376,30 @@ def test_roi_postprocess_moves_the_proposal_by_its_class_deltas():
     np.testing.assert_allclose(np.asarray(dets.boxes[0, 0]), [12, 5, 32, 25], rtol=1e-5)
     p = math.exp(5) / (math.exp(5) + 2 * math.exp(-5))
     np.testing.assert_allclose(float(dets.scores[0, 0]), p, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole detector.
+
+
+def test_a_smoke_train_step_is_finite_and_inference_keeps_the_test_proposals(
+    smoke_config, make_batch
+):
+    config = smoke_config("bnn", "faster_rcnn")
+    f = config.faster_rcnn
+    assert f.rpn_post_nms_top_k_test != f.roi_num_samples  # the shapes below tell them apart
+    model = registry.build_model(config, num_classes=3)
+    state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 1)
+    batch = make_batch()
+    _, metrics = jax.jit(steps.make_train_step(config, model, 1))(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["num_rpn_positive"]) > 0
+    outputs = jax.eval_shape(
+        lambda: model.apply(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            normalize_images(batch["image"]),
+            train=False,
+            **registry.apply_kwargs(config, batch, train=False),
+        )
+    )
+    assert outputs["proposals"].shape == (2, f.rpn_post_nms_top_k_test, 4)
+    assert outputs["roi_cls_logits"].shape == (2, f.rpn_post_nms_top_k_test, 4)

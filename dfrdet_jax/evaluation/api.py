@@ -21,7 +21,8 @@ def evaluate(
       gt: COCO ground truth, a JSON path or a dict (not modified).
       detections: COCO results (image_id, category_id, bbox [x, y, w, h] in original-image px,
         score), a JSON path or a list of dicts; an empty list scores 0.
-      protocol: 'aitod' (AP, AP50, AP75, AP_vt/t/s/m, AR@1/100/1500, AR_vt/t/s/m),
+      protocol: 'aitod' (AP, AP50, AP75, AP_vt/t/s/m, AR@1/100/300/1500, AR_vt/t/s/m, and
+        the official evaluator's oLRP, oLRP_loc, oLRP_FP, oLRP_FN: lower is better),
         'tinyperson' (AP{25,50,75}_{all,tiny,tiny1,tiny2,tiny3,small,reasonable}, AR{25,50,75}_*,
         MR{25,50,75}_{tiny1,tiny2,tiny3,tiny,small,all}), 'dota' (VOC mAP50 after merging
         tile predictions with class-wise NMS) or 'dota_aitod' (the paper's Table 3: the same

@@ -9,6 +9,13 @@ when there are none (COCO's convention).
 
 Area ranges are inclusive at both ends as in the official AI-TOD COCO API, so a box of
 exactly 8x8 px counts as both very tiny and tiny.
+
+Beyond COCO's AP/AR, AI-TOD's official evaluator (the aitodpycocotools fork,
+github.com/jwwangchn/cocoapi-aitod @ 44a230a, aitodpycocotools/aitodpycocotools/cocoeval.py) also
+reports the optimal Localisation-Recall-Precision error (oLRP, Oksuz et al., ECCV 2018) and its
+localisation, FP and FN parts, and mmdet-aitod (github.com/Chasel-Tsui/mmdet-aitod @ e3e5671,
+mmdet-nwdrka/mmdet/datasets/aitod.py) reports AR at 100, 300 and 1,500 detections. Both are
+here: ``lrp_areas`` of ``run_cocoeval`` and the AR@300 of ``AITOD_MAX_DETS``.
 """
 
 from __future__ import annotations
@@ -30,9 +37,23 @@ AITOD_AREA_RANGES = {
     "s": (16.0**2, 32.0**2),
     "m": (32.0**2, 1e5**2),
 }
-AITOD_MAX_DETS = (1, 100, 1500)
+# COCOeval's maxDets. The official AI-TOD Params use (1, 100, 1500) (cocoeval.py line 688);
+# mmdet-aitod sets (100, 300, 1500) and reports AR@100/300/1500 (aitod.py lines 29, 112, 124-126).
+# The union: each maxDets value is scored independently of the others (matching always keeps the
+# largest, 1,500), so adding 300 leaves every other number unchanged.
+AITOD_MAX_DETS = (1, 100, 300, 1500)
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 _AREA_NAMES = {"all": "all", "vt": "verytiny", "t": "tiny", "s": "small", "m": "medium"}
+# oLRP and its parts as the official summary reports them (cocoeval.py lines 617-636: stats
+# 15-18, each at IoU 0.5, area 'all' and the largest maxDets), with mmdet-aitod's row titles;
+# 'oLRP_thr' (the class-wise LRP-optimal score thresholds, printed by lines 637-641) stays in
+# CocoArrays.lrp.
+LRP_KEYS = {
+    "oLRP": "Optimal LRP",
+    "oLRP_loc": "Optimal LRP Loc",
+    "oLRP_FP": "Optimal LRP FP",
+    "oLRP_FN": "Optimal LRP FN",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +66,11 @@ class CocoArrays:
     category_ids: list[int]  # [K]
     area_labels: list[str]  # [A]
     max_dets: list[int]  # [M]
+    # {'oLRP', 'oLRP_loc', 'oLRP_FP', 'oLRP_FN', 'oLRP_thr'}: [K, A] at the largest maxDets and
+    # the first IoU threshold, as the official eval['olrp'...][:, :, -1]: -1 where the category
+    # has no ground truth in the area range (or the area was not in lrp_areas), NaN where the
+    # official code leaves the part undefined (loc, FP and threshold when no detection is a TP).
+    lrp: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def mean(self, kind: str, iou=None, area="all", max_det=None, category=None) -> float:
         """COCO mean of precision ('ap') or recall ('ar') entries > -1, else -1.
@@ -66,6 +92,16 @@ class CocoArrays:
         else:
             values = self.recall[t, k, a, m]
         values = np.asarray(values)[np.asarray(values) > -1]
+        return float(values.mean()) if values.size else -1.0
+
+    def lrp_mean(self, name: str, area="all", category=None) -> float:
+        """Official mean of an oLRP part over categories: NaN entries dropped, then the mean of
+        entries > -1, else -1 (cocoeval.py lines 571-576)."""
+        values = np.asarray(self.lrp[name][:, self.area_labels.index(area)])
+        if category is not None:
+            values = values[category : category + 1]
+        values = values[~np.isnan(values)]
+        values = values[values > -1]
         return float(values.mean()) if values.size else -1.0
 
 
@@ -90,11 +126,14 @@ def run_cocoeval(
     max_dets: tuple[int, ...],
     iou_thresholds: np.ndarray = COCO_IOU_THRESHOLDS,
     backend: str = "faster_coco_eval",
+    lrp_areas: tuple[str, ...] = (),
 ) -> CocoArrays:
     """COCOeval ('bbox') of validated ``detections`` against validated ``gt`` (results module).
 
     Ground-truth annotations with iscrowd=1 are ignore regions: COCOeval scores their overlap as
     intersection over detection area and ignores detections that reach the IoU threshold.
+    ``lrp_areas``: area labels whose oLRP arrays (CocoArrays.lrp) to compute from the same
+    per-image matching (``_lrp_arrays``); none by default.
     """
     coco_cls, eval_cls = _cocoeval_classes(backend)
     coco_gt, coco_dt = results.build_coco_pair(coco_cls, gt, detections)
@@ -102,6 +141,9 @@ def run_cocoeval(
         evaluator = eval_cls(coco_gt, coco_dt, "bbox")
         if backend == "faster_coco_eval":
             evaluator.print_function = lambda *args, **kwargs: None
+            # Keep the per-image evaluations (the same C++ EvaluateImages then Accumulate as the
+            # one-call path, so the same arrays) for oLRP to read.
+            evaluator.separate_eval = bool(lrp_areas)
         params = evaluator.params
         params.imgIds = sorted(img["id"] for img in gt["images"])
         params.catIds = sorted(cat["id"] for cat in gt["categories"])
@@ -118,7 +160,130 @@ def run_cocoeval(
         category_ids=list(params.catIds),
         area_labels=list(area_ranges),
         max_dets=list(max_dets),
+        lrp=_lrp_arrays(evaluator, backend, list(area_ranges), lrp_areas) if lrp_areas else {},
     )
+
+
+# oLRP (Oksuz et al., "Localization Recall Precision (LRP): A New Performance Metric for Object
+# Detection", ECCV 2018) exactly as the official AI-TOD evaluator computes it. References are to
+# aitodpycocotools/aitodpycocotools/cocoeval.py at jwwangchn/cocoapi-aitod@44a230a:
+#   * evaluateImg (lines 250-335) keeps, per image and category, each detection's IoU with the
+#     ground truth it matched (dtIoUs, line 315); nothing else of the matching changes.
+#   * accumulate(with_lrp=True) (lines 458-491), per category k, area range a and maxDets m, from
+#     the detections of every image concatenated (each image's top maxDet) and stably sorted by
+#     score (lines 395-411), at the FIRST IoU threshold only (tps[0], fps[0], dtIoU[0]; tau =
+#     iouThrs[0] = 0.5): with cumulative counts N_TP, N_FP and N_FN = npig - N_TP after every
+#     rank (ignored detections count as neither TP nor FP), and loc = N_TP - sum of TP IoUs,
+#       LRP = (loc / (1 - tau) + N_FP + N_FN) / (N_TP + N_FP + N_FN),
+#     oLRP = min over ranks (np.argmin: the first minimum); at that rank oLRP_loc = loc / N_TP
+#     (the mean 1 - IoU of the TPs, NOT divided by 1 - tau), oLRP_FP = N_FP / (N_TP + N_FP),
+#     oLRP_FN = N_FN / npig and the threshold is that detection's score. No detection, or no TP
+#     among them: oLRP = oLRP_FN = 1 and loc, FP, threshold NaN. No ground truth (npig = 0, or
+#     no image with ground truth or detections): -1, the entry is skipped (lines 393-416).
+#   * summarize (lines 545-580, 617-636) reports area 'all' at maxDets[2] (1,500): the mean over
+#     categories after dropping NaN, of the entries > -1 (else -1). mmdet-aitod's class-wise
+#     oLRP is the same entry [k, 0, -1] (aitod.py lines 196-228).
+# Both backends supply the per-image matching their own COCOeval already made (nothing is
+# re-matched here) and the accumulation below is shared, so they agree.
+
+
+def _pycocotools_images(evaluator, k: int, a: int):
+    """(scores, tp, fp, tp_iou, npig) per image from pycocotools' evalImgs [K, A, I] and ious."""
+    p = evaluator.params
+    cat_id, num_images = p.catIds[k], len(p.imgIds)
+    base = (k * len(p.areaRng) + a) * num_images
+    for i, img_id in enumerate(p.imgIds):
+        e = evaluator.evalImgs[base + i]
+        if e is None:  # no ground truth and no detection of this category in the image
+            continue
+        matches = np.asarray(e["dtMatches"], np.float64).reshape(len(p.iouThrs), -1)[0]
+        ignored = np.asarray(e["dtIgnore"], bool).reshape(len(p.iouThrs), -1)[0]
+        tp = (matches != 0) & ~ignored
+        tp_iou = np.zeros(matches.shape)
+        if tp.any():  # IoU of each TP with its ground truth: computeIoU's [detection, gt] matrix
+            column = {g["id"]: j for j, g in enumerate(evaluator._gts[img_id, cat_id])}
+            ious = evaluator.ious[img_id, cat_id]
+            for d in np.flatnonzero(tp):
+                tp_iou[d] = ious[d, column[int(matches[d])]]
+        npig = int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0))
+        yield np.asarray(e["dtScores"], np.float64), tp, (matches == 0) & ~ignored, tp_iou, npig
+
+
+def _faster_coco_eval_images(evaluator, k: int, a: int):
+    """The same from faster_coco_eval's per-image C++ evaluations (separate_eval=True).
+
+    Each ImageEvaluation pickles (faster_eval_api.cpp) to (detection_matches [T*D] gt ids,
+    ground_truth_matches, detection_scores [D], ground_truth_ignores [G], detection_ignores
+    [T*D], matched_annotations [(dt_id, gt_id, iou)] appended threshold by threshold, detection
+    by detection (cocoeval.cpp MatchDetectionsToGroundTruth)), so the first matches listed are
+    those at the first IoU threshold, in detection order.
+    """
+    p = evaluator.params
+    num_images = len(p.imgIds)
+    base = (k * len(p.areaRng) + a) * num_images
+    for i in range(num_images):
+        state = evaluator._evalImgs_cpp[base + i].__getstate__()
+        dt_matches, _, scores, gt_ignores, dt_ignores, matched = state
+        num_dets = len(scores)
+        matches = np.asarray(dt_matches[:num_dets], np.float64)
+        ignored = np.asarray(dt_ignores[:num_dets], bool)
+        tp = (matches != 0) & ~ignored
+        tp_iou = np.zeros(num_dets)
+        if tp.any():
+            first = np.flatnonzero(matches != 0)
+            pairs = matched[: first.size]
+            if [gt_id for _, gt_id, _ in pairs] != matches[first].astype(np.int64).tolist():
+                raise RuntimeError(
+                    "faster_coco_eval's per-image evaluation layout is not the one oLRP expects "
+                    "(score with backend='pycocotools')"
+                )
+            tp_iou[first] = [iou for _, _, iou in pairs]
+            tp_iou[~tp] = 0.0
+        npig = int(np.count_nonzero(~np.asarray(gt_ignores, bool)))
+        yield np.asarray(scores, np.float64), tp, (matches == 0) & ~ignored, tp_iou, npig
+
+
+def _olrp(images, max_det: int, tau: float) -> tuple[float, float, float, float, float]:
+    """(oLRP, loc, FP, FN, threshold) of one category and area range (accumulate, 393-491)."""
+    images = list(images)
+    npig = sum(image[4] for image in images)
+    if npig == 0:
+        return (-1.0,) * 5
+    scores = np.concatenate([s[:max_det] for s, *_ in images])
+    order = np.argsort(-scores, kind="mergesort")
+    tps = np.concatenate([tp[:max_det] for _, tp, *_ in images])[order]
+    fps = np.concatenate([fp[:max_det] for _, _, fp, *_ in images])[order]
+    tp_iou = np.concatenate([iou[:max_det] for *_, iou, _ in images])[order]
+    if tps.size == 0 or not tps.any():  # no detection, or no TP among them
+        return 1.0, np.nan, np.nan, 1.0, np.nan
+    tp_num = np.cumsum(tps)
+    fp_num = np.cumsum(fps)
+    fn_num = npig - tp_num
+    total_loc = tp_num - np.cumsum(tp_iou * tps)
+    lrps = (total_loc / (1 - tau) + fp_num + fn_num) / (tp_num + fp_num + fn_num)
+    best = int(np.argmin(lrps))
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 -> NaN, as the official code
+        loc = total_loc[best] / tp_num[best]
+        fp_part = fp_num[best] / (tp_num[best] + fp_num[best])
+    return (
+        float(lrps[best]),
+        float(loc),
+        float(fp_part),
+        float(fn_num[best] / npig),
+        float(scores[order][best]),
+    )
+
+
+def _lrp_arrays(evaluator, backend: str, area_labels: list[str], lrp_areas) -> dict:
+    """CocoArrays.lrp: the official oLRP arrays [K, A] at the largest maxDets."""
+    p = evaluator.params
+    images_of = _pycocotools_images if backend == "pycocotools" else _faster_coco_eval_images
+    parts = np.full((5, len(p.catIds), len(area_labels)), -1.0)
+    for area in lrp_areas:
+        a = area_labels.index(area)
+        for k in range(len(p.catIds)):
+            parts[:, k, a] = _olrp(images_of(evaluator, k, a), p.maxDets[-1], p.iouThrs[0])
+    return dict(zip(("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN", "oLRP_thr"), parts))
 
 
 def _aitod_metrics(arrays: CocoArrays, category=None) -> dict[str, float]:
@@ -134,6 +299,9 @@ def _aitod_metrics(arrays: CocoArrays, category=None) -> dict[str, float]:
         metrics[f"AR@{max_det}"] = arrays.mean("ar", max_det=max_det, category=category)
     for area in ("vt", "t", "s", "m"):
         metrics[f"AR_{area}"] = arrays.mean("ar", area=area, category=category)
+    if arrays.lrp:
+        for key in LRP_KEYS:
+            metrics[key] = arrays.lrp_mean(key, category=category)
     return metrics
 
 
@@ -154,17 +322,31 @@ def summary_lines(arrays: CocoArrays) -> list[str]:
             f" {title} @[ IoU={iou_text:<9} | area={_AREA_NAMES[area]:>8s} | "
             f"maxDets={max_det:>4d} ] = {value:0.3f}"
         )
+    if arrays.lrp:
+        iou_text = f"{arrays.iou_thresholds[0]:0.2f}"
+        for key, title in LRP_KEYS.items():
+            lines.append(
+                f" {title:<23s} @[ IoU={iou_text:<9} | area={_AREA_NAMES['all']:>8s} | "
+                f"maxDets={last:>4d} ] = {arrays.lrp_mean(key):0.3f}"
+            )
     return lines
 
 
 def evaluate_aitod(gt: dict, detections: list[dict], backend: str = "faster_coco_eval") -> dict:
-    """AI-TOD metrics: flat headline floats, 'per_class' {name: metrics} and 'summary' lines."""
+    """AI-TOD metrics: flat headline floats, 'per_class' {name: metrics} and 'summary' lines.
+
+    Headline keys: AP, AP50, AP75, AP_vt/t/s/m and AR_vt/t/s/m (at 1,500 detections), AR@1,
+    AR@100, AR@300, AR@1500, and oLRP, oLRP_loc, oLRP_FP, oLRP_FN (area 'all', IoU 0.5, 1,500
+    detections; lower is better; -1 where undefined: a category with no ground truth, or, for
+    loc and FP, with no TP).
+    """
     arrays = run_cocoeval(
         gt,
         detections,
         area_ranges=AITOD_AREA_RANGES,
         max_dets=AITOD_MAX_DETS,
         backend=backend,
+        lrp_areas=("all",),
     )
     names = {cat["id"]: cat.get("name", str(cat["id"])) for cat in gt["categories"]}
     per_class = {

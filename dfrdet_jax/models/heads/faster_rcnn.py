@@ -48,8 +48,11 @@ class FasterRCNNHead(nn.Module):
     rpn_positive_iou, rpn_negative_iou: the RPN's matching thresholds.
     rpn_num_samples, rpn_positive_fraction: anchors drawn per image, and their positive share at
       most.
-    rpn_pre_nms_top_k, rpn_post_nms_top_k, rpn_nms_iou, rpn_min_size: proposals (see
-      ``rpn.rpn_proposals``).
+    rpn_pre_nms_top_k_per_level_train, rpn_post_nms_top_k_train: proposals while training (the
+      RoIs are drawn from them).
+    rpn_pre_nms_top_k_per_level_test, rpn_post_nms_top_k_test: proposals at inference (the box
+      head classifies each).
+    rpn_nms_iou, rpn_min_size: both (see ``rpn.rpn_proposals``).
     roi_num_samples, roi_positive_fraction, roi_positive_iou, roi_negative_iou: RoI sampling
       (see ``roi_head.sample_rois``).
     roi_output_size, roi_sampling_ratio, roi_canonical_level: RoIAlign and the level an RoI is
@@ -70,8 +73,10 @@ class FasterRCNNHead(nn.Module):
     rpn_negative_iou: float
     rpn_num_samples: int
     rpn_positive_fraction: float
-    rpn_pre_nms_top_k: int
-    rpn_post_nms_top_k: int
+    rpn_pre_nms_top_k_per_level_train: int
+    rpn_post_nms_top_k_train: int
+    rpn_pre_nms_top_k_per_level_test: int
+    rpn_post_nms_top_k_test: int
     rpn_nms_iou: float
     rpn_min_size: float
     roi_num_samples: int
@@ -103,8 +108,10 @@ class FasterRCNNHead(nn.Module):
             rpn_negative_iou=f.rpn_negative_iou,
             rpn_num_samples=f.rpn_num_samples,
             rpn_positive_fraction=f.rpn_positive_fraction,
-            rpn_pre_nms_top_k=f.rpn_pre_nms_top_k,
-            rpn_post_nms_top_k=f.rpn_post_nms_top_k,
+            rpn_pre_nms_top_k_per_level_train=f.rpn_pre_nms_top_k_per_level_train,
+            rpn_post_nms_top_k_train=f.rpn_post_nms_top_k_train,
+            rpn_pre_nms_top_k_per_level_test=f.rpn_pre_nms_top_k_per_level_test,
+            rpn_post_nms_top_k_test=f.rpn_post_nms_top_k_test,
             rpn_nms_iou=f.rpn_nms_iou,
             rpn_min_size=f.rpn_min_size,
             roi_num_samples=f.roi_num_samples,
@@ -130,30 +137,41 @@ class FasterRCNNHead(nn.Module):
         Returns 'rpn_logits' [B, A], 'rpn_deltas' [B, A, 4], 'roi_cls_logits' [B, R, C + 1],
         'roi_deltas' [B, R, C, 4]; training adds 'rpn_targets' and 'roi_targets' (dicts of
         ``rpn_targets`` / ``sample_rois``), inference 'proposals' [B, R, 4] and
-        'proposal_valid' [B, R], R = the configured number of RoIs / kept proposals.
+        'proposal_valid' [B, R], R = the configured number of RoIs (training) / kept
+        proposals (inference, ``rpn_post_nms_top_k_test``).
         """
         batch = levels[0].shape[0]
         input_hw = (levels[0].shape[1] * self.strides[0], levels[0].shape[2] * self.strides[0])
         targets = targets or {}
         image_hw = targets.get("image_hw", jnp.tile(jnp.asarray(input_hw, jnp.int32), (batch, 1)))
         anchors = jnp.asarray(self.anchors([x.shape[1:3] for x in levels]))
+        per_cell = anchors_ops.anchors_per_cell(self.rpn_scales_per_octave, self.rpn_aspect_ratios)
 
         outputs = rpn.RPNHead(
-            anchors_ops.anchors_per_cell(self.rpn_scales_per_octave, self.rpn_aspect_ratios),
+            per_cell,
             self.width,
             self.binary,
             self.dtype,
             name="rpn",
         )(levels, train)
         training = train and "boxes" in targets
+        # mmdetection's train_cfg.rpn_proposal while training, its test_cfg.rpn otherwise.
+        if training:
+            pre_nms, post_nms = (
+                self.rpn_pre_nms_top_k_per_level_train,
+                self.rpn_post_nms_top_k_train,
+            )
+        else:
+            pre_nms, post_nms = self.rpn_pre_nms_top_k_per_level_test, self.rpn_post_nms_top_k_test
         proposals, _, proposal_valid = jax.vmap(
             lambda logits, deltas, hw: rpn.rpn_proposals(
                 logits,
                 deltas,
                 anchors,
+                tuple(per_cell * x.shape[1] * x.shape[2] for x in levels),
                 hw,
-                pre_nms_top_k=self.rpn_pre_nms_top_k,
-                post_nms_top_k=self.rpn_post_nms_top_k,
+                pre_nms_top_k_per_level=pre_nms,
+                post_nms_top_k=post_nms,
                 nms_iou=self.rpn_nms_iou,
                 min_size=self.rpn_min_size,
                 box_weights=RPN_BOX_WEIGHTS,
@@ -291,10 +309,14 @@ def _validate(config) -> None:
     for stage in ("rpn", "roi"):
         names = (f"{stage}_negative_iou", f"{stage}_positive_iou")
         matcher.check_iou_thresholds(f[names[0]], f[names[1]], "config.faster_rcnn", names)
-    if f.roi_num_samples > f.rpn_post_nms_top_k:
+    for stage in ("train", "test"):
+        for name in (f"rpn_pre_nms_top_k_per_level_{stage}", f"rpn_post_nms_top_k_{stage}"):
+            if f[name] < 1:
+                raise ValueError(f"config.faster_rcnn.{name}={f[name]} must be at least 1")
+    if f.roi_num_samples > f.rpn_post_nms_top_k_train:
         raise ValueError(
             f"config.faster_rcnn.roi_num_samples={f.roi_num_samples} exceeds the proposals it "
-            f"is drawn from (rpn_post_nms_top_k={f.rpn_post_nms_top_k})"
+            f"is drawn from (rpn_post_nms_top_k_train={f.rpn_post_nms_top_k_train})"
         )
     anchors_ops.anchor_shapes(
         4, f.rpn_octave_base_scale, f.rpn_scales_per_octave, tuple(f.rpn_aspect_ratios)

@@ -1,5 +1,6 @@
 """Region proposal network (Ren et al. 2015) over an FPN: objectness and box deltas per anchor,
-its training targets and loss, and proposals (top-k, decode, clip, NMS) with static shapes.
+its training targets and loss, and proposals (top-k and NMS per level, as mmdetection) with static
+shapes.
 
 The RPN conv is a tower unit (binary in 1-bit variants); the two prediction convs stay real.
 Outputs are flattened in the order of ``anchors.anchor_grid``.
@@ -12,6 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dfrdet_jax.losses import smooth_l1
@@ -132,38 +134,79 @@ def rpn_proposals(
     logits: Array,
     deltas: Array,
     anchors: Array,
+    level_sizes: Sequence[int],
     image_hw: Array,
     *,
-    pre_nms_top_k: int,
+    pre_nms_top_k_per_level: int,
     post_nms_top_k: int,
     nms_iou: float,
     min_size: float,
     box_weights: Sequence[float],
 ) -> tuple[Array, Array, Array]:
-    """Proposals of one image: the ``pre_nms_top_k`` anchors of highest objectness, decoded and
-    clipped to the valid region ``image_hw`` (h, w), those with both sides > ``min_size`` px,
-    class-agnostic NMS at ``nms_iou``, at most ``post_nms_top_k`` kept.
+    """Proposals of one image, as mmdetection's RPN: of each level, the
+    ``pre_nms_top_k_per_level`` anchors of highest objectness (all of a level that has fewer),
+    decoded and clipped to the valid region ``image_hw`` (h, w), those with both sides >
+    ``min_size`` px, NMS at ``nms_iou`` within each level (a level's proposals never suppress
+    another's); of every level's kept proposals, the ``post_nms_top_k`` of highest objectness.
 
-    Args: logits float [A], deltas float [A, 4], anchors float [A, 4] xyxy px.
+    This is mmdetection's ``RPNHead._get_bboxes_single`` (2.x; ``_predict_by_feat_single`` and
+    ``_bbox_post_process`` in 3.x), mmdet/models/dense_heads/rpn_head.py: per level
+    ``scores.sort(descending=True)[:nms_pre]``, then ``batched_nms(proposals, scores, level_ids,
+    cfg.nms)`` (mmcv's batched NMS: boxes of different ids never suppress each other) and
+    ``dets[:max_per_img]``. One top-k over all levels makes the levels compete for the
+    candidates, and one of them (P2, with most anchors and the tiny objects, or a coarser level
+    scoring higher) can take them all; per level, every level keeps candidates of its own. The
+    levels' NMS runs as one vmapped NMS over [L, k] candidates, k = min(pre_nms_top_k_per_level,
+    the largest level), a smaller level padded with candidates that are never kept.
+
+    Args: logits float [A], deltas float [A, 4], anchors float [A, 4] xyxy px, level_sizes: the
+    anchors of each level (static, in the order of A; summing to A), image_hw int [2].
     Returns (boxes float32 [post_nms_top_k, 4], objectness float32 [post_nms_top_k] (sigmoid),
     valid bool [post_nms_top_k]), best first; no gradient flows through them.
     """
+    if sum(level_sizes) != logits.shape[0]:
+        raise ValueError(
+            f"rpn_proposals: level_sizes {tuple(level_sizes)} do not add up to the "
+            f"{logits.shape[0]} anchors"
+        )
     logits, deltas = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas)
-    k = min(pre_nms_top_k, logits.shape[0])
-    top, index = jax.lax.top_k(logits, k)
+    k = min(pre_nms_top_k_per_level, max(level_sizes))
+    top, index, real = [], [], []
+    for start, size in zip(np.cumsum((0, *level_sizes[:-1])), level_sizes):
+        level_k = min(k, size)
+        level_top, level_index = jax.lax.top_k(logits[start : start + size], level_k)
+        top.append(jnp.pad(level_top, (0, k - level_k), constant_values=-jnp.inf))
+        index.append(jnp.pad(level_index + start, (0, k - level_k)))
+        real.append(np.arange(k) < level_k)
+    top, index = jnp.stack(top), jnp.stack(index)  # [L, k]
     boxes = boxes_ops.delta_decode(anchors[index], deltas[index], box_weights)
     boxes = boxes_ops.clip_boxes(
         boxes, image_hw[0].astype(jnp.float32), image_hw[1].astype(jnp.float32)
     )
-    big_enough = ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
-    kept = nms.class_wise_nms(
-        boxes,
-        jax.nn.sigmoid(top),
-        jnp.zeros((k,), jnp.int32),
-        big_enough,
-        iou_threshold=nms_iou,
-        score_threshold=-1.0,  # keep every proposal NMS keeps, however unlikely
-        max_detections=post_nms_top_k,
-        pre_nms_top_k=k,
+    big_enough = ((boxes[..., 2] - boxes[..., 0]) > min_size) & (
+        (boxes[..., 3] - boxes[..., 1]) > min_size
     )
-    return kept.boxes, kept.scores, kept.valid
+    # No level contributes more than post_nms_top_k proposals: keep at most that many of each.
+    kept = jax.vmap(
+        lambda level_boxes, level_scores, level_valid: nms.class_wise_nms(
+            level_boxes,
+            level_scores,
+            jnp.zeros((k,), jnp.int32),
+            level_valid,
+            iou_threshold=nms_iou,
+            score_threshold=-1.0,  # keep every proposal NMS keeps, however unlikely
+            max_detections=min(post_nms_top_k, k),
+            pre_nms_top_k=k,
+        )
+    )(boxes, jax.nn.sigmoid(top), big_enough & jnp.asarray(np.stack(real)))
+    # All levels' kept proposals, best first; padded when they are fewer than post_nms_top_k.
+    valid = kept.valid.reshape(-1)
+    scores = kept.scores.reshape(-1)
+    num = min(post_nms_top_k, valid.shape[0])
+    _, order = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), num)
+    pad = post_nms_top_k - num
+    return (
+        jnp.pad(kept.boxes.reshape(-1, 4)[order], ((0, pad), (0, 0))),
+        jnp.pad(scores[order], (0, pad)),
+        jnp.pad(valid[order], (0, pad)),
+    )
