@@ -3,12 +3,13 @@
 The inference network only: the DFR decoder is training-only and left out, and so is the
 optimizer state. Every 1-bit kernel (a ``BinaryConv``/``BinaryDense`` weight, found by tracing
 inference as ``complexity`` does) is stored as its signs, 8 per byte (``np.packbits``; bit 1 means
-+1, sign(0) = +1 as everywhere in dfrdet_jax); for the ``mean`` scale mode its per-channel
-mean|w| is stored beside it, as the layer computes it from the latent weights. Every k-bit
-kernel (an ``LSQConv``/``LSQDense`` weight) is stored as its integer codes
-q = round(clip(w / s_w, q_min, q_max)), k bits each (q - q_min, bit planes packed by
-``np.packbits``), beside its float32 steps. Every other parameter and BatchNorm statistic stays
-float32. The files, in ``workdir/export``:
++1, i.e. w > 0: sign(0) = -1 as everywhere in dfrdet_jax, after the paper); for the ``mean`` scale
+mode its per-channel mean|w| is stored beside it, as the layer computes it from the latent weights;
+for the ``learned`` mode its ``alpha`` is stored as the layer applies it, |alpha| (positive), so
+that a runtime reads the scale directly. Every k-bit kernel (an ``LSQConv``/``LSQDense`` weight) is
+stored as its integer codes q = round(clip(w / s_w, q_min, q_max)), k bits each (q - q_min, bit
+planes packed by ``np.packbits``), beside its float32 steps. Every other parameter and BatchNorm
+statistic stays float32. The files, in ``workdir/export``:
 
   model.npz      arrays by '/'-joined path: 'params/...', 'batch_stats/...', a packed 1-bit kernel
                  as '<path>:bits' (uint8) and, for scale 'mean', '<path>:mean_abs' (float32
@@ -18,7 +19,9 @@ float32. The files, in ``workdir/export``:
 
 ``load_export(directory)`` rebuilds variables that give the checkpoint's detections exactly:
 a packed 1-bit kernel comes back as +-1 (scaled by its mean|w| for the ``mean`` mode), which
-every binary layer maps to the same sign(w) and scale alpha as the latent weights did; a k-bit
+every binary layer maps to the same sign(w) and scale alpha as the latent weights did (a zero
+weight comes back as -1, its sign; an all-zero channel of the ``mean`` mode as zeros, whose sign
+is again -1); a k-bit
 kernel as q * s_w, which its layer quantizes back to the same q.
 """
 
@@ -61,6 +64,12 @@ def _unpack_codes(packed: np.ndarray, step: np.ndarray, shape: list[int], bits: 
     return q.reshape(shape) * step
 
 
+def _is_learned_alpha(path: tuple[str, ...], binary_kernels: dict[tuple[str, ...], str]) -> bool:
+    """Whether ``path`` is the learned ``alpha`` beside a packed 1-bit kernel."""
+    kernel = (*path[:-1], "kernel")
+    return path[-1] == "alpha" and binary_kernels.get(kernel) == "learned"
+
+
 def pack_variables(
     variables: dict[str, Any],
     binary_kernels: dict[tuple[str, ...], str],
@@ -90,9 +99,12 @@ def pack_variables(
                 continue
             scale = binary_kernels.get(path) if collection == "params" else None
             if scale is None:
+                if collection == "params" and _is_learned_alpha(path, binary_kernels):
+                    value = np.abs(value)  # the scale the layer applies (BinaryConv: |alpha|)
                 arrays[name] = value
                 continue
-            arrays[name + BITS_SUFFIX] = np.packbits(value.reshape(-1) >= 0)
+            # Bit 1 for w > 0: the library's sign (layers.sign: -1 for w <= 0).
+            arrays[name + BITS_SUFFIX] = np.packbits(value.reshape(-1) > 0)
             if scale == "mean":
                 reduce_axes = tuple(range(value.ndim - 1))
                 arrays[name + MEAN_ABS_SUFFIX] = np.abs(value).mean(axis=reduce_axes)

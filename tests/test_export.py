@@ -2,27 +2,64 @@
 decoder is left out and the file is as small as the paper counts it."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from dfrdet_jax import complexity, export
+from dfrdet_jax import complexity, export, layers
 from dfrdet_jax.models import registry
 
 
 def test_pack_by_hand():
     kernel = np.array([[0.3, -0.2, 0.0], [-1.0, 2.0, -0.5]], np.float32)  # [c_in 2, c_out 3]
-    variables = {"params": {"fc": {"kernel": kernel, "alpha": np.ones(3)}}}
+    variables = {"params": {"fc": {"kernel": kernel, "alpha": -np.ones(3)}}}
     arrays, packed = export.pack_variables(variables, {("fc", "kernel"): "mean"})
-    # Signs row-major: + - + | - + -  ->  bits 101010 padded to a byte.
-    assert arrays["params/fc/kernel:bits"].tolist() == [0b10101000]
+    # Signs row-major, sign(0) = -1: + - - | - + -  ->  bits 100010 padded to a byte.
+    assert arrays["params/fc/kernel:bits"].tolist() == [0b10001000]
     np.testing.assert_allclose(arrays["params/fc/kernel:mean_abs"], [0.65, 1.1, 0.25])
     assert packed == {"params/fc/kernel": {"shape": [2, 3], "scale": "mean"}}
     restored = export.unpack_variables(arrays, packed)["params"]["fc"]
     np.testing.assert_allclose(
-        restored["kernel"], np.sign(kernel + (kernel == 0)) * [0.65, 1.1, 0.25], rtol=1e-6
+        restored["kernel"], np.where(kernel > 0, 1.0, -1.0) * [0.65, 1.1, 0.25], rtol=1e-6
     )
-    np.testing.assert_array_equal(restored["alpha"], np.ones(3))
+    np.testing.assert_array_equal(restored["alpha"], -np.ones(3))  # not a 'learned' layer's
+    # A learned alpha is stored as the scale the layer applies, |alpha|.
+    arrays, _ = export.pack_variables(variables, {("fc", "kernel"): "learned"})
+    np.testing.assert_array_equal(arrays["params/fc/alpha"], np.ones(3))
+
+
+@pytest.mark.parametrize("layer_type", ["conv", "dense"])
+@pytest.mark.parametrize("scale", ["learned", "mean", "none"])
+def test_export_round_trips_a_kernel_with_exact_zeros(layer_type, scale):
+    """Exact zeros in the latent kernel (and, for 'mean', a whole zero channel) and a negative
+    learned alpha: the restored layer binarizes to the same signs and gives the same output."""
+    rng = np.random.default_rng(0)
+    if layer_type == "conv":
+        layer = layers.BinaryConv(4, (3, 3), scale=scale, pad_value=-1.0)
+        x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)).astype(np.float32))
+    else:
+        layer = layers.BinaryDense(4, scale=scale)
+        x = jnp.asarray(rng.normal(size=(2, 6)).astype(np.float32))
+    params = dict(layer.init(jax.random.key(0), x)["params"])
+    kernel = np.array(params["kernel"])
+    kernel.reshape(-1, 4)[::3] = 0.0  # every third input row: zeros in every channel
+    kernel[..., 3] = 0.0  # a whole zero channel
+    params["kernel"] = kernel
+    if scale == "learned":
+        params["alpha"] = np.array([0.5, -0.25, 1.0, -2.0], np.float32)
+    variables = {"params": params}
+    arrays, packed = export.pack_variables(variables, {("kernel",): scale})
+    restored = export.unpack_variables(arrays, packed)
+    signs = lambda v: np.asarray(layers.sign(jnp.asarray(v)))  # noqa: E731
+    np.testing.assert_array_equal(signs(restored["params"]["kernel"]), signs(kernel))
+    expected = np.asarray(layer.apply(variables, x))
+    got = np.asarray(layer.apply(restored, x))
+    if scale == "mean":  # mean|w| recomputed from sign * stored mean: one rounding away
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(got[..., 3], 0.0)
+    else:
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize(("family", "scale"), [("fcos", "learned"), ("faster_rcnn", "mean")])
@@ -45,7 +82,7 @@ def test_exported_detector_gives_the_same_outputs(smoke_config, family, scale):
         for path in trace.binary_kernels:
             w = np.asarray(flat[path])
             magnitude = 2.0 ** (np.arange(w.shape[-1]) % 4)
-            flat[path] = (np.where(w >= 0, 1.0, -1.0) * magnitude).astype(np.float32)
+            flat[path] = (np.where(w > 0, 1.0, -1.0) * magnitude).astype(np.float32)
         params = unflatten_dict(flat)
     variables = {"params": params, "batch_stats": variables["batch_stats"]}
     arrays, packed = export.pack_variables(variables, trace.binary_kernels)

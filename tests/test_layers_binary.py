@@ -11,7 +11,8 @@ from dfrdet_jax import layers
 
 
 def np_sign(x):
-    return np.where(x >= 0, 1.0, -1.0).astype(np.float32)
+    """The paper's sign: +1 for x > 0, -1 for x <= 0."""
+    return np.where(x > 0, 1.0, -1.0).astype(np.float32)
 
 
 def np_conv(x, w, stride, pads, dilation=1, groups=1, pad_value=0.0):
@@ -57,7 +58,7 @@ CONV_CASES = [
 def test_binary_conv_matches_numpy(hw, k, stride, padding, pads, dilation, groups, pad_value):
     rng = np.random.default_rng(hw * 7 + k + stride + groups)
     x = rng.normal(size=(2, hw, hw, 8)).astype(np.float32)
-    x[0, 0, 0, 0] = 0.0  # sign(0) must be +1
+    x[0, 0, 0, 0] = 0.0  # sign(0) must be -1 (the paper's sign), for inputs and weights alike
     layer = layers.BinaryConv(
         8,
         (k, k),
@@ -72,9 +73,10 @@ def test_binary_conv_matches_numpy(hw, k, stride, padding, pads, dilation, group
     params = variables["params"]
     alpha = rng.uniform(0.1, 1.0, size=(8,)).astype(np.float32)
     bias = rng.normal(size=(8,)).astype(np.float32)
-    params = {**params, "alpha": jnp.asarray(alpha), "bias": jnp.asarray(bias)}
+    w = np.array(params["kernel"])
+    w[0, 0, 0, 0] = 0.0
+    params = {"kernel": jnp.asarray(w), "alpha": jnp.asarray(alpha), "bias": jnp.asarray(bias)}
     y = layer.apply({"params": params}, jnp.asarray(x))
-    w = np.asarray(params["kernel"])
     expected = np_conv(np_sign(x), np_sign(w), stride, pads, dilation, groups, pad_value)
     expected = expected * alpha + bias
     assert y.shape == expected.shape
@@ -173,6 +175,7 @@ def test_input_gradient_is_the_approx_sign_ste():
 def test_reconstruction_loss_value_and_gradients():
     rng = np.random.default_rng(6)
     w = rng.normal(size=(3, 3, 4, 5)).astype(np.float32) * 0.1
+    w[0, 0, 0, :2] = 0.0  # sign(0) = -1: L_R pulls a zero weight towards -alpha (grad +alpha)
     alpha = rng.uniform(0.01, 0.2, size=(5,)).astype(np.float32)
     value = 0.5 * np.sum((w - alpha * np_sign(w)) ** 2)
     dw = w - alpha * np_sign(w)
@@ -183,6 +186,49 @@ def test_reconstruction_loss_value_and_gradients():
     np.testing.assert_allclose(float(got), value, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(gw), dw, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.asarray(galpha), dalpha, rtol=1e-5, atol=1e-6)
+
+
+def test_a_learned_alpha_pushed_negative_still_scales_positively():
+    """One SGD step drives channel 0's alpha parameter below zero: the layer scales that channel
+    by |alpha| (its output keeps the sign of sign(x) (*) sign(w)), and L_R's gradient for the
+    parameter is the documented sign(a) * (n * |a| - sum|w|)."""
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.normal(size=(1, 5, 5, 3)).astype(np.float32))
+    layer = layers.BinaryConv(4, (3, 3), pad_value=-1.0)
+    params = layer.init(jax.random.key(0), x)["params"]
+    unscaled = layer.apply({"params": {**params, "alpha": jnp.ones(4)}}, x)  # sign(x) (*) sign(w)
+
+    def loss(p):  # rewards a smaller scale of channel 0 only
+        return jnp.sum(layer.apply({"params": p}, x)[..., 0] * unscaled[..., 0])
+
+    a0 = float(params["alpha"][0])
+    g0 = float(jax.grad(loss)(params)["alpha"][0])
+    assert g0 == pytest.approx(float(jnp.sum(unscaled[..., 0] ** 2)), rel=1e-5)
+    tx = optax.sgd(3 * a0 / g0)  # a0 - 3 * a0 = -2 * a0
+    updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params)
+    moved = optax.apply_updates(params, updates)
+    alpha = np.asarray(moved["alpha"])
+    np.testing.assert_allclose(alpha[0], -2 * a0, rtol=1e-5)
+    np.testing.assert_array_equal(alpha[1:], np.asarray(params["alpha"])[1:])
+    y, state = layer.apply({"params": moved}, x, mutable=[layers.LOSSES_COLLECTION])
+    np.testing.assert_allclose(y, np.asarray(unscaled) * np.abs(alpha), rtol=1e-6)
+    assert np.all(np.sign(np.asarray(y[..., 0])) == np.sign(np.asarray(unscaled[..., 0])))
+
+    w = np.asarray(moved["kernel"])
+    sown = layers.total_reconstruction_loss(state[layers.LOSSES_COLLECTION])
+    np.testing.assert_allclose(
+        float(sown), 0.5 * np.sum((w - np.abs(alpha) * np_sign(w)) ** 2), rtol=1e-5
+    )
+
+    def l_r(p):
+        _, s = layer.apply({"params": p}, x, mutable=[layers.LOSSES_COLLECTION])
+        return layers.total_reconstruction_loss(s[layers.LOSSES_COLLECTION])
+
+    n = w[..., 0].size
+    expected = np.sign(alpha) * (n * np.abs(alpha) - np.abs(w).sum(axis=(0, 1, 2)))
+    np.testing.assert_allclose(
+        np.asarray(jax.grad(l_r)(moved)["alpha"]), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 class _Nested(nn.Module):
@@ -346,14 +392,20 @@ def test_real_weights_for_staged_training():
     rng = np.random.default_rng(11)
     x = jnp.asarray(rng.normal(size=(1, 5, 5, 3)).astype(np.float32))
     for input_quantizer in ("approx", "none"):
-        layer = layers.BinaryConv(4, (3, 3), padding=1, input_quantizer=input_quantizer,
-                                  weight_quantizer="none", scale="learned")
+        layer = layers.BinaryConv(
+            4,
+            (3, 3),
+            padding=1,
+            input_quantizer=input_quantizer,
+            weight_quantizer="none",
+            scale="learned",
+        )
         variables = layer.init(jax.random.key(0), x)
         assert set(variables["params"]) == {"kernel"}  # no alpha
         y, state = layer.apply(variables, x, mutable=[layers.LOSSES_COLLECTION])
         assert not state.get(layers.LOSSES_COLLECTION)
         w = np.asarray(variables["params"]["kernel"])
-        xin = np.asarray(x[0]) if input_quantizer == "none" else np.where(x[0] >= 0, 1.0, -1.0)
+        xin = np.asarray(x[0]) if input_quantizer == "none" else np_sign(np.asarray(x[0]))
         xin = np.pad(xin, ((1, 1), (1, 1), (0, 0)))
         expected = np.zeros((5, 5, 4))
         for i in range(5):

@@ -8,7 +8,7 @@ import pytest
 from dfrdet_jax import layers
 
 POINTS = np.array([-2.0, -1.0, -0.999, -0.5, 0.0, 0.25, 0.5, 1.0, 1.5], np.float32)
-SIGN = np.array([-1, -1, -1, -1, 1, 1, 1, 1, 1], np.float32)  # sign(0) = +1
+SIGN = np.array([-1, -1, -1, -1, -1, 1, 1, 1, 1], np.float32)  # the paper's sign(0) = -1
 
 
 def _pointwise_grad(fn, x):
@@ -16,9 +16,23 @@ def _pointwise_grad(fn, x):
 
 
 @pytest.mark.parametrize("name", ["identity", "clipped", "approx"])
-def test_forward_is_sign_with_zero_mapped_to_plus_one(name):
+def test_forward_is_sign_with_zero_mapped_to_minus_one(name):
     quantize = layers.get_binary_quantizer(name)
     np.testing.assert_array_equal(np.asarray(quantize(jnp.asarray(POINTS))), SIGN)
+
+
+@pytest.mark.parametrize(("name", "grad_at_zero"), [("identity", 1), ("clipped", 1), ("approx", 2)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sign_at_exactly_zero_is_minus_one_with_the_ste_gradient(name, grad_at_zero, dtype):
+    """The paper's sign (Sec. 3.1: "one if the input is greater than zero and -1 otherwise") at
+    +0 and -0, forward; the backward pass is the STE's surrogate at 0, unchanged."""
+    quantize = layers.get_binary_quantizer(name)
+    zeros = jnp.asarray([0.0, -0.0], dtype)
+    np.testing.assert_array_equal(np.asarray(quantize(zeros), np.float32), [-1.0, -1.0])
+    np.testing.assert_array_equal(np.asarray(layers.sign(zeros), np.float32), [-1.0, -1.0])
+    np.testing.assert_array_equal(
+        np.asarray(_pointwise_grad(quantize, zeros), np.float32), [grad_at_zero] * 2
+    )
 
 
 def test_plain_sign_forward_and_zero_gradient():

@@ -164,7 +164,7 @@ def test_strided_conv_pads_like_torchvision():
         conv = variables["params"]["conv"]
         kernel = np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)  # torch layout
         if spec.enabled:  # sign(x) (*) sign(w), zero padding (pad_value 0)
-            signs = np.where(x[0] >= 0, 1.0, -1.0), np.where(kernel >= 0, 1.0, -1.0)
+            signs = np.where(x[0] > 0, 1.0, -1.0), np.where(kernel > 0, 1.0, -1.0)
             expected = np_conv(*signs, 2, 1)
         else:
             expected = np_conv(x[0], kernel, 2, 1) + np.asarray(conv.get("bias", 0.0))

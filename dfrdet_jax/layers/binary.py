@@ -8,9 +8,16 @@ where ``q_a`` is the chosen activation quantizer (or none, for a real input), ``
 convolution / matmul (an XNOR-bitcount on 1-bit hardware, since both operands are +-1), and
 ``alpha`` is a per-output-channel scale:
 
-  ``learned``  a parameter initialised to mean|w| over each output channel (DFR-Det, Eq. 2-3);
+  ``learned``  alpha = |p| for the parameter p (called ``alpha``) initialised to mean|w| over each
+               output channel (DFR-Det, Eq. 2-3);
   ``mean``     mean|w| recomputed every step and detached from the gradient (XNOR-Net/ReActNet);
   ``none``     no scale (alpha = 1).
+
+alpha is positive, as the paper's (alpha in R_+, after Eq. 2), and ``sign`` is the paper's
+(sign(0) = -1, see ``quantizers``), so the signs of a channel's weights are those of sign(w)
+alone. The learned parameter p may still cross zero in training (nothing bounds an SGD step); it
+then scales by |p|, so its channel is never flipped (``_binarize_kernel`` says why |p| rather
+than a clamp).
 
 With a scale, each layer sows its reconstruction error (paper, Eq. 3)
 
@@ -19,8 +26,10 @@ With a scale, each layer sows its reconstruction error (paper, Eq. 3)
 into the ``losses`` collection under the name ``reconstruction`` (only when that collection is
 mutable). ``sign(w)`` is treated as a constant inside L_R (its true derivative is zero almost
 everywhere), so dL_R/dw = w - alpha*sign(w) and dL_R/dalpha_c = n_c*alpha_c - sum_c |w| with
-n_c the number of weights of output channel c; L_R is thus minimised by alpha = mean|w|.
-``total_reconstruction_loss`` sums every sown L_R of a model.
+n_c the number of weights of output channel c (w * sign(w) = |w| for every w, zero included);
+for the learned parameter, alpha_c = |p_c| gives dL_R/dp_c = sign(p_c) * (n_c*|p_c| - sum_c |w|).
+L_R is thus minimised by alpha = |p| = mean|w|. ``total_reconstruction_loss`` sums every sown
+L_R of a model.
 """
 
 from __future__ import annotations
@@ -45,9 +54,13 @@ RECONSTRUCTION_LOSS_NAME = "reconstruction"
 def reconstruction_loss(kernel: Array, alpha: Array) -> Array:
     """L_R = 1/2 * ||w - alpha o sign(w)||^2, a float32 scalar.
 
+    Gradients (module docstring): d/dw = w - alpha * sign(w), d/dalpha_c = n_c * alpha_c -
+    sum_c |w|, with sign(w) held constant.
+
     Args:
       kernel: latent weights, output channels on the last axis, e.g. [kh, kw, c_in, c_out].
-      alpha: per-output-channel scale [c_out].
+      alpha: per-output-channel scale [c_out], as the layer applies it (positive: |p| for the
+        learned parameter p).
     """
     kernel = kernel.astype(jnp.float32)
     binary = jax.lax.stop_gradient(quantizers.sign(kernel))
@@ -90,7 +103,14 @@ def _binarize_kernel(module: nn.Module, kernel: Array) -> tuple[Array, Array | N
     reduce_axes = tuple(range(kernel.ndim - 1))
     mean_abs = lambda: jnp.mean(jnp.abs(kernel), axis=reduce_axes)  # noqa: E731
     if module.scale == "learned":
-        alpha = module.param("alpha", lambda _: mean_abs().astype(module.param_dtype))
+        # The paper's alpha is positive. The parameter p is used through its absolute value rather
+        # than a clamp max(p, eps): |p| is the identity on its initial value mean|w| > 0 and on
+        # every alpha that stays positive (checkpoints, the alphas derived by warm start and the
+        # export are unchanged), while a clamp has zero gradient below eps, so an alpha that an
+        # SGD step pushed there would stay stuck (neither L_R nor the task could pull it back).
+        # Through |p| both gradients keep flowing (times sign(p)) and L_R keeps pulling |p|
+        # towards mean|w|. A negative p then scales by -p > 0: its channel is never flipped.
+        alpha = jnp.abs(module.param("alpha", lambda _: mean_abs().astype(module.param_dtype)))
     elif module.scale == "mean":
         alpha = jax.lax.stop_gradient(mean_abs())
     else:
@@ -175,7 +195,8 @@ class BinaryConv(nn.Module):
       weight_quantizer: the weight STE: 'clipped' (ReActNet), 'identity' or 'approx'; None /
         'none' keeps real weights (no scale, no L_R): with a binary input that is ReActNet's
         first training step, with a real input the 1-bit topology computed in real values.
-      scale: 'learned' (init mean|w|), 'mean' (detached mean|w|) or 'none'.
+      scale: 'learned' (|alpha|, alpha initialised to mean|w|), 'mean' (detached mean|w|) or
+        'none'.
       pad_value: the value written into the padding of the (quantized) input. A binarized input
         padded with +1 or -1 stays in {-1, +1}; 0 matches zero padding of the peer implementations.
       dtype: computation dtype (e.g. jnp.bfloat16); None promotes input and parameter dtypes.
@@ -224,8 +245,8 @@ class BinaryConv(nn.Module):
             self, x, (*self.kernel_size, in_features // groups, self.features)
         )
         pads = explicit_padding(self.padding, x.shape[1:-1], self.kernel_size, strides, dilation)
-        # Pad explicitly after quantization: padding inside the conv would write zeros, and padding
-        # before quantization would write sign(0) = +1, neither of which is the chosen value.
+        # Pad explicitly after quantization: padding inside the conv would always write zeros, and
+        # padding before quantization would write sign(pad_value), never 0 (sign(0) = -1).
         x = jnp.pad(x, [(0, 0), *pads, (0, 0)], constant_values=self.pad_value)
         spatial = "DHW"[-n:]
         y = jax.lax.conv_general_dilated(

@@ -1,8 +1,11 @@
 """Quantizers for 1-bit and k-bit networks, as pure functions with custom gradients.
 
-Binarization uses ``sign`` with the convention sign(0) = +1 everywhere in this library, so that a
-binarized tensor only ever holds {-1, +1}. The forward pass of every binary quantizer below is that
-sign; they differ only in the gradient they pass backwards (the straight-through estimator, STE):
+Binarization uses ``sign`` as the DFR-Det paper defines it (Sec. 3.1, after Eq. 2: "returns one
+if the input is greater than zero and -1 otherwise"): sign(x) = +1 for x > 0 and -1 for x <= 0,
+everywhere in this library (weights, activations, L_R, the bit-packed export), so that a binarized
+tensor only ever holds {-1, +1}. The forward pass of every binary quantizer below is that sign;
+they differ only in the gradient they pass backwards (the straight-through estimator, STE), which
+does not depend on the value chosen at 0 (each surrogate is evaluated at x itself):
 
   ``identity``  grad 1 everywhere (BinaryConnect's plain STE).
   ``clipped``   grad 1 where |x| <= 1, else 0 (the hardtanh STE of BNN / XNOR-Net / ReActNet).
@@ -24,9 +27,10 @@ Array = jax.Array
 
 
 def sign(x: Array) -> Array:
-    """Hard sign with sign(0) = +1; same shape and dtype as ``x``; its gradient is zero."""
+    """The paper's hard sign: +1 for x > 0, -1 for x <= 0 (so sign(0) = -1); same shape and dtype
+    as ``x``; its gradient is zero."""
     one = jnp.ones((), x.dtype)
-    return jnp.where(x >= 0, one, -one)
+    return jnp.where(x > 0, one, -one)
 
 
 def _clipped_grad(x: Array) -> Array:
