@@ -43,6 +43,10 @@ def get_config(arg: str = "synthetic,dfr"):
     config.fcos.focal_alpha = 0.25
     config.fcos.focal_gamma = 2.0
     config.fcos.assign_chunk_size = 4096
+    # Inference score of a (point, class) pair (models/heads/fcos.py, SCORE_MODES): 'mmdet' keeps
+    # class score > config.postprocess.score_threshold and scores class x centerness (mmdetection,
+    # the paper's codebase family); 'torchvision' thresholds and scores sqrt(class x centerness).
+    config.fcos.score_mode = "mmdet"
 
     if demo:
         base_config.make_demo(config)

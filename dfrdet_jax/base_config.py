@@ -79,7 +79,9 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     )
 
     # Inference: the best pre_nms_top_k (location, class) pairs above score_threshold, then
-    # class-wise NMS, at most max_detections per image (AI-TOD scores up to 1,500).
+    # class-wise NMS, at most max_detections per image (AI-TOD scores up to 1,500). FCOS applies
+    # the threshold to the class score, as mmdetection, unless config.fcos.score_mode says
+    # 'torchvision' (to sqrt(class x centerness)).
     config.postprocess = ml_collections.ConfigDict()
     config.postprocess.score_threshold = 0.05
     config.postprocess.nms_iou_threshold = 0.5

@@ -258,7 +258,8 @@ def test_every_table1_row_trains_at_a_size_no_multiple_of_64(
     assert all(bool(jnp.all(jnp.isfinite(g))) and bool(jnp.any(g != 0)) for g in decoder_grads)
 
 
-def test_postprocess_decodes_and_clips_the_best_point():
+@pytest.mark.parametrize("score_mode", ["mmdet", "torchvision"])
+def test_postprocess_decodes_and_clips_the_best_point(score_mode):
     strides = (4, 8)
     sizes = single_stage.feature_sizes((16, 16), strides)
     num_points = sum(h * w for h, w in sizes)
@@ -277,12 +278,91 @@ def test_postprocess_decodes_and_clips_the_best_point():
         iou_threshold=0.5,
         max_detections=4,
         pre_nms_top_k=10,
+        score_mode=score_mode,
     )
     assert int(dets.valid.sum()) == 1
     np.testing.assert_allclose(np.asarray(dets.boxes[0, 0]), [4.0, 3.0, 12.0, 10.0])  # x2 clipped
     assert int(dets.classes[0, 0]) == 1
-    expected_score = np.sqrt(1 / (1 + np.exp(-10.0)) ** 2)
+    cls_times_ctr = (1 / (1 + np.exp(-10.0))) ** 2
+    expected_score = cls_times_ctr if score_mode == "mmdet" else np.sqrt(cls_times_ctr)
     np.testing.assert_allclose(float(dets.scores[0, 0]), expected_score, rtol=1e-6)
+
+
+def _logit(p):
+    return float(np.log(p / (1 - p)))
+
+
+def test_fcos_score_modes_keep_different_detections():
+    """Threshold 0.3, three far-apart points (s = class score, c = centerness):
+      A: s 0.5,  c 0.1  mmdet keeps it (0.5 > 0.3) at 0.05;   torchvision drops sqrt(0.05) = 0.22
+      B: s 0.25, c 1    mmdet drops it (0.25 <= 0.3);         torchvision keeps sqrt(0.25) = 0.5
+      C: s 0.8,  c 0.8  both keep it: mmdet at 0.64,          torchvision at 0.8
+    mmdetection scores s * c after thresholding s; torchvision thresholds and scores sqrt(s * c).
+    """
+    strides = (4, 8)
+    sizes = single_stage.feature_sizes((16, 16), strides)
+    num_points = sum(h * w for h, w in sizes)  # 16 + 4; level 0 points 0, 3, 15: far apart
+    cls = np.full((1, num_points, 2), -20.0, np.float32)
+    ctr = np.full((1, num_points), -20.0, np.float32)
+    points = {"A": (0, 0, 0.5, 0.1), "B": (3, 1, 0.25, 1.0), "C": (15, 0, 0.8, 0.8)}
+    for point, cls_index, s, c in points.values():
+        cls[0, point, cls_index] = _logit(s)
+        ctr[0, point] = 30.0 if c == 1.0 else _logit(c)
+    outputs = {
+        "cls_logits": jnp.asarray(cls),
+        "ltrb": jnp.ones((1, num_points, 4)),
+        "centerness": jnp.asarray(ctr),
+    }
+    sigmoid = lambda v: 1 / (1 + np.exp(-np.float64(v)))  # noqa: E731
+    kept = {}
+    for mode in fcos_head.SCORE_MODES:
+        dets = fcos_head.fcos_postprocess(
+            outputs,
+            jnp.array([[16, 16]]),
+            input_hw=(16, 16),
+            strides=strides,
+            score_threshold=0.3,
+            iou_threshold=0.5,
+            max_detections=5,
+            pre_nms_top_k=40,
+            score_mode=mode,
+        )
+        n = int(dets.valid.sum())
+        assert not np.any(np.asarray(dets.valid[0, n:]))
+        kept[mode] = (np.asarray(dets.scores[0, :n]), np.asarray(dets.classes[0, :n]))
+        centres = (np.asarray(dets.boxes[0, :n, :2]) + np.asarray(dets.boxes[0, :n, 2:])) / 2
+        names = "CA" if mode == "mmdet" else "CB"
+        expected_centres = {"A": (2.0, 2.0), "B": (14.0, 2.0), "C": (14.0, 14.0)}
+        np.testing.assert_allclose(centres, [expected_centres[k] for k in names])
+        np.testing.assert_array_equal(kept[mode][1], [points[k][1] for k in names])
+    # Exactly the expected scores, from the same float32 logits: s * c or sqrt(s * c).
+    s_c = {
+        k: sigmoid(cls[0, point, cls_index]) * sigmoid(ctr[0, point])
+        for k, (point, cls_index, _, _) in points.items()
+    }
+    np.testing.assert_allclose(kept["mmdet"][0], [s_c["C"], s_c["A"]], rtol=1e-6)
+    np.testing.assert_allclose(kept["mmdet"][0], [0.64, 0.05], rtol=1e-5)
+    np.testing.assert_allclose(kept["torchvision"][0], np.sqrt([s_c["C"], s_c["B"]]), rtol=1e-6)
+    np.testing.assert_allclose(kept["torchvision"][0], [0.8, 0.5], rtol=1e-5)
+
+
+def test_fcos_score_mode_is_checked():
+    with pytest.raises(ValueError, match=r"Unknown config.fcos.score_mode 'sqrt'.*mmdet"):
+        fcos_head.fcos_postprocess(
+            {
+                "cls_logits": jnp.zeros((1, 20, 2)),
+                "ltrb": jnp.zeros((1, 20, 4)),
+                "centerness": jnp.zeros((1, 20)),
+            },
+            jnp.array([[16, 16]]),
+            input_hw=(16, 16),
+            strides=(4, 8),
+            score_threshold=0.05,
+            iou_threshold=0.5,
+            max_detections=4,
+            pre_nms_top_k=10,
+            score_mode="sqrt",
+        )
 
 
 def test_upsample_nearest_to_an_odd_size_repeats_and_crops():

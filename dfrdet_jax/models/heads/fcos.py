@@ -31,6 +31,30 @@ from dfrdet_jax.ops import points as points_ops
 
 Array = jax.Array
 
+# How a (point, class) pair is scored and thresholded at inference (``config.fcos.score_mode``):
+#   'mmdet'        the sigmoid class score must exceed the threshold; the detection's score is
+#                  class score x centerness (after the threshold, which the product does not
+#                  face). mmdetection 2.x, the paper's codebase family: FCOSHead._get_bboxes_single
+#                  (mmdet/models/dense_heads/fcos_head.py, v2.0-2.17) hands the class scores and
+#                  the centerness to multiclass_nms(..., score_factors=centerness)
+#                  (mmdet/core/post_processing/bbox_nms.py): `valid_mask = scores > score_thr`,
+#                  then `scores = scores * score_factors`; later 2.x releases (about v2.18 on)
+#                  do the same in BaseDenseHead._get_bboxes_single
+#                  (mmdet/models/dense_heads/base_dense_head.py): filter_scores_and_topk(scores,
+#                  score_thr, ...) on the class scores, then _bbox_post_process (`mlvl_scores *
+#                  mlvl_score_factors`, under a "TODO: Add sqrt operation in order to be
+#                  consistent with the paper", then batched_nms with no further threshold). Its
+#                  FCOS configs use score_thr 0.05.
+#   'torchvision'  score = sqrt(class score x centerness), and that score must exceed the
+#                  threshold: torchvision's FCOS.postprocess_detections
+#                  (torchvision/models/detection/fcos.py), whose own default score_thresh is 0.2.
+# The same threshold thus keeps far more pairs under 'torchvision' (sqrt(s * c) > 0.05 is
+# s * c > 0.0025) and reports higher scores. Both rank the pre-NMS top-k by their reported score;
+# mmdetection ranks its nms_pre (1,000 per level) by class score x centerness (v2.0-2.17) or by
+# the class score (v2.18+), torchvision by the sqrt score (1,000 per level); here one top-k,
+# ``config.postprocess.pre_nms_top_k``, is taken over all levels.
+SCORE_MODES = ("mmdet", "torchvision")
+
 
 class FCOSHead(nn.Module):
     """Attributes:
@@ -183,11 +207,15 @@ def fcos_postprocess(
     iou_threshold: float,
     max_detections: int,
     pre_nms_top_k: int,
+    score_mode: str = "mmdet",
 ) -> nms.Detections:
     """Boxes, scores and classes of a batch, static-shape and jit-compatible.
 
-    Score of a (point, class) pair: sqrt(sigmoid(class logit) * sigmoid(centerness logit)); the
-    ``pre_nms_top_k`` best pairs above ``score_threshold`` of each image go through class-wise NMS.
+    With s = sigmoid(class logit) and c = sigmoid(centerness logit) of a (point, class) pair
+    (``SCORE_MODES`` above):
+      'mmdet'        candidates s > ``score_threshold``, scored s * c (mmdetection);
+      'torchvision'  scored sqrt(s * c), candidates sqrt(s * c) > ``score_threshold``.
+    The ``pre_nms_top_k`` best candidates of each image by that score go through class-wise NMS.
     Boxes are clipped to the valid (unpadded) region of each image.
 
     Args:
@@ -195,6 +223,7 @@ def fcos_postprocess(
       image_hw: int [B, 2] valid (h, w) of each image in px.
       input_hw: static (H, W) of the padded input.
       strides: the head's strides.
+      score_mode: 'mmdet' (the default, as ``config.fcos.score_mode``) or 'torchvision'.
 
     Returns:
       ``Detections`` with a leading batch axis: boxes [B, D, 4] px of the padded input, scores
@@ -203,9 +232,13 @@ def fcos_postprocess(
     points = jnp.asarray(
         points_ops.fcos_flat_points(single_stage.feature_sizes(input_hw, strides), strides)[0]
     )
-    scores = jnp.sqrt(
-        jax.nn.sigmoid(outputs["cls_logits"]) * jax.nn.sigmoid(outputs["centerness"])[..., None]
-    )
+    _check_score_mode(score_mode)
+    cls_scores = jax.nn.sigmoid(outputs["cls_logits"])
+    product = cls_scores * jax.nn.sigmoid(outputs["centerness"])[..., None]
+    if score_mode == "mmdet":
+        scores, threshold_scores = product, cls_scores
+    else:
+        scores = threshold_scores = jnp.sqrt(product)
     return single_stage.dense_postprocess(
         scores,
         outputs["ltrb"],
@@ -215,7 +248,17 @@ def fcos_postprocess(
         iou_threshold=iou_threshold,
         max_detections=max_detections,
         pre_nms_top_k=pre_nms_top_k,
+        threshold_scores=threshold_scores,
     )
+
+
+def _check_score_mode(score_mode) -> None:
+    if score_mode not in SCORE_MODES:
+        raise ValueError(
+            f"Unknown config.fcos.score_mode {score_mode!r}; valid choices: {list(SCORE_MODES)} "
+            "('mmdet': class score > threshold, scored class x centerness; 'torchvision': "
+            "sqrt(class x centerness) > threshold, scored so)"
+        )
 
 
 # The 'fcos' family ------------------------------------------------------------------------------
@@ -243,11 +286,13 @@ def _postprocess(config, outputs, batch):
         batch["image_hw"],
         input_hw=batch["image"].shape[1:3],
         strides=family.strides(config),
+        score_mode=config.fcos.score_mode,
         **family.nms_settings(config),
     )
 
 
 def _validate(config) -> None:
+    _check_score_mode(config.fcos.get("score_mode"))
     levels = len(family.strides(config))
     if len(config.fcos.regress_ranges) != levels:
         raise ValueError(

@@ -123,11 +123,14 @@ def dense_postprocess(
     iou_threshold: float,
     max_detections: int,
     pre_nms_top_k: int,
+    threshold_scores: Array | None = None,
 ) -> nms.Detections:
     """Detections of a batch from dense per-location predictions, static-shape.
 
-    The ``pre_nms_top_k`` best (location, class) pairs of each image are decoded, clipped to the
-    image's valid region, and those above ``score_threshold`` go through class-wise NMS.
+    The (location, class) pairs whose ``threshold_scores`` exceed ``score_threshold`` are the
+    candidates; the ``pre_nms_top_k`` best candidates of each image by ``scores`` are decoded,
+    clipped to the image's valid region, and go through class-wise NMS, which ranks and reports
+    them by ``scores``.
 
     Args:
       scores: float [B, P, C] class scores in [0, 1] of every location (point or anchor).
@@ -135,14 +138,29 @@ def dense_postprocess(
       decode: (locations int [k], their classes int [k], their regression [k, R]) -> boxes
         [k, 4] xyxy px of the padded input.
       image_hw: int [B, 2] valid (h, w) of each image, px.
+      threshold_scores: float [B, P, C], the scores ``score_threshold`` applies to where they
+        differ from ``scores`` (mmdetection's FCOS thresholds the class score and then scores by
+        class score x centerness); None: ``scores`` themselves.
     Returns:
       ``Detections`` with a leading batch axis, D = max_detections slots per image.
     """
     num_classes = scores.shape[-1]
     k = min(pre_nms_top_k, scores.shape[1] * num_classes)
+    if threshold_scores is None:
+        threshold_scores = scores
+    if threshold_scores.shape != scores.shape:
+        raise ValueError(
+            f"threshold_scores {threshold_scores.shape} must have the shape of scores "
+            f"{scores.shape}"
+        )
 
-    def one_image(image_scores, image_regression, hw):
-        top_scores, flat_index = jax.lax.top_k(image_scores.reshape(-1), k)
+    def one_image(image_scores, image_threshold_scores, image_regression, hw):
+        candidate = (image_threshold_scores > score_threshold).reshape(-1)
+        # Non-candidates rank last (-inf) and enter NMS as invalid: a static-shape top-k of the
+        # candidates only.
+        ranked = jnp.where(candidate, image_scores.reshape(-1), -jnp.inf)
+        _, flat_index = jax.lax.top_k(ranked, k)
+        top_scores = image_scores.reshape(-1)[flat_index]
         location, classes = flat_index // num_classes, flat_index % num_classes
         boxes = boxes_ops.clip_boxes(
             decode(location, classes, image_regression[location]),
@@ -153,11 +171,11 @@ def dense_postprocess(
             boxes,
             top_scores,
             classes,
-            jnp.ones((k,), bool),
+            candidate[flat_index],
             iou_threshold=iou_threshold,
-            score_threshold=score_threshold,
+            score_threshold=-jnp.inf,  # the threshold is applied above, to threshold_scores
             max_detections=max_detections,
             pre_nms_top_k=k,
         )
 
-    return jax.vmap(one_image)(scores, regression, image_hw)
+    return jax.vmap(one_image)(scores, threshold_scores, regression, image_hw)
