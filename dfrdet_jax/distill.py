@@ -138,7 +138,7 @@ def load_teacher(
     model = registry.build_model(teacher_config(config), num_classes)
     workdir = os.path.expanduser(config.distill.teacher)
     which = config.distill.teacher_checkpoint
-    step, variables = checkpointing.Checkpointer(workdir).restore_variables(which)
+    step, variables = checkpointing.Checkpointer(workdir, read_only=True).restore_variables(which)
     dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
     expected = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
     expected = {k: expected.get(k, {}) for k in ("params", "batch_stats")}

@@ -66,10 +66,10 @@ def predict_dataset(
     return results
 
 
-def evaluate_state(config: ml_collections.ConfigDict, model, state, mesh: Mesh) -> dict[str, Any]:
-    """Tiny-object metrics of ``state`` on ``config.eval.split`` (computed on process 0)."""
+def eval_dataset(config: ml_collections.ConfigDict):
+    """This process's shard of ``config.eval.split``, in batches of ``config.eval.batch_size``."""
     process_count = jax.process_count()
-    dataset = data_lib.build_dataset(
+    return data_lib.build_dataset(
         config.data,
         config.eval.split,
         train=False,
@@ -78,6 +78,29 @@ def evaluate_state(config: ml_collections.ConfigDict, model, state, mesh: Mesh) 
         shard_index=jax.process_index(),
         shard_count=process_count,
     )
+
+
+def check_evaluation(config: ml_collections.ConfigDict, dataset) -> None:
+    """Scores no detections on ``dataset``'s ground truth, so that a bad ground truth or protocol
+    fails before training rather than at its first evaluation, and checks that the protocol
+    reports ``config.eval.best_metric`` (ValueError naming the metrics it reports)."""
+    metrics = evaluation.evaluate(dataset.annotation_file, [], protocol=config.eval.protocol)
+    reported = sorted(k for k, v in metrics.items() if isinstance(v, float))
+    if config.eval.best_metric not in reported:
+        raise ValueError(
+            f"config.eval.best_metric={config.eval.best_metric!r} is not a metric of "
+            f"config.eval.protocol={config.eval.protocol!r}, so no best checkpoint would ever be "
+            f"kept; it reports {reported}"
+        )
+
+
+def evaluate_state(
+    config: ml_collections.ConfigDict, model, state, mesh: Mesh, dataset=None
+) -> dict[str, Any]:
+    """Tiny-object metrics of ``state`` on ``config.eval.split`` (computed on process 0);
+    ``dataset``: that split's ``eval_dataset``, built here when None."""
+    if dataset is None:
+        dataset = eval_dataset(config)
     results = predict_dataset(config, model, state, mesh, dataset)
     if jax.process_index() != 0:
         return {}
@@ -93,7 +116,12 @@ def evaluate_state(config: ml_collections.ConfigDict, model, state, mesh: Mesh) 
 
 def restored_state(config: ml_collections.ConfigDict, workdir: str):
     """(model, state restored from the ``config.eval.checkpoint`` ('latest' or 'best')
-    checkpoint of workdir, mesh, dataset info)."""
+    checkpoint of workdir, mesh, dataset info).
+
+    Raises FileNotFoundError when workdir has no readable checkpoint of that kind, and
+    checkpointing.WorkdirMismatchError when it holds a run of another config.
+    """
+    checkpointing.check_run_config(workdir, config)
     info = data_lib.dataset_info(config.data)
     model = registry.build_model(config, num_classes=info.num_classes)
     image_hw = (config.data.image_size, config.data.image_size)
@@ -101,13 +129,13 @@ def restored_state(config: ml_collections.ConfigDict, workdir: str):
     mesh = sharding.make_mesh()
     state = jax.device_put(state, sharding.replicated_sharding(mesh))
     which = config.eval.checkpoint
-    checkpoints = checkpointing.Checkpointer(workdir)
-    if checkpoints.latest_step(which) is None:
+    restored = checkpointing.Checkpointer(workdir, read_only=True).restore(state, which, config)
+    if restored is None:
         raise FileNotFoundError(
-            f"No {which} checkpoint in {workdir}; train first with --mode train and the same "
-            "--workdir"
+            f"No readable {which} checkpoint in {workdir} (see the log for damaged ones); train "
+            "first with --mode train and the same --workdir"
         )
-    state, _ = checkpoints.restore(state, which)
+    state, _ = restored
     return model, state, mesh, info
 
 
@@ -115,6 +143,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     """The ``eval`` mode: metrics of the ``config.eval.checkpoint`` checkpoint on
     ``config.eval.split``, written to workdir/eval_<split>_<checkpoint>_<step>.json."""
     registry.validate_config(config)
+    sharding.check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
     model, state, mesh, _ = restored_state(config, workdir)
     metrics = evaluate_state(config, model, state, mesh)
     if jax.process_index() == 0:
@@ -135,6 +164,7 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_path: 
     every image with its boxes drawn. Returns the predictions folder.
     """
     registry.validate_config(config)
+    sharding.check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
     model, state, mesh, info = restored_state(config, workdir)
     dataset = data_lib.image_folder_dataset(
         config.data, input_path, batch_size=config.eval.batch_size

@@ -10,8 +10,10 @@ Usage::
       --config.optimizer.base_learning_rate=0.01 --workdir /tmp/run --mode eval
 
 Modes:
-  train    trains (resuming from the latest checkpoint in --workdir), evaluates periodically.
-  eval     scores the latest checkpoint in --workdir with the tiny-object metrics.
+  train    trains (resuming from the latest checkpoint in --workdir), evaluates periodically;
+           a --workdir of another config is an error (its config.json names the fields).
+  eval     scores the latest checkpoint in --workdir with the tiny-object metrics (an error
+           when it has none that reads: never a freshly initialised model).
   predict  runs the latest checkpoint on the images of --input and writes COCO results JSON
            and drawn boxes into --workdir/predictions.
   complexity  the model's size (MB) and OPs as the paper counts them, at data.image_size;

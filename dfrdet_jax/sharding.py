@@ -27,7 +27,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def check_batch_divides(batch_size: int, what: str) -> None:
     """ValueError naming ``what`` (a config field) when ``batch_size`` (a global batch, images)
-    does not split evenly over all devices of all processes."""
+    is not positive or does not split evenly over all devices of all processes."""
+    if batch_size < 1:
+        raise ValueError(f"{what}={batch_size} must be at least 1 (images per global batch)")
     devices = jax.device_count()
     if batch_size % devices:
         raise ValueError(

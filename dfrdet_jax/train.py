@@ -1,8 +1,10 @@
 """Training: ``train_and_evaluate(config, workdir)``, the loop that runs the train step.
 
-It builds the data, model, state and sharded step from the config (``steps``, ``sharding``),
-resumes from the workdir's latest checkpoint, and on schedule (and always at the last step) logs
-metrics, saves checkpoints and evaluates (``evaluate``). SIGTERM saves and stops cleanly.
+It checks everything it can before the first step (the config, the workdir's config and
+checkpoints, the evaluation split, ground truth and best metric), builds the data, model, state
+and sharded step from the config (``steps``, ``sharding``), resumes from the workdir's latest
+checkpoint, and on schedule (and always at the last step) logs metrics, saves checkpoints and
+evaluates (``evaluate``), saving before it evaluates. SIGTERM saves and stops cleanly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dfrdet_jax import (
     checkpointing,
     distill,
     evaluate,
+    evaluation,
     optimizers,
     prefetch,
     run_utils,
@@ -41,12 +44,16 @@ def train_and_evaluate(
       (the final train state, replicated over all devices; the last evaluation's metrics, as
       ``evaluation.evaluate`` names them: empty on processes other than 0, and when a SIGTERM
       stopped the run before any evaluation).
+    Raises:
+      checkpointing.WorkdirMismatchError: ``workdir`` holds a run of another config (nothing in
+        it is changed).
     """
     registry.validate_config(config)
     distill.validate(config)
     optimizers.check_optimizer(config)
     sharding.check_batch_divides(config.train.batch_size, "config.train.batch_size")
     sharding.check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
+    checkpointing.check_run_config(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     process_count = jax.process_count()
 
@@ -60,6 +67,10 @@ def train_and_evaluate(
         shard_index=jax.process_index(),
         shard_count=process_count,
     )
+    # Built and scored once now: a bad eval split, ground truth or best metric fails here, not
+    # after the first epoch.
+    eval_data = evaluate.eval_dataset(config)
+    evaluate.check_evaluation(config, eval_data)
     steps_per_epoch = max(train_data.num_images // config.train.batch_size, 1)
     total_steps = (
         config.train.num_steps
@@ -78,11 +89,18 @@ def train_and_evaluate(
     )
     state = jax.device_put(state, sharding.replicated_sharding(mesh))
 
-    checkpoints = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    checkpoints = checkpointing.Checkpointer(
+        workdir,
+        keep=config.train.keep_checkpoints,
+        best_mode="min" if evaluation.lower_is_better(config.eval.best_metric) else "max",
+    )
     train_iter = iter(train_data.loader)
-    state, data_state = checkpoints.restore(state)
-    if data_state is not None:
-        train_data.set_iterator_state(train_iter, data_state)
+    restored = checkpoints.restore(state, config=config)
+    if restored is not None:
+        state, data_state = restored
+        if data_state is not None:
+            train_data.set_iterator_state(train_iter, data_state)
+    checkpointing.write_run_config(workdir, config)
     start_step = int(state.step)
     if start_step:
         logging.info("Resumed from step %d in %s", start_step, workdir)
@@ -108,13 +126,15 @@ def train_and_evaluate(
     eval_metrics: dict[str, Any] = {}
     pending = None  # the previous step's metrics, read one step late so the host never stalls
     timer, timed_steps = time.time(), 0
+    stopped_at = None  # the step a SIGTERM stopped the run at
     batches = prefetch.DevicePrefetcher(
         train_iter,
         functools.partial(sharding.to_global_batch, sharding=sharding.batch_sharding(mesh)),
         train_data.get_iterator_state,
         depth=config.train.prefetch_batches,
     )
-    with run_utils.PreemptionGuard() as preemption, batches:
+    # Leaving it waits for every save started, whether the loop ends or fails.
+    with run_utils.PreemptionGuard() as preemption, batches, checkpoints:
         for step in range(start_step, total_steps):
             if step == profile_start:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
@@ -129,9 +149,10 @@ def train_and_evaluate(
                 jax.profiler.stop_trace()
             stop = done == total_steps or preemption.requested
             log_now = done % config.train.log_every_steps == 0 or stop
-            save_now = done % config.train.checkpoint_every_steps == 0 or stop
             eval_now = done % eval_every == 0 or done == total_steps
-            if log_now or save_now or eval_now:
+            # Saved before evaluating: a failing evaluation loses no training.
+            save_now = done % config.train.checkpoint_every_steps == 0 or stop or eval_now
+            if log_now or save_now:
                 run_utils.check_finite(*pending)  # never save or report a broken state
             progress.update()
             if log_now:
@@ -147,14 +168,23 @@ def train_and_evaluate(
             if save_now:
                 checkpoints.save(done, state, input_state)
             if eval_now:
-                eval_metrics = evaluate.evaluate_state(config, model, state, mesh)
+                eval_metrics = evaluate.evaluate_state(config, model, state, mesh, eval_data)
                 writer.write(done, eval_metrics, "eval/")
                 checkpoints.save_best(done, state, eval_metrics.get(config.eval.best_metric))
                 timer, timed_steps = time.time(), 0  # evaluation time is not training speed
             if preemption.requested:
-                logging.warning("Stopped at step %d on SIGTERM; the checkpoint is saved", done)
+                if not save_now:  # the signal came after the stop check, while logging
+                    run_utils.check_finite(*pending)
+                    checkpoints.save(done, state, input_state)
+                stopped_at = done
                 break
     progress.close()
     writer.close()
-    checkpoints.wait()
+    if stopped_at is not None:
+        logging.warning(
+            "Stopped at step %d on SIGTERM; checkpoint %d is saved in %s",
+            stopped_at,
+            stopped_at,
+            checkpoints.directory,
+        )
     return state, eval_metrics

@@ -56,7 +56,7 @@ def from_checkpoint(config: ml_collections.ConfigDict, variables: dict[str, Any]
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"config.init_from={workdir!r} has no checkpoints folder")
     which = config.init_from_checkpoint
-    step, source = checkpointing.Checkpointer(workdir).restore_variables(which)
+    step, source = checkpointing.Checkpointer(workdir, read_only=True).restore_variables(which)
     return pretrained.transfer_matching(
         variables,
         source,

@@ -9,7 +9,14 @@ or ``python -m dfrdet_jax.evaluation --gt ann.json --dt results.json --protocol 
 ``detections_to_coco`` turns batched model outputs into COCO results in original-image pixels.
 """
 
-from dfrdet_jax.evaluation.api import PROTOCOLS, evaluate, format_table
+from dfrdet_jax.evaluation.api import PROTOCOLS, evaluate, format_table, lower_is_better
 from dfrdet_jax.evaluation.results import EvaluationInputError, detections_to_coco
 
-__all__ = ["PROTOCOLS", "EvaluationInputError", "detections_to_coco", "evaluate", "format_table"]
+__all__ = [
+    "PROTOCOLS",
+    "EvaluationInputError",
+    "detections_to_coco",
+    "evaluate",
+    "format_table",
+    "lower_is_better",
+]

@@ -7,6 +7,13 @@ from typing import Any
 from dfrdet_jax.evaluation import coco_tiny, dota, results, tinyperson
 
 PROTOCOLS = ("aitod", "tinyperson", "dota", "dota_aitod")
+# Metrics for which lower is better: oLRP and its parts (AI-TOD), the miss rates (TinyPerson).
+LOWER_IS_BETTER = ("oLRP", "MR")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` (a name ``evaluate`` returns) is the better one."""
+    return metric.startswith(LOWER_IS_BETTER)
 
 
 def evaluate(
