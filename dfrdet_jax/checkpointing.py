@@ -150,7 +150,7 @@ def _save_args(state, data_state: dict | None) -> ocp.args.Composite:
     return ocp.args.Composite(**items)
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
+def tree_shapes(tree) -> dict[str, tuple[int, ...]]:
     """{'params/head/kernel': shape} of every array of a state or of orbax's metadata of one
     (dict keys, sequence indices and attribute names all become path parts)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -162,8 +162,9 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _tensor_differences(stored: dict, expected: dict, limit: int = 4) -> str:
-    """The first ``limit`` tensors missing, unexpected or of another shape, in words."""
+def tensor_differences(stored: dict, expected: dict, limit: int = 4) -> str:
+    """The first ``limit`` tensors missing, unexpected or of another shape, in words ('' when
+    the two {path: shape} maps of ``tree_shapes`` agree)."""
     lines = [f"{k} missing" for k in sorted(expected.keys() - stored.keys())]
     lines += [f"{k} not in this model" for k in sorted(stored.keys() - expected.keys())]
     lines += [
@@ -240,7 +241,7 @@ class Checkpointer:
         ({path: shape}); nothing when its metadata cannot be read (restoring tells if it is
         damaged)."""
         try:
-            stored = _shapes(manager.item_metadata(step)["state"].tree)
+            stored = tree_shapes(manager.item_metadata(step)["state"].tree)
         except Exception:  # pylint: disable=broad-except
             return
         if stored == expected:
@@ -253,7 +254,7 @@ class Checkpointer:
         )
         raise WorkdirMismatchError(
             f"Checkpoint {step} in {manager.directory} holds another model or optimizer than "
-            f"{run} builds ({_tensor_differences(stored, expected)}); it was written by "
+            f"{run} builds ({tensor_differences(stored, expected)}); it was written by "
             f"{written_by}. Use a new --workdir, or that run's config."
         )
 
@@ -317,7 +318,7 @@ class Checkpointer:
         """
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_items(state))
         directory = self._manager(which).directory
-        expected = _shapes(target)
+        expected = tree_shapes(target)
         run = f"this config ({_describe(_as_json(config))})" if config else "this config"
 
         def restore_args(step):

@@ -27,7 +27,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import traverse_util
 
 from dfrdet_jax import checkpointing
 from dfrdet_jax.losses import distill as distill_losses
@@ -104,27 +103,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise FileNotFoundError(f"config.distill.teacher={d.teacher!r} has no checkpoints folder")
 
 
-def _check_structure(expected: Any, restored: Any, where: str) -> None:
-    """ValueError naming the paths whose presence or shape differ between two variable trees."""
-    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
-    got = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(restored, sep="/").items()}
-    problems = [f"{k}: missing" for k in sorted(want.keys() - got.keys())]
-    problems += [f"{k}: not in the real model" for k in sorted(got.keys() - want.keys())]
-    problems += [
-        f"{k}: shape {got[k]}, expected {want[k]}"
-        for k in sorted(want.keys() & got.keys())
-        if want[k] != got[k]
-    ]
-    if problems:
-        shown = "; ".join(problems[:5]) + (
-            f"; ... {len(problems) - 5} more" if len(problems) > 5 else ""
-        )
-        raise ValueError(
-            f"The teacher in {where} is not the real variant of this config (same family, "
-            f"widths and levels): {shown}"
-        )
-
-
 def load_teacher(
     config: ml_collections.ConfigDict,
     num_classes: int,
@@ -142,7 +120,14 @@ def load_teacher(
     dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
     expected = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
     expected = {k: expected.get(k, {}) for k in ("params", "batch_stats")}
-    _check_structure(expected, variables, f"{workdir} ({which} checkpoint, step {step})")
+    differences = checkpointing.tensor_differences(
+        checkpointing.tree_shapes(variables), checkpointing.tree_shapes(expected)
+    )
+    if differences:
+        raise ValueError(
+            f"The teacher in {workdir} ({which} checkpoint, step {step}) is not the real variant "
+            f"of this config (same family, widths and levels): {differences}"
+        )
     print(f"Distilling from {workdir} ({which} checkpoint, step {step})", flush=True)
     return Teacher(model, jax.device_put(variables, sharding))
 
