@@ -21,6 +21,7 @@ Input validation of the 3 M result dicts is part of both timings.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--gt", type=int, default=30, help="ground-truth boxes per image")
     parser.add_argument("--classes", type=int, default=8)
     parser.add_argument("--skip-pycocotools", action="store_true")
+    parser.add_argument("--json", action="store_true", help="end with the timings as a JSON line")
     args = parser.parse_args()
     gt, dets = generate(args.images, args.dets, args.gt, args.classes)
     print(f"{args.images} images, {len(dets)} detections, {len(gt['annotations'])} gt boxes")
@@ -96,6 +98,9 @@ def main() -> None:
         diff = max(abs(fast[k] - slow[k]) for k in fast if isinstance(fast[k], float))
         print(f"max |difference| of headline metrics: {diff:.2e}")
         print(f"speed-up: {seconds['pycocotools'] / seconds['faster_coco_eval']:.1f}x")
+    if args.json:
+        summary = {"images": args.images, "detections": len(dets), "seconds": seconds}
+        print(json.dumps({**summary, "gt_boxes": len(gt["annotations"])}))
 
 
 if __name__ == "__main__":

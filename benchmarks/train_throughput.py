@@ -8,7 +8,7 @@ and, where PyTorch with torchvision is installed, times torchvision's FCOS with 
 backbone on the same image size and batch for comparison.
 
   python benchmarks/train_throughput.py --size 800 --batch 8 --steps 20        # GPU
-  python benchmarks/train_throughput.py --size 128 --batch 4 --steps 5 --width small  # CPU
+  python benchmarks/train_throughput.py --size 128 --batch 4 --steps 5 --width small --pipeline off  # CPU
 
 Prints one line per setting and, with --out, writes them as JSON.
 """
@@ -16,6 +16,8 @@ Prints one line per setting and, with --out, writes them as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import importlib.util
 import json
@@ -23,6 +25,7 @@ import pathlib
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -41,6 +44,11 @@ def load_config(family: str, arg: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+# Network widths: (backbone, FPN, head convs, DFR decoder). 'full' is the paper's ResNet-18,
+# 'small' the demo's, 'tiny' the smoke test's (for the CPU test of gpu_check).
+WIDTHS = {"full": (64, 256, 4, 64), "small": (16, 32, 2, 16), "tiny": (8, 16, 1, 8)}
 
 
 def random_batch(rng, batch: int, size: int, num_boxes: int, max_boxes: int):
@@ -71,17 +79,62 @@ def peak_memory_gb() -> tuple[str, float | None]:
     return "host_peak_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def time_jax(variant: str, args) -> dict:
-    """The train step of ``variant``: 'off' = one batch already on the devices, every step;
-    'on' = the grain pipeline read ahead by train's DevicePrefetcher, as training runs."""
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled executable, from XLA's cost analysis (None if absent)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older jax: one dict per computation
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | None):
+    """Holds an exclusive file lock (none if ``lock_path`` is None): processes that compile
+    side by side take turns on the device for their timed steps."""
+    if lock_path is None:
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def configure(variant: str, args):
     config = load_config(args.family, f"synthetic,{variant}")
     config.train.batch_size = args.batch
     config.data.image_size = args.size
     config.data.max_boxes = args.max_boxes
+    config.data.root = args.data_root
+    config.data.synthetic.num_train = args.num_images
+    config.data.synthetic.num_val = config.data.synthetic.num_test = 1
     config.model.dtype = args.dtype
-    if args.width == "small":
-        config.model.backbone_width, config.model.fpn_width, config.model.head_convs = 16, 32, 2
-        config.dfr.decoder_width = 16
+    backbone, fpn, convs, decoder = WIDTHS[args.width]
+    config.model.backbone_width, config.model.fpn_width = backbone, fpn
+    config.model.head_convs, config.dfr.decoder_width = convs, decoder
+    return config
+
+
+def time_steps(compiled, state, next_batch, num_steps: int) -> tuple[float, object]:
+    """Seconds per step of ``num_steps`` calls (after one untimed call) and the final state."""
+    state, metrics = compiled(state, next_batch(), None)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        state, metrics = compiled(state, next_batch(), None)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / num_steps, state
+
+
+def time_jax(variant: str, args) -> list[dict]:
+    """The train step of ``variant``, compiled ahead of time (its FLOPs from XLA's cost
+    analysis), then timed with the input 'off' (one batch already on the devices, every step)
+    and/or 'on' (the grain pipeline read ahead by train's DevicePrefetcher, as training runs),
+    the same executable for both. One result per pipeline setting."""
+    config = configure(variant, args)
     model = registry.build_model(config, num_classes=8)
     mesh = sharding.make_mesh()
     data_sharding = sharding.batch_sharding(mesh)
@@ -89,8 +142,16 @@ def time_jax(variant: str, args) -> dict:
         config, model, jax.random.key(0), (args.size, args.size), args.steps
     )
     state = jax.device_put(state, sharding.replicated_sharding(mesh))
-    step = steps.make_sharded_train_step(config, model, mesh, args.steps + 1)
-    if args.pipeline == "on":
+    step = steps.make_sharded_train_step(config, model, mesh, 2 * args.steps + 2)
+    rng = np.random.default_rng(0)
+    fixed = random_batch(rng, args.batch, args.size, args.boxes, args.max_boxes)
+    placed = sharding.to_global_batch(fixed, data_sharding)
+    start = time.perf_counter()
+    compiled = step.lower(state, placed).compile()
+    compile_s = time.perf_counter() - start
+    flops = compiled_flops(compiled)
+    pipelines = ("off", "on") if args.pipeline == "both" else (args.pipeline,)
+    if "on" in pipelines:  # started before the lock, so its workers' start is not timed
         dataset = data.build_dataset(
             config.data,
             "train",
@@ -106,35 +167,34 @@ def time_jax(variant: str, args) -> dict:
             dataset.get_iterator_state,
             depth=config.train.prefetch_batches,
         )
-        next_batch = lambda: next(batches)[1]  # noqa: E731
-    else:
-        rng = np.random.default_rng(0)
-        fixed = random_batch(rng, args.batch, args.size, args.boxes, args.max_boxes)
-        placed = sharding.to_global_batch(fixed, data_sharding)
-        next_batch = lambda: placed  # noqa: E731
-
-    start = time.perf_counter()
-    state, metrics = step(state, next_batch())
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = step(state, next_batch())
-    jax.block_until_ready(metrics)
-    elapsed = time.perf_counter() - start
-    if args.pipeline == "on":
+    results = []
+    with exclusive(args.lock):
+        for pipeline in pipelines:
+            if pipeline == "on":
+                next_batch = lambda: next(batches)[1]  # noqa: E731
+            else:
+                next_batch = lambda: placed  # noqa: E731
+            seconds, state = time_steps(compiled, state, next_batch, args.steps)
+            what, peak = peak_memory_gb()
+            results.append(
+                {
+                    "framework": "jax",
+                    "family": args.family,
+                    "variant": variant,
+                    "dtype": args.dtype,
+                    "pipeline": pipeline,
+                    "images_per_second": args.batch / seconds,
+                    "step_ms": 1000 * seconds,
+                    "compile_s": compile_s,
+                    "flops_per_step": flops,
+                    "device_kind": jax.devices()[0].device_kind,
+                    "num_devices": jax.device_count(),
+                    what: peak,
+                }
+            )
+    if "on" in pipelines:
         batches.close()
-    what, peak = peak_memory_gb()
-    return {
-        "framework": "jax",
-        "family": args.family,
-        "variant": variant,
-        "pipeline": args.pipeline,
-        "images_per_second": args.steps * args.batch / elapsed,
-        "step_ms": 1000 * elapsed / args.steps,
-        "first_step_s": compile_s,
-        what: peak,
-    }
+    return results
 
 
 def time_torchvision(args) -> dict | None:
@@ -166,9 +226,12 @@ def time_torchvision(args) -> dict | None:
         for b, labels, v in zip(batch["boxes"], batch["labels"], batch["box_valid"], strict=True)
     ]
 
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
     def step():
-        losses = model(images, targets)
-        loss = sum(losses.values())
+        with autocast:
+            losses = model(images, targets)
+            loss = sum(losses.values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -177,12 +240,13 @@ def time_torchvision(args) -> dict | None:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    with exclusive(args.lock):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
     if device == "cuda":
         memory = {"device_peak_gb": torch.cuda.max_memory_allocated() / 2**30}
     else:
@@ -191,6 +255,7 @@ def time_torchvision(args) -> dict | None:
         "framework": "torchvision",
         "family": "fcos",
         "variant": "real",
+        "dtype": args.dtype,
         "pipeline": "off",
         "images_per_second": args.steps * args.batch / elapsed,
         "step_ms": 1000 * elapsed / args.steps,
@@ -198,27 +263,32 @@ def time_torchvision(args) -> dict | None:
     }
 
 
-def run_isolated(variant: str, pipeline: str) -> dict:
-    """One setting in a fresh process, so its peak memory and compile are its own."""
+def run_isolated(variant: str) -> list[dict]:
+    """One variant in a fresh process, so its peak memory and compile are its own."""
     argv = [a for a in sys.argv[1:] if a != "--torchvision"]
-    command = [sys.executable, __file__, *argv, "--variants", variant, "--pipeline", pipeline]
-    output = subprocess.run(
-        [*command, "--single"], check=True, capture_output=True, text=True
-    ).stdout
+    command = [sys.executable, __file__, *argv, "--variants", variant, "--single"]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def pipeline_overhead(results: list[dict]) -> list[dict]:
-    """Per variant: how much slower training is with the pipeline on than with it off."""
+    """Per network: how much slower training is with the pipeline on than with it off."""
     rows = []
     ours = [r for r in results if r["framework"] == "jax"]
-    for variant in dict.fromkeys(r["variant"] for r in ours):
-        ips = {r["pipeline"]: r["images_per_second"] for r in ours if r["variant"] == variant}
+    for key in dict.fromkeys((r["family"], r["variant"], r["dtype"]) for r in ours):
+        ips = {
+            r["pipeline"]: r["images_per_second"]
+            for r in ours
+            if (r["family"], r["variant"], r["dtype"]) == key
+        }
         if {"on", "off"} <= ips.keys():
             slowdown = 100 * (1 - ips["on"] / ips["off"])
+            family, variant, dtype = key
             rows.append(
                 {
+                    "family": family,
                     "variant": variant,
+                    "dtype": dtype,
                     "pipeline_slowdown_percent": slowdown,
                     "within_5": slowdown <= 5,
                 }
@@ -226,9 +296,9 @@ def pipeline_overhead(results: list[dict]) -> list[dict]:
     return rows
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=("fcos", "retinanet"), default="fcos")
+    parser.add_argument("--family", choices=("fcos", "retinanet", "faster_rcnn"), default="fcos")
     parser.add_argument("--size", type=int, default=800)
     parser.add_argument("--batch", type=int, default=8, help="global batch")
     parser.add_argument("--steps", type=int, default=20, help="timed steps after the first")
@@ -237,23 +307,33 @@ def main():
     parser.add_argument("--variants", default="real,bnn,dfr", help="'' for torchvision only")
     parser.add_argument("--pipeline", choices=("off", "on", "both"), default="both")
     parser.add_argument("--workers", type=int, default=4, help="pipeline worker processes")
+    parser.add_argument("--num_images", type=int, default=64, help="synthetic training images")
+    parser.add_argument(
+        "--data_root",
+        default=tempfile.gettempdir() + "/dfrdet_jax_bench",
+        help="cache folder of the synthetic images the pipeline reads",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--width", choices=("full", "small"), default="full")
+    parser.add_argument("--width", choices=sorted(WIDTHS), default="full")
     parser.add_argument("--torchvision", action="store_true", help="also time torchvision FCOS")
+    parser.add_argument("--lock", help="file lock held while timing (for concurrent processes)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     flags.FLAGS(sys.argv[:1])  # absl defaults: grain reads its flags when it starts workers
-    if args.single:  # one setting, in a process of its own (see run_isolated)
+    if args.single:  # one variant, in a process of its own (see run_isolated)
         print(json.dumps(time_jax(args.variants, args)))
         return
     print(f"devices: {jax.devices()}")
     results = []
-    pipelines = ("off", "on") if args.pipeline == "both" else (args.pipeline,)
     for variant in filter(None, args.variants.split(",")):
-        for pipeline in pipelines:
-            results.append(run_isolated(variant, pipeline))
-            print(json.dumps(results[-1]), flush=True)
+        for result in run_isolated(variant):
+            results.append(result)
+            print(json.dumps(result), flush=True)
     if args.torchvision and (args.width != "full" or args.family != "fcos"):
         print("torchvision: skipped, it is timed for FCOS at full widths only")
     elif args.torchvision:
