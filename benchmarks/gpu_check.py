@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="FCOS's; others float32")
     parser.add_argument("--workers", type=int, default=8, help="input pipeline processes")
     parser.add_argument("--torchvision", choices=("auto", "off"), default="auto")
-    parser.add_argument("--eval_images", type=int, default=2000)
+    parser.add_argument("--eval_images", type=int, default=2000, help="0: no evaluation part")
     parser.add_argument("--eval_dets", type=int, default=1500, help="detections per image")
     parser.add_argument("--concurrency", type=int, default=3, help="train parts at once")
     parser.add_argument("--part_timeout", type=float, default=180, help="seconds per part")
@@ -108,25 +108,25 @@ def make_parts(args, out_dir: pathlib.Path) -> list[Part]:
     families = [f for f in args.families.split(",") if f]
     variants = [v for v in args.variants.split(",") if v]
     dtypes = [d for d in args.dtypes.split(",") if d]
-    parts = [
-        Part(
-            "eval",
-            [
-                sys.executable,
-                str(HERE / "eval_speed.py"),
-                f"--images={args.eval_images}",
-                f"--dets={args.eval_dets}",
-                "--skip-pycocotools",
-                "--json",
-            ],
-            uses_device=False,
+    parts = []
+    if args.eval_images:
+        parts.append(
+            Part(
+                "eval",
+                [
+                    sys.executable,
+                    str(HERE / "eval_speed.py"),
+                    f"--images={args.eval_images}",
+                    f"--dets={args.eval_dets}",
+                    "--skip-pycocotools",
+                    "--json",
+                ],
+                uses_device=False,
+            )
         )
-    ]
-    torchvision = args.torchvision == "auto" and "fcos" in families and args.width == "full"
-    for dtype in dtypes:
-        for family in families:
-            if family != "fcos" and dtype != "float32":
-                continue
+    torchvision = args.torchvision == "auto" and args.width == "full"
+    for family in families:
+        for dtype in dtypes if family == "fcos" else ["float32"]:
             pipeline = "both" if (family, dtype) == ("fcos", "float32") else "off"
             for variant in variants:
                 parts.append(
@@ -155,7 +155,7 @@ def make_parts(args, out_dir: pathlib.Path) -> list[Part]:
 def prepare_data(args, out_dir: pathlib.Path) -> None:
     """Generates the synthetic images the pipeline parts read, once, before they start side by
     side (they would otherwise all generate the same cache at the same time)."""
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE), str(ROOT)]
     import train_throughput  # pylint: disable=g-import-not-at-top
 
     from dfrdet_jax import data  # pylint: disable=g-import-not-at-top
@@ -275,7 +275,11 @@ def find(rows, family, variant, dtype, framework="jax", pipeline="off"):
 
 
 def memory_of(row: dict) -> float | None:
-    return row.get("device_peak_gb", row.get("host_peak_rss_gb"))
+    """GiB the step needs: XLA's buffer assignment for ours, the allocator's peak for torch."""
+    for key in ("step_memory_gb", "device_peak_gb", "host_peak_rss_gb"):
+        if row.get(key) is not None:
+            return row[key]
+    return None
 
 
 def ratio_lines(rows: list[dict]) -> list[str]:
@@ -310,20 +314,21 @@ def ratio_lines(rows: list[dict]) -> list[str]:
 
 def report(parts: list[Part], args, wall_s: float) -> str:
     rows = train_rows(parts)
+    now = datetime.datetime.now(datetime.timezone.utc)
     lines = [
         "# GPU check",
         "",
         f"`python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}`, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {wall_s:.0f} s in all.",
+        f"{now:%Y-%m-%d %H:%M} UTC, {wall_s:.0f} s in all.",
         "",
         *machine_lines(),
         "",
         f"## Train step: {args.size} x {args.size} px, global batch {args.batch}, width "
         f"{args.width}, {args.steps} timed steps, 100 objects per image in 1,500 box slots",
         "",
-        "| network | dtype | input | images/s | ms / step | compile s | peak memory GiB "
-        "| GFLOP / step | TFLOP/s | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| network | dtype | input | images/s | ms / step | compile s | step memory GiB "
+        "| allocator peak GiB | GFLOP / step | TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         flops = r.get("flops_per_step")
@@ -335,14 +340,18 @@ def report(parts: list[Part], args, wall_s: float) -> str:
         lines.append(
             f"| {r['framework']} {r['family']} {r['variant']} | {r['dtype']} | {input_} "
             f"| {fmt(r['images_per_second'])} | {fmt(r['step_ms'])} | {fmt(r.get('compile_s'))} "
-            f"| {fmt(memory_of(r), 2)} | {fmt(flops and flops / 1e9)} | {fmt(achieved, 2)} "
+            f"| {fmt(memory_of(r), 2)} | {fmt(r.get('device_peak_gb'), 2)} "
+            f"| {fmt(flops and flops / 1e9)} | {fmt(achieved, 2)} "
             f"| {mfu} |"
         )
     lines += [
         "",
-        "Peak memory: the device's peak bytes in use (the process's peak RSS on a CPU). "
-        "GFLOP / step: XLA's cost analysis of the compiled step; MFU against the dense "
-        "tensor-core peak (float32 against TF32).",
+        "Step memory: XLA's buffer assignment of the compiled step (arguments, outputs and "
+        "temporaries; torchvision: the allocator's peak); the process's peak RSS on a CPU. "
+        "Allocator peak: the device allocator's peak bytes in use, which include XLA's "
+        "autotuning scratch. GFLOP / step: XLA's cost analysis of the lowered step (the compiled "
+        "one on a GPU does not count cuDNN's convolutions); MFU against the dense tensor-core "
+        "peak (float32 against TF32).",
         "",
         "## Ratios, from this run",
         "",
@@ -384,6 +393,8 @@ def main(argv=None) -> None:
     start = time.monotonic()
     # Device parts share the GPU: each takes the memory it needs, not 75 % of it up front.
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    # ... and at most its share of it, so that side-by-side compiles cannot exhaust the device.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.concurrency:.2f}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     parts = make_parts(args, out_dir)

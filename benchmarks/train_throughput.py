@@ -8,7 +8,7 @@ and, where PyTorch with torchvision is installed, times torchvision's FCOS with 
 backbone on the same image size and batch for comparison.
 
   python benchmarks/train_throughput.py --size 800 --batch 8 --steps 20        # GPU
-  python benchmarks/train_throughput.py --size 128 --batch 4 --steps 5 --width small --pipeline off  # CPU
+  python benchmarks/train_throughput.py --size 128 --batch 4 --steps 5 --width small  # CPU
 
 Prints one line per setting and, with --out, writes them as JSON.
 """
@@ -79,24 +79,37 @@ def peak_memory_gb() -> tuple[str, float | None]:
     return "host_peak_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled executable, from XLA's cost analysis (None if absent)."""
-    cost = compiled.cost_analysis()
+def step_flops(lowered) -> float | None:
+    """FLOPs of one step from XLA's cost analysis of the lowered (not yet compiled) program:
+    after compilation for a GPU the convolutions are cuDNN calls that the analysis does not
+    count. None if the analysis has no figure."""
+    cost = lowered.cost_analysis()
     if isinstance(cost, list):  # older jax: one dict per computation
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
 
 
+def step_memory_gb(compiled) -> float | None:
+    """GiB the compiled step needs on a device by XLA's buffer assignment (arguments, outputs
+    and temporaries, less donated buffers reused for outputs); None if XLA gives no figure."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    return (total - m.alias_size_in_bytes) / 2**30
+
+
 @contextlib.contextmanager
-def exclusive(lock_path: str | None):
-    """Holds an exclusive file lock (none if ``lock_path`` is None): processes that compile
-    side by side take turns on the device for their timed steps."""
+def device_lock(lock_path: str | None, exclusive: bool):
+    """A file lock shared by processes that use the device side by side (none if ``lock_path``
+    is None): compiling holds it shared (compiles overlap), timing holds it exclusive, so no
+    other process compiles (XLA's autotuning runs kernels) or times while one is timed."""
     if lock_path is None:
         yield
         return
     with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
         finally:
@@ -146,10 +159,11 @@ def time_jax(variant: str, args) -> list[dict]:
     rng = np.random.default_rng(0)
     fixed = random_batch(rng, args.batch, args.size, args.boxes, args.max_boxes)
     placed = sharding.to_global_batch(fixed, data_sharding)
-    start = time.perf_counter()
-    compiled = step.lower(state, placed).compile()
-    compile_s = time.perf_counter() - start
-    flops = compiled_flops(compiled)
+    with device_lock(args.lock, exclusive=False):
+        start = time.perf_counter()
+        lowered = step.lower(state, placed)
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start
     pipelines = ("off", "on") if args.pipeline == "both" else (args.pipeline,)
     if "on" in pipelines:  # started before the lock, so its workers' start is not timed
         dataset = data.build_dataset(
@@ -168,7 +182,7 @@ def time_jax(variant: str, args) -> list[dict]:
             depth=config.train.prefetch_batches,
         )
     results = []
-    with exclusive(args.lock):
+    with device_lock(args.lock, exclusive=True):
         for pipeline in pipelines:
             if pipeline == "on":
                 next_batch = lambda: next(batches)[1]  # noqa: E731
@@ -186,7 +200,8 @@ def time_jax(variant: str, args) -> list[dict]:
                     "images_per_second": args.batch / seconds,
                     "step_ms": 1000 * seconds,
                     "compile_s": compile_s,
-                    "flops_per_step": flops,
+                    "flops_per_step": step_flops(lowered),
+                    "step_memory_gb": step_memory_gb(compiled),
                     "device_kind": jax.devices()[0].device_kind,
                     "num_devices": jax.device_count(),
                     what: peak,
@@ -236,11 +251,10 @@ def time_torchvision(args) -> dict | None:
         loss.backward()
         optimizer.step()
 
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    with exclusive(args.lock):
+    with device_lock(args.lock, exclusive=True):
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
