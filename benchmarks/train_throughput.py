@@ -162,6 +162,9 @@ def time_jax(variant: str, args) -> list[dict]:
     with device_lock(args.lock, exclusive=False):
         start = time.perf_counter()
         lowered = step.lower(state, placed)
+        if args.lower_only:  # FLOPs without compiling: the same on every device
+            return [{"family": args.family, "variant": variant, "dtype": args.dtype,
+                     "flops_per_step": step_flops(lowered)}]  # fmt: skip
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
     pipelines = ("off", "on") if args.pipeline == "both" else (args.pipeline,)
@@ -332,6 +335,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--torchvision", action="store_true", help="also time torchvision FCOS")
     parser.add_argument("--lock", help="file lock held while timing (for concurrent processes)")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument(
+        "--lower_only", action="store_true", help="only the FLOPs per step (no compile, no timing)"
+    )
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
