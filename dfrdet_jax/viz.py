@@ -6,6 +6,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
+from dfrdet_jax.data import transforms
+
 # One colour per class index, cycled.
 PALETTE = (
     (230, 25, 75),
@@ -32,8 +34,7 @@ def draw_detections(
     """Writes ``image_path`` with the COCO-format ``results`` of score >= ``min_score`` drawn
     (box outline in the class colour, label and score above it) to ``out_path``."""
     index_of = {cat: i for i, cat in enumerate(category_ids)}
-    with Image.open(image_path) as image:
-        canvas = image.convert("RGB")
+    canvas = Image.fromarray(transforms.decode_image(image_path))  # 16-bit greyscale scaled
     draw = ImageDraw.Draw(canvas)
     for result in results:
         if result["score"] < min_score:

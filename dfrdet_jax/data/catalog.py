@@ -14,6 +14,9 @@ defaults give root, image_size and max_boxes):
   max_boxes     N, rows per image in the batch; an image with more boxes raises an error
   flip_prob     probability of a horizontal flip (training only)
   lenient       False: bad records raise DataError; True: they are counted, reported, skipped
+  verify_images False: image files are checked by their header before training (readable, the
+                annotated size); True: every image is decoded too, which finds truncated files
+                up front (skipped and counted when lenient) instead of when their batch comes
   degenerate    'expand' | 'error': zero-width/height boxes grown to 1 px (counted) or rejected
   source        'raw' (the files under root) | 'tfds' (a build of dfrdet_jax.data.tfds, which
                 carries the images, class table, load report and evaluation ground truth:
@@ -137,6 +140,7 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     c.name = name
     c.flip_prob = 0.5
     c.lenient = False
+    c.verify_images = False
     c.degenerate = "expand"
     c.source = "raw"
     c.tfds_dir = ""
@@ -188,7 +192,11 @@ def _expand(path: str) -> str:
 def _coco_split(config, ann_file: str, image_dir: str) -> SplitRecords:
     """The records of a COCO json and its image folder."""
     records, category_ids, names, report = coco.coco_records(
-        ann_file, image_dir, lenient=config.lenient, degenerate=config.degenerate
+        ann_file,
+        image_dir,
+        lenient=config.lenient,
+        degenerate=config.degenerate,
+        decode_images=config.verify_images,
     )
     return SplitRecords(records, DatasetInfo(len(names), names, category_ids), ann_file, report)
 

@@ -26,22 +26,47 @@ if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIX
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 
 
+# 16-bit greyscale, which PIL's convert("RGB") saturates (every value above 255 turns white):
+# scaled to 8 bits here. 32-bit integer ("I") and float ("F") pixels have no fixed range: refused.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+RANGELESS_MODES = ("I", "F")
+
+
+def _refuse_rangeless(path: str, mode: str) -> None:
+    if mode in RANGELESS_MODES:
+        raise DataError(
+            f"{path}: {mode!r} pixels (32-bit integer or float) have no fixed range to map to "
+            "8 bits; convert the image to 8- or 16-bit"
+        )
+
+
 def decode_image(path: str) -> np.ndarray:
-    """uint8 [h, w, 3] RGB pixels of an image file; DataError naming the file if unreadable."""
+    """uint8 [h, w, 3] RGB pixels of an image file (16-bit greyscale scaled to 8 bits: 65535 ->
+    255); DataError naming the file if unreadable or of pixels without a fixed range."""
     try:
         with Image.open(path) as im:
+            _refuse_rangeless(path, im.mode)
+            if im.mode in SIXTEEN_BIT_MODES:
+                grey = np.asarray(im).astype(np.uint32)
+                grey = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
             return np.asarray(im.convert("RGB"))
     except UNREADABLE_IMAGE_ERRORS as e:
-        raise DataError(f"{path}: cannot read image: {e}") from e
+        raise DataError(
+            f"{path}: cannot read image: {e} (config.data.verify_images=True finds such files "
+            "before training; config.data.lenient=True then skips and counts them)"
+        ) from e
 
 
 def image_hw(path: str) -> tuple[int, int]:
-    """(h, w) of an image file from its header; DataError naming the file if unreadable."""
+    """(h, w) of an image file from its header; DataError naming the file if unreadable or of
+    pixels ``decode_image`` refuses."""
     try:
         with Image.open(path) as im:
-            w, h = im.size
+            (w, h), mode = im.size, im.mode
     except UNREADABLE_IMAGE_ERRORS as e:
         raise DataError(f"{path}: cannot read image: {e}") from e
+    _refuse_rangeless(path, mode)
     return h, w
 
 
@@ -111,6 +136,12 @@ def example_from_record(record: dict, size: int, max_boxes: int, flip: bool) -> 
             image = record["image"]
         else:  # raw sources a path (DOTA: of the full image)
             image = decode_image(record["path"])
+            if tuple(image.shape[:2]) != tuple(record["hw"]) and "tile_offset" not in record:
+                (h, w), (rh, rw) = image.shape[:2], record["hw"]
+                raise DataError(
+                    f"{record['path']}: decoded {w}x{h} px where its record says {rw}x{rh}: "
+                    "the file changed after its annotations were read"
+                )
             if "tile_offset" in record:  # DOTA tile: crop [x0, x0+tile) x [y0, y0+tile)
                 x0, y0 = (int(v) for v in record["tile_offset"])
                 image = image[y0 : y0 + record["tile_size"], x0 : x0 + record["tile_size"]]

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from dfrdet_jax.data import transforms
 from dfrdet_jax.data.errors import DataError, SkipReport
 
 
@@ -48,10 +49,14 @@ def _box_xyxy(ann, hw, ann_file, report: SkipReport, degenerate: str):
     h, w = hw
     where = f"{ann_file}: annotation id {ann.get('id')} (image {ann.get('image_id')})"
     bbox = ann.get("bbox")
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+    try:
+        x, y, bw, bh = (float(v) for v in bbox)
+    except (TypeError, ValueError):  # not a list of four numbers
         report.problem("malformed bbox", f"{where}: bbox {bbox!r} is not [x, y, w, h]")
         return None
-    x, y, bw, bh = (float(v) for v in bbox)
+    if not np.isfinite([x, y, bw, bh]).all():
+        report.problem("non-finite bbox", f"{where}: bbox {bbox} has a NaN or infinite value")
+        return None
     if bw < 0 or bh < 0:
         report.problem("negative box size", f"{where}: negative size in bbox {bbox}")
         return None
@@ -81,6 +86,51 @@ def _grow_to_one(lo: float, hi: float, limit: float) -> tuple[float, float]:
     return lo, min(lo + 1.0, limit)
 
 
+def _check_image_file(path: str, img: dict, where: str, report: SkipReport, decode: bool):
+    """True when the image file exists, is readable (its header; every pixel if ``decode``) and
+    has the size the annotation file gives; otherwise DataError (lenient: counted, False)."""
+    if not os.path.isfile(path):
+        report.problem("missing image file", f"{where}: file {path} does not exist")
+        return False
+    try:
+        h, w = transforms.image_hw(path)
+        if decode:
+            transforms.decode_image(path)
+    except DataError as e:
+        report.problem("unreadable image file", f"{where}: {e}")
+        return False
+    if (h, w) != (int(img["height"]), int(img["width"])):
+        report.problem(
+            "image size differs from the annotation file",
+            f"{where}: {path} is {w}x{h} px but the annotation file says "
+            f"{img['width']}x{img['height']} (resized after annotation?)",
+        )
+        return False
+    return True
+
+
+def _image_table(data: dict, ann_file: str) -> dict[int, dict]:
+    """{image id: image record}; DataError for a malformed record or an id used twice."""
+    images = {}
+    for img in data["images"]:
+        try:
+            image_id = int(img["id"])
+            h, w, name = int(img["height"]), int(img["width"]), str(img["file_name"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(
+                f"{ann_file}: image record {img!r} lacks id/file_name/height/width"
+            ) from e
+        if image_id in images:
+            raise DataError(
+                f"{ann_file}: image id {image_id} is used twice ({images[image_id]['file_name']!r} "
+                f"and {name!r}): their annotations could belong to either; give each its own id"
+            )
+        if h <= 0 or w <= 0:
+            raise DataError(f"{ann_file}: image id {image_id} ({name!r}) has size {w}x{h}")
+        images[image_id] = img
+    return images
+
+
 def coco_records(
     ann_file: str,
     image_dir: str,
@@ -88,14 +138,18 @@ def coco_records(
     lenient: bool = False,
     degenerate: str = "expand",
     check_files: bool = True,
+    decode_images: bool = False,
 ) -> tuple[list[dict], list[int], list[str], SkipReport]:
     """(records sorted by image id, category ids, class names, report) of a COCO json.
 
-    Raises DataError naming the file and record for: a non-COCO json, an annotation with an
-    unknown category or image id, a box outside the image, a missing image file. With
-    ``lenient`` those are counted in the report instead (missing images and unknown categories
-    are skipped, outside boxes clipped). Annotations with ``ignore`` or ``uncertain`` set (the
-    TinyPerson flags) become ignore regions; ``iscrowd`` ones too.
+    Raises DataError naming the file and record for: a non-COCO json, an image id used twice,
+    an annotation with an unknown category or image id, a box outside the image or with a NaN
+    or infinite value, a missing or unreadable image file, or one whose size differs from the
+    json's (read from the header; ``decode_images`` decodes every image too, to find truncated
+    files before training). With ``lenient`` those are counted in the report instead (bad images
+    skipped with their annotations, counted too; bad annotations skipped; outside boxes
+    clipped). Annotations with ``ignore`` or ``uncertain`` set (the TinyPerson flags) become
+    ignore regions; ``iscrowd`` ones too.
     """
     if degenerate not in ("expand", "error"):
         raise ValueError(f"degenerate must be 'expand' or 'error', got {degenerate!r}")
@@ -103,22 +157,26 @@ def coco_records(
     report = SkipReport(lenient)
     cat_ids, names = category_table(data)
     cat_index = {c: i for i, c in enumerate(cat_ids)}
-    images = {}
-    for img in data["images"]:
-        try:
-            images[int(img["id"])] = img
-            int(img["height"]), int(img["width"]), str(img["file_name"])  # shape check
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(
-                f"{ann_file}: image record {img!r} lacks id/file_name/height/width"
-            ) from e
-    per_image: dict[int, list] = {i: [] for i in images}
+    images = _image_table(data, ann_file)
+    paths = {}  # image id -> file, for the images kept
+    for image_id in sorted(images):
+        img = images[image_id]
+        path = os.path.join(image_dir, img["file_name"])
+        where = f"{ann_file}: image id {image_id}"
+        if not check_files or _check_image_file(path, img, where, report, decode_images):
+            paths[image_id] = path
+    per_image: dict[int, list] = {i: [] for i in paths}
     for ann in data["annotations"]:
         image_id = ann.get("image_id")
         if image_id not in images:
             report.problem(
                 "annotation of unknown image",
                 f"{ann_file}: annotation id {ann.get('id')} refers to unknown image {image_id}",
+            )
+            continue
+        if image_id not in paths:  # lenient: its image was skipped above
+            report.add(
+                "annotation of a skipped image", f"{ann_file}: annotation id {ann.get('id')}"
             )
             continue
         if ann.get("category_id") not in cat_index:
@@ -135,16 +193,8 @@ def coco_records(
         ignore = bool(ann.get("ignore") or ann.get("uncertain") or ann.get("iscrowd"))
         per_image[image_id].append((box, cat_index[ann["category_id"]], ignore))
     records = []
-    for image_id in sorted(images):
-        img = images[image_id]
-        path = os.path.join(image_dir, img["file_name"])
-        if check_files and not os.path.isfile(path):
-            report.problem(
-                "missing image file",
-                f"{ann_file}: image id {image_id}: file {path} does not exist",
-            )
-            continue
-        anns = per_image[image_id]
+    for image_id, path in paths.items():
+        img, anns = images[image_id], per_image[image_id]
         records.append(
             {
                 "path": path,

@@ -72,6 +72,9 @@ def parse_label_file(path: str, report: SkipReport):
         except ValueError:
             report.problem("DOTA line with bad coordinates", f"{where}: coordinates not numbers")
             continue
+        if not np.isfinite(xy).all():
+            report.problem("DOTA line with bad coordinates", f"{where}: NaN or infinite coordinate")
+            continue
         if fields[8] not in class_index:
             report.problem("unknown category", f"{where}: class {fields[8]!r} not in DOTA-v2.0")
             continue
@@ -147,7 +150,11 @@ def dota_records(
                 "missing image file", f"{label_path}: no image {name[:-4]}.* in {image_dir}"
             )
             continue
-        h, w = transforms.image_hw(path)
+        try:
+            h, w = transforms.image_hw(path)
+        except DataError as e:
+            report.problem("unreadable image file", f"{label_path}: {e}")
+            continue
         boxes, labels, difficult = parse_label_file(label_path, report)
         # Released DOTA polygons often reach slightly past the border: clip, and count.
         clipped = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
