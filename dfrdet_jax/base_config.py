@@ -34,6 +34,12 @@ def parse_arg(arg: str, config_file: str) -> tuple[str, str, bool, bool]:
             f"{config_file} takes '<dataset>,<variant>[,demo][,smoke]' with dataset in "
             f"{list(datasets)} and variant in {list(VARIANTS)}; got {arg!r}"
         )
+    if demo and tokens[0] != "synthetic":
+        raise ValueError(
+            f"{config_file}: 'demo' and 'smoke' size a run for the synthetic data set (its 128 px "
+            f"images, a narrow network, minutes on a CPU); for {tokens[0]} leave them out and "
+            f"override fields instead, e.g. --config.train.num_steps=1000; got {arg!r}"
+        )
     return tokens[0], tokens[1], demo, smoke
 
 

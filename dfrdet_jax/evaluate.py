@@ -160,8 +160,9 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_path: 
     """The ``predict`` mode: detections for the images of ``input_path`` (a folder or one image).
 
     Writes ``workdir/predictions/results.json`` (COCO results; ``image_id`` is the position of
-    the image in the sorted file list, and ``images.json`` maps ids to file names) and a copy of
-    every image with its boxes drawn. Returns the predictions folder.
+    the image in the sorted file list, and ``images.json`` maps ids to file names), a copy of
+    every image with its boxes drawn and ``skipped_files.json``, the folder's files that are not
+    images (a warning names them). Returns the predictions folder.
     """
     registry.validate_config(config)
     sharding.check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
@@ -176,6 +177,19 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_path: 
         json.dump(results, f)
     with open(os.path.join(out_dir, "images.json"), "w") as f:
         json.dump(dataset.files, f, indent=1)
+    with open(os.path.join(out_dir, "skipped_files.json"), "w") as f:
+        json.dump(dataset.skipped_files, f, indent=1)
+    if dataset.skipped_files:
+        shown = ", ".join(os.path.basename(p) for p in dataset.skipped_files[:5])
+        more = len(dataset.skipped_files) - 5
+        logging.warning(
+            "Skipped %d files of %s that are not images (%s%s); listed in %s",
+            len(dataset.skipped_files),
+            input_path,
+            shown,
+            f" and {more} more" if more > 0 else "",
+            os.path.join(out_dir, "skipped_files.json"),
+        )
     by_image = {}
     for result in results:
         by_image.setdefault(result["image_id"], []).append(result)

@@ -24,9 +24,12 @@ Modes:
 
 from __future__ import annotations
 
+import ast
 import importlib
 import logging as std_logging
+import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -86,8 +89,42 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        sys.stderr.write(f"Flag error: {error}\nPass --help for usage.\n")
+        message = str(error)
+        if "Traceback (most recent call last)" in message:  # the config file raised
+            lines = [line for line in message.splitlines() if line.strip()]
+            message = f"{lines[0]} {lines[-1]}"
+        sys.stderr.write(f"Flag error: {message}\nPass --help for usage.\n")
         sys.exit(2)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        # Raised by the config file (its argument) or a --config.* override while the flags
+        # are parsed: the message, without the three chained tracebacks of ml_collections.
+        sys.stderr.write(f"Config error: {config_error_message(error, argv)}\n")
+        sys.exit(2)
+
+
+def config_error_message(error: Exception, argv: list[str]) -> str:
+    """``error``'s message unquoted (ml_collections wraps a KeyError's repr in an
+    AttributeError), with the override that names the offending field, if one does."""
+    message = str(error)
+    while len(message) > 1 and message[0] in "'\"" and message[-1] == message[0]:
+        try:
+            message = ast.literal_eval(message)
+        except (SyntaxError, ValueError):
+            break
+    field = message.split("\n")[0].strip("'\"")
+    overrides = [a for a in argv if a.startswith("--config.") and f".{field}" in a.split("=")[0]]
+    return message + (f" (in {overrides[0]})" if overrides else "")
+
+
+def check_writable(workdir: str) -> None:
+    """UsageError naming ``workdir`` unless it is (or can be made) a folder this process can
+    write, checked before any work starts."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as error:
+        raise app.UsageError(f"--workdir {workdir} cannot be written: {error}") from error
 
 
 def main(argv):
@@ -104,6 +141,8 @@ def main(argv):
         if _INPUT.value is None:
             raise app.UsageError("--mode predict needs --input (a folder of images)")
         kwargs["input_path"] = _INPUT.value
+    if _WORKDIR.value is not None:
+        check_writable(_WORKDIR.value)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     distributed.initialize(_CONFIG.value)
     logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)

@@ -111,6 +111,20 @@ class PreemptionGuard:
         return False
 
 
+def check_schedule(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the field when the training schedule cannot run: logging and
+    checkpoint intervals must be at least one step, and a run needs steps or epochs."""
+    t = config.train
+    for field in ("log_every_steps", "checkpoint_every_steps"):
+        if t[field] < 1:
+            raise ValueError(f"config.train.{field} must be at least 1 (steps), got {t[field]}")
+    if t.num_steps <= 0 and t.num_epochs <= 0:
+        raise ValueError(
+            "config.train.num_steps or config.train.num_epochs must be positive, got "
+            f"{t.num_steps} and {t.num_epochs}"
+        )
+
+
 def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int]:
     """(first step traced, step after the last) from config.train.profile_*; (-1, -1): none."""
     num = config.train.get("profile_num_steps", 0)

@@ -51,6 +51,7 @@ def train_and_evaluate(
     registry.validate_config(config)
     distill.validate(config)
     optimizers.check_optimizer(config)
+    run_utils.check_schedule(config)
     sharding.check_batch_divides(config.train.batch_size, "config.train.batch_size")
     sharding.check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
     checkpointing.check_run_config(workdir, config)

@@ -45,9 +45,12 @@ def test_trains_evaluates_predicts_and_exports_through_main(tmp_path, monkeypatc
     # The predict mode's results on the same images, scored on the split's ground truth.
     gt_file = data.load_records(config.data, config.eval.split).annotation_file
     (images,) = (tmp_path / "data").glob("*/val")
+    (images / "README.txt").write_text("a file that is not an image")
     out_dir = main.run("predict", config, str(workdir), input_path=str(images))
     with open(f"{out_dir}/images.json") as f:
         files = json.load(f)
+    with open(f"{out_dir}/skipped_files.json") as f:
+        assert json.load(f) == [str(images / "README.txt")]  # listed, not silently left out
     with open(f"{out_dir}/results.json") as f:
         predicted = json.load(f)
     with open(gt_file) as f:

@@ -47,6 +47,9 @@ GT = make_gt({1: [(1, [10, 10, 20, 20])], 2: [(1, [5, 5, 8, 8])]})
         (det(1, [0, 0, 5, 5], math.inf), r"record #1 has a NaN"),
         (det(1, [0, 0, -5, 5], 0.5), r"record #1 has a negative width"),
         (det(1, [0, 0, 5], 0.5), r"record #1 needs bbox"),
+        (det(1, [0, 0, 5, 5], "0.5"), r"record #1 needs bbox .* all numbers"),
+        (det(1, [0, "0", 5, 5], 0.5), r"record #1 needs bbox .* all numbers"),
+        (det(1, [0, 0, 5, 5], None), r"record #1 needs bbox .* all numbers"),
         ({"image_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}, r"record #1 needs keys"),
     ],
 )
@@ -104,6 +107,17 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     dt_path.write_text(json.dumps([det(9, [10, 10, 20, 20], 0.9)]))
     assert cli.main(["--gt", str(gt_path), "--dt", str(dt_path), "--out", str(out)]) == 2
     assert "image_id 9" in capsys.readouterr().err
+
+
+def test_cli_names_a_ground_truth_list_and_a_results_folder(tmp_path, capsys):
+    gt_path, dt_path = tmp_path / "gt.json", tmp_path / "dt.json"
+    gt_path.write_text(json.dumps([GT]))
+    dt_path.write_text(json.dumps([det(1, [10, 10, 20, 20], 0.9)]))
+    assert cli.main(["--gt", str(gt_path), "--dt", str(dt_path)]) == 2
+    assert "gt.json: COCO ground truth is a JSON object" in capsys.readouterr().err
+    gt_path.write_text(json.dumps(GT))
+    assert cli.main(["--gt", str(gt_path), "--dt", str(tmp_path)]) == 2
+    assert f"Results {tmp_path} is a folder" in capsys.readouterr().err
 
 
 def test_cli_module_entry_point(tmp_path):

@@ -62,7 +62,7 @@ def test_parts_stop_at_their_limits_and_failures_keep_their_log(tmp_path):
     parts = [
         gpu_check.Part("slow", [python, "-c", "import time; time.sleep(60)"]),
         gpu_check.Part("broken", [python, "-c", "raise SystemExit('no such model: xyz')"]),
-        gpu_check.Part("fine", [python, "-c", 'print(\'{"images_per_second": 3}\')']),
+        gpu_check.Part("fine", [python, "-c", "print('{\"images_per_second\": 3}')"]),
         gpu_check.Part("silent", [python, "-c", "print('nothing to parse')"], uses_device=False),
     ]
     gpu_check.run_parts(parts, args, tmp_path, env=None)

@@ -111,6 +111,25 @@ def test_what_evaluation_needs_is_checked_before_training(
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("log_every_steps", 0, r"config.train.log_every_steps must be at least 1"),
+        ("checkpoint_every_steps", -1, r"config.train.checkpoint_every_steps must be at least"),
+        ("num_steps", 0, r"config.train.num_steps or config.train.num_epochs must be positive"),
+    ],
+)
+def test_a_schedule_that_cannot_run_is_named_before_training(
+    data_root, tmp_path, field, value, message
+):
+    config = _config(data_root)
+    config.train[field] = value
+    config.train.num_epochs = 0
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("lenient", [False, True])
 def test_a_bad_val_annotation_fails_before_training(tmp_path, lenient):
     # Lenient loading skips it, but the evaluator would stop at it after the first epoch.

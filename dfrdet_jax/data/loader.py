@@ -39,6 +39,8 @@ class DetectionDataset:
     num_images: records of the whole split over all shards (tiles for DOTA), before padding.
     annotation_file: COCO ground-truth json for evaluation (DOTA: full images).
     report: counts of everything skipped or repaired while loading.
+    files / skipped_files (``image_folder_dataset``): the images read, in image_id order, and
+    the files of the folder that are not images (by extension), which are left out.
     """
 
     loader: grain.DataLoader
@@ -49,6 +51,7 @@ class DetectionDataset:
     annotation_file: str
     report: SkipReport
     files: list[str] = dataclasses.field(default_factory=list)
+    skipped_files: list[str] = dataclasses.field(default_factory=list)
 
     @staticmethod
     def get_iterator_state(iterator) -> dict[str, str]:
@@ -209,18 +212,25 @@ def image_folder_dataset(
 ) -> DetectionDataset:
     """Standard batches (no boxes) of the images of a folder, or of one image file.
 
-    ``image_id`` is the position in the sorted file list (``dataset.files``).
+    ``image_id`` is the position in the sorted file list (``dataset.files``); the folder's other
+    files are listed in ``dataset.skipped_files`` and counted in ``dataset.report``.
     """
+    report, files, skipped = SkipReport(False), [], []
     if os.path.isdir(path):
-        files = sorted(
-            os.path.join(path, f)
-            for f in os.listdir(path)
-            if f.lower().endswith(dota.IMAGE_EXTENSIONS)
-        )
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if name.lower().endswith(dota.IMAGE_EXTENSIONS):
+                files.append(full)
+            elif os.path.isfile(full):
+                skipped.append(full)
+                report.add("not an image file (skipped)", full)
     else:
         files = [path]
     if not files:
-        raise DataError(f"{path}: no images ({', '.join(dota.IMAGE_EXTENSIONS)})")
+        raise DataError(
+            f"{path}: no images ({', '.join(dota.IMAGE_EXTENSIONS)}); "
+            f"{len(skipped)} other files there"
+        )
     records = []
     for i, f in enumerate(files):
         h, w = transforms.image_hw(f)
@@ -243,6 +253,7 @@ def image_folder_dataset(
         info.class_names,
         info.category_ids,
         "",
-        SkipReport(False),
+        report,
         files,
+        skipped,
     )

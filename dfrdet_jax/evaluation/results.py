@@ -37,6 +37,10 @@ class EvaluationInputError(ValueError):
 
 
 def _read_json(path, what: str):
+    if os.path.isdir(path):
+        raise EvaluationInputError(
+            f"{what} {os.fspath(path)} is a folder; pass the JSON file itself"
+        )
     with open(path) as f:
         text = f.read()
     if not text.strip():
@@ -57,6 +61,11 @@ def load_ground_truth(gt: GroundTruth) -> tuple[dict, dict[str, int]]:
     """
     source = "ground truth" if isinstance(gt, dict) else os.fspath(gt)
     data = _read_json(gt, "Ground-truth") if not isinstance(gt, dict) else gt
+    if not isinstance(data, dict):
+        raise EvaluationInputError(
+            f"{source}: COCO ground truth is a JSON object with 'images', 'annotations' and "
+            f"'categories' lists, not a {type(data).__name__}"
+        )
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise EvaluationInputError(f"{source}: COCO ground truth needs a '{key}' list")
@@ -147,17 +156,23 @@ def load_detections(detections: Detections, gt: dict) -> list[dict]:
 
 def _check_numbers(bboxes: list, scores: list, dets: Sequence, source: str) -> np.ndarray:
     """Boxes [N, 4] float64 after checking shapes, finiteness and non-negative sizes."""
-    try:
-        boxes = np.asarray(bboxes, dtype=np.float64)
-        score_array = np.asarray(scores, dtype=np.float64)
-        well_formed = boxes.shape == (len(dets), 4) and score_array.shape == (len(dets),)
+    try:  # numbers only: numpy would read "0.9" as 0.9, which scoring then sorts as text
+        boxes, score_array = np.asarray(bboxes), np.asarray(scores)
+        well_formed = (
+            boxes.shape == (len(dets), 4)
+            and score_array.shape == (len(dets),)
+            and boxes.dtype.kind in "iuf"
+            and score_array.dtype.kind in "iuf"
+        )
     except (TypeError, ValueError):
         well_formed = False
     if not well_formed:
         index = next(i for i, d in enumerate(dets) if not _is_box_and_score(d))
         raise EvaluationInputError(
-            f"{source}: record #{index} needs bbox [x, y, w, h] and a scalar score: {dets[index]}"
+            f"{source}: record #{index} needs bbox [x, y, w, h] and a score, all numbers: "
+            f"{dets[index]}"
         )
+    boxes, score_array = boxes.astype(np.float64), score_array.astype(np.float64)
     bad = ~np.isfinite(boxes).all(axis=1) | ~np.isfinite(score_array)
     if bad.any():
         index = int(np.argmax(bad))
@@ -173,14 +188,18 @@ def _check_numbers(bboxes: list, scores: list, dets: Sequence, source: str) -> n
     return boxes
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def _is_box_and_score(det: dict) -> bool:
-    try:
-        return (
-            np.asarray(det["bbox"], np.float64).shape == (4,)
-            and np.ndim(np.asarray(det["score"], np.float64)) == 0
-        )
-    except (TypeError, ValueError):
-        return False
+    bbox = det["bbox"]
+    return (
+        isinstance(bbox, (list, tuple, np.ndarray))
+        and len(bbox) == 4
+        and all(map(_is_number, bbox))
+        and _is_number(det["score"])
+    )
 
 
 def build_coco_pair(coco_cls, gt: dict, detections: list[dict]):
