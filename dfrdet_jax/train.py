@@ -100,7 +100,16 @@ def train_and_evaluate(
     if restored is not None:
         state, data_state = restored
         if data_state is not None:
-            train_data.set_iterator_state(train_iter, data_state)
+            try:
+                train_data.set_iterator_state(train_iter, data_state)
+            except ValueError as error:  # grain: the saved position is of other records
+                raise data_lib.DataError(
+                    f"{workdir}: the training data changed since checkpoint {int(state.step)} "
+                    "was saved (images, their number, the batch size, the process count or the "
+                    "seed), so its place in the data cannot be restored exactly. Restore the "
+                    "data, or continue from its weights in a new workdir with "
+                    f"--config.init_from={workdir}. Input pipeline: {str(error).splitlines()[0]}"
+                ) from error
     checkpointing.write_run_config(workdir, config)
     start_step = int(state.step)
     if start_step:

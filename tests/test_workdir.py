@@ -130,6 +130,24 @@ def test_a_schedule_that_cannot_run_is_named_before_training(
     assert not (tmp_path / "run").exists()
 
 
+def test_changed_training_data_is_named_on_resume(data_root, tmp_path):
+    workdir = tmp_path / "run"
+    config = _config(data_root)
+    _save_run(workdir, config, [2])
+    dataset = data.build_dataset(config.data, "train", train=True, batch_size=2, seed=0)
+    iterator = iter(dataset.loader)
+    next(iterator)
+    model = registry.build_model(config, num_classes=8)
+    state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 12)
+    checkpoints = checkpointing.Checkpointer(str(workdir))
+    checkpoints.save(3, state.replace(step=3), dataset.get_iterator_state(iterator))
+    checkpoints.wait()
+    config.data.synthetic.num_train += 4  # more training images than the run was saved with
+    with pytest.raises(data.DataError, match=r"training data changed since checkpoint 3") as e:
+        train.train_and_evaluate(config, str(workdir))
+    assert f"--config.init_from={workdir}" in str(e.value)
+
+
 @pytest.mark.parametrize("lenient", [False, True])
 def test_a_bad_val_annotation_fails_before_training(tmp_path, lenient):
     # Lenient loading skips it, but the evaluator would stop at it after the first epoch.
