@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class MetricsWriter:
@@ -89,21 +90,37 @@ class Progress:
 
 
 class PreemptionGuard:
-    """Turns SIGTERM (how clusters pre-empt a job) into a flag the loop polls, so training can
-    save a checkpoint and return instead of dying mid-step."""
+    """Turns SIGTERM (how clusters pre-empt a job) into a stop the loop polls with
+    ``should_stop(step)``, so training can save a checkpoint and return instead of dying mid-step.
+
+    In a multi-process run every process must stop at the same step (one that stops alone
+    leaves the others waiting in the next step's collectives for ever), whichever of them the
+    signal reached: there JAX's preemption service (started by ``jax.distributed.initialize``)
+    catches it and agrees on the step, and ``should_stop`` must be called at every step.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._agreed = False  # the stop step is agreed between processes
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        self._agreed = jax.process_count() > 1
+        if not self._agreed and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):  # pylint: disable=unused-argument
         logging.warning("SIGTERM received: saving a checkpoint and stopping")
         self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop after ``step``: the same answer on every process."""
+        if self._agreed and not self.requested:
+            if multihost_utils.reached_preemption_sync_point(step):
+                logging.warning("Pre-empted: every process saves and stops at step %d", step)
+                self.requested = True
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:

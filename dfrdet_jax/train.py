@@ -157,7 +157,7 @@ def train_and_evaluate(
             if done == profile_stop:
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
-            stop = done == total_steps or preemption.requested
+            stop = preemption.should_stop(done) or done == total_steps
             log_now = done % config.train.log_every_steps == 0 or stop
             eval_now = done % eval_every == 0 or done == total_steps
             # Saved before evaluating: a failing evaluation loses no training.

@@ -1,7 +1,9 @@
 """Two training processes on localhost (gloo CPU collectives, 2 devices each) reach the same
-parameters as one process with 4 devices over the same global batches."""
+parameters as one process with 4 devices over the same global batches; a SIGTERM that reaches
+one of them stops both at the same step."""
 
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
+PREEMPTION_WORKER = pathlib.Path(__file__).with_name("preemption_worker.py")
 STEPS = 3
 pytestmark = pytest.mark.slow  # three training processes
 
@@ -54,3 +57,27 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-4)
     for name in single:
         np.testing.assert_allclose(multi[name], single[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step():
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(PREEMPTION_WORKER), str(pid), "2", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    for proc in procs:  # both are looping in step (gloo prints its own lines first)
+        while (line := proc.stdout.readline()) and line.strip() != "ready":
+            pass
+        assert line, "a worker ended before its loop began"
+    procs[1].send_signal(signal.SIGTERM)  # the scheduler pre-empts one process only
+    stops = []
+    for proc in procs:
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output
+        stops += [line for line in output.splitlines() if line.startswith("stopped at ")]
+    assert len(stops) == 2 and stops[0] == stops[1], stops
