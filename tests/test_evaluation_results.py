@@ -109,6 +109,15 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     assert "image_id 9" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("what", ["image", "annotation"])
+def test_repeated_ids_in_the_ground_truth_are_an_error(what):
+    gt = json.loads(json.dumps(GT))
+    records = gt["images"] if what == "image" else gt["annotations"]
+    records[1]["id"] = records[0]["id"]
+    with pytest.raises(evaluation.EvaluationInputError, match=rf"{what} id 1 is used 2 times"):
+        evaluation.evaluate(gt, [det(1, [10, 10, 20, 20], 0.9)])
+
+
 def test_cli_names_a_ground_truth_list_and_a_results_folder(tmp_path, capsys):
     gt_path, dt_path = tmp_path / "gt.json", tmp_path / "dt.json"
     gt_path.write_text(json.dumps([GT]))

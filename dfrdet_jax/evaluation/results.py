@@ -71,6 +71,21 @@ def load_ground_truth(gt: GroundTruth) -> tuple[dict, dict[str, int]]:
             raise EvaluationInputError(f"{source}: COCO ground truth needs a '{key}' list")
     if data is gt:  # copy what scoring modifies (the annotation dicts) rather than deep-copying
         data = {**gt, "annotations": [dict(ann) for ann in gt["annotations"]]}
+    # pycocotools keys images and annotations by id: a repeated id silently drops one record
+    # and counts another twice.
+    for what, records in (("image", data["images"]), ("annotation", data["annotations"])):
+        ids = [r["id"] for r in records if isinstance(r, dict) and "id" in r]
+        if len(set(ids)) != len(ids):
+            seen, repeated = set(), None
+            for i in ids:
+                if i in seen:
+                    repeated = i
+                    break
+                seen.add(i)
+            raise EvaluationInputError(
+                f"{source}: {what} id {repeated!r} is used {ids.count(repeated)} times; "
+                f"every {what} needs its own id"
+            )
     image_ids = {img["id"] for img in data["images"]}
     category_ids = {cat["id"] for cat in data["categories"]}
     kept, zero_area = [], 0
