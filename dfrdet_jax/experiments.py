@@ -160,6 +160,9 @@ def _ablation(detector: str) -> list[Run]:
         "dfr_lambda_0.2": ("--config.loss.dfr_weight=0.2",),
         "dfr_lambda_1": ("--config.loss.dfr_weight=1.0",),
         "dfr_lambda_4": ("--config.loss.dfr_weight=4.0",),
+        # The demo's decoder (16 wide, one block) ends near an all-zero output's L_DFR: the
+        # full config's (64 wide, two blocks) tests whether its capacity is what is missing.
+        "dfr_decoder_64": ("--config.dfr.decoder_width=64", "--config.dfr.decoder_blocks=2"),
     }
     rows += [
         Run(name, "dfr", flags, "start_topology", baseline="bnn")
