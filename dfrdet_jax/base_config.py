@@ -94,6 +94,20 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.postprocess.max_detections = 1500
     config.postprocess.pre_nms_top_k = 5000
 
+    # The predict mode (dfrdet_jax/predict.py) on images of any size. 'tiles': tiles of tile_size
+    # px (0: data.image_size, the scale the model was trained at) overlapping by tile_overlap
+    # (a fraction of the tile), merged across tiles (dfrdet_jax/sliced.py) with NMS at
+    # merge_iou (<= 0: postprocess.nms_iou_threshold); 'whole': the image resized to
+    # data.image_size, with a warning when that shrinks it more than max_downscale times.
+    # Drawings of images over max_drawn_side px are scaled down to it.
+    config.predict = ml_collections.ConfigDict()
+    config.predict.mode = "tiles"
+    config.predict.tile_size = 0
+    config.predict.tile_overlap = 0.25
+    config.predict.merge_iou = 0.0
+    config.predict.max_downscale = 2.0
+    config.predict.max_drawn_side = 4096
+
     # L = L_det + gamma * sum L_R + lambda * L_DFR (paper, Eq. 11).
     config.loss = ml_collections.ConfigDict()
     # gamma. L_R is a 1-bit term: no layer of the real and lsq4 variants sows it.

@@ -1,8 +1,8 @@
 """Inference and scoring: run a detector over a data split or a folder of images.
 
 ``evaluate_state`` scores a train state on the config's evaluation split with the tiny-object
-metrics; ``evaluate_checkpoint`` and ``predict_folder`` are the CLI's ``eval`` and ``predict``
-modes, both reading the latest checkpoint of a workdir.
+metrics; ``evaluate_checkpoint`` is the CLI's ``eval`` mode, reading a checkpoint of a workdir
+(``restored_state``, which the ``predict`` mode of dfrdet_jax/predict.py shares).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from dfrdet_jax import checkpointing, evaluation, sharding, steps, viz
+from dfrdet_jax import checkpointing, evaluation, sharding, steps
 from dfrdet_jax import data as data_lib
 from dfrdet_jax.models import registry
 
 META_KEYS = ("image_id", "scale", "tile_offset")
 
 
-def _predict_fn(config, model, mesh: Mesh):
+def predict_fn(config, model, mesh: Mesh):
     """jit of ``steps.make_predict_step`` over a data-sharded batch.
 
     Returns f(state, local_batch) -> (Detections, meta) as numpy, both for the global batch, meta
@@ -47,7 +47,7 @@ def predict_dataset(
     config: ml_collections.ConfigDict, model, state, mesh: Mesh, dataset
 ) -> list[dict[str, Any]]:
     """COCO-format results (original-image pixels) for every image of ``dataset``."""
-    predict = _predict_fn(config, model, mesh)
+    predict = predict_fn(config, model, mesh)
     results = []
     for local_batch in dataset.loader:
         detections, meta = predict(state, local_batch)
@@ -139,11 +139,17 @@ def restored_state(config: ml_collections.ConfigDict, workdir: str):
     return model, state, mesh, info
 
 
+def check_eval_batch(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the field for a config the model rejects or an eval batch size that
+    does not divide over the devices."""
+    registry.validate_config(config)
+    sharding.check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """The ``eval`` mode: metrics of the ``config.eval.checkpoint`` checkpoint on
     ``config.eval.split``, written to workdir/eval_<split>_<checkpoint>_<step>.json."""
-    registry.validate_config(config)
-    sharding.check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
+    check_eval_batch(config)
     model, state, mesh, _ = restored_state(config, workdir)
     metrics = evaluate_state(config, model, state, mesh)
     if jax.process_index() == 0:
@@ -154,54 +160,3 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         print(evaluation.format_table(metrics))
         logging.info("Wrote %s", path)
     return metrics
-
-
-def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_path: str) -> str:
-    """The ``predict`` mode: detections for the images of ``input_path`` (a folder or one image).
-
-    Writes ``workdir/predictions/results.json`` (COCO results; ``image_id`` is the position of
-    the image in the sorted file list, and ``images.json`` maps ids to file names), a copy of
-    every image with its boxes drawn and ``skipped_files.json``, the folder's files that are not
-    images (a warning names them). Returns the predictions folder.
-    """
-    registry.validate_config(config)
-    sharding.check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
-    model, state, mesh, info = restored_state(config, workdir)
-    dataset = data_lib.image_folder_dataset(
-        config.data, input_path, batch_size=config.eval.batch_size
-    )
-    results = predict_dataset(config, model, state, mesh, dataset)
-    out_dir = os.path.join(workdir, "predictions")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f)
-    with open(os.path.join(out_dir, "images.json"), "w") as f:
-        json.dump(dataset.files, f, indent=1)
-    with open(os.path.join(out_dir, "skipped_files.json"), "w") as f:
-        json.dump(dataset.skipped_files, f, indent=1)
-    if dataset.skipped_files:
-        shown = ", ".join(os.path.basename(p) for p in dataset.skipped_files[:5])
-        more = len(dataset.skipped_files) - 5
-        logging.warning(
-            "Skipped %d files of %s that are not images (%s%s); listed in %s",
-            len(dataset.skipped_files),
-            input_path,
-            shown,
-            f" and {more} more" if more > 0 else "",
-            os.path.join(out_dir, "skipped_files.json"),
-        )
-    by_image = {}
-    for result in results:
-        by_image.setdefault(result["image_id"], []).append(result)
-    for image_id, path in enumerate(dataset.files):
-        viz.draw_detections(
-            path,
-            by_image.get(image_id, []),
-            info.class_names,
-            os.path.join(out_dir, os.path.basename(path)),
-            category_ids=info.category_ids,
-        )
-    logging.info(
-        "Wrote %d detections for %d images to %s", len(results), len(dataset.files), out_dir
-    )
-    return out_dir

@@ -14,8 +14,9 @@ Modes:
            a --workdir of another config is an error (its config.json names the fields).
   eval     scores the latest checkpoint in --workdir with the tiny-object metrics (an error
            when it has none that reads: never a freshly initialised model).
-  predict  runs the latest checkpoint on the images of --input and writes COCO results JSON
-           and drawn boxes into --workdir/predictions.
+  predict  runs the latest checkpoint on the images of --input (a folder or one image), of any
+           size: tiles at the model's resolution, merged (config.predict); writes COCO results
+           JSON and drawn boxes into --workdir/predictions.
   complexity  the model's size (MB) and OPs as the paper counts them, at data.image_size;
            needs no checkpoint, and --workdir only to write complexity.json there.
   export   packs the latest checkpoint for deployment into --workdir/export: 1-bit kernels as
@@ -40,7 +41,7 @@ from dfrdet_jax import distributed
 MODES = {
     "train": ("dfrdet_jax.train", "train_and_evaluate"),
     "eval": ("dfrdet_jax.evaluate", "evaluate_checkpoint"),
-    "predict": ("dfrdet_jax.evaluate", "predict_folder"),
+    "predict": ("dfrdet_jax.predict", "predict_folder"),
     "complexity": ("dfrdet_jax.complexity", "model_complexity"),
     "export": ("dfrdet_jax.export", "export_checkpoint"),
 }

@@ -68,19 +68,19 @@ class Progress:
     """A tqdm bar with ETA on an interactive terminal; nothing otherwise (the periodic log lines
     carry steps/s and the ETA there)."""
 
-    def __init__(self, total_steps: int, start_step: int):
+    def __init__(self, total_steps: int, start_step: int = 0, unit: str = "step"):
         self.bar = None
         if sys.stderr.isatty() and jax.process_index() == 0:
             import tqdm  # pylint: disable=g-import-not-at-top
 
             self.bar = tqdm.tqdm(
-                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True
+                total=total_steps, initial=start_step, unit=unit, dynamic_ncols=True
             )
 
-    def update(self, metrics: dict[str, float] | None = None) -> None:
-        """One step done; ``metrics`` (name -> number), if given, show beside the bar."""
+    def update(self, metrics: dict[str, float] | None = None, count: int = 1) -> None:
+        """``count`` steps done; ``metrics`` (name -> number), if given, show beside the bar."""
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(count)
             if metrics:
                 self.bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw
-
-from dfrdet_jax.data import transforms
 
 # One colour per class index, cycled.
 PALETTE = (
@@ -24,17 +23,18 @@ PALETTE = (
 
 
 def draw_detections(
-    image_path: str,
+    image: np.ndarray,
     results: Sequence[dict],
     class_names: Sequence[str],
     out_path: str,
     category_ids: Sequence[int],
     min_score: float = 0.3,
 ) -> None:
-    """Writes ``image_path`` with the COCO-format ``results`` of score >= ``min_score`` drawn
-    (box outline in the class colour, label and score above it) to ``out_path``."""
+    """Writes ``image`` (uint8 [h, w, 3]) with the COCO-format ``results`` of score >=
+    ``min_score`` drawn (box outline in the class colour, label and score above it) to
+    ``out_path``."""
     index_of = {cat: i for i, cat in enumerate(category_ids)}
-    canvas = Image.fromarray(transforms.decode_image(image_path))  # 16-bit greyscale scaled
+    canvas = Image.fromarray(image)
     draw = ImageDraw.Draw(canvas)
     for result in results:
         if result["score"] < min_score:

@@ -315,19 +315,16 @@ def test_worker_processes_give_the_same_batches(tmp_path):
             np.testing.assert_array_equal(example[key], b[image_id][key])
 
 
-def test_image_folder_dataset_for_prediction(tmp_path):
+def test_list_images_names_what_it_leaves_out(tmp_path):
     images = [{"id": 1, "file_name": n, "height": 40, "width": 80} for n in ("b.png", "a.png")]
     _, folder = write_coco_fixture(str(tmp_path), images, CATS, [])
     with open(os.path.join(folder, "notes.txt"), "w") as f:
         f.write("not an image")
     os.makedirs(os.path.join(folder, "sub.png.d"))  # a folder: neither an image nor a file
-    config = data.default_data_config("synthetic")
-    config.image_size = 64
-    ds = data.image_folder_dataset(config, folder, batch_size=4)
-    assert [os.path.basename(f) for f in ds.files] == ["a.png", "b.png"]
-    assert [os.path.basename(f) for f in ds.skipped_files] == ["notes.txt"]
-    assert ds.report.counts == {"not an image file (skipped)": 1}
-    (batch,) = list(ds.loader)
-    np.testing.assert_array_equal(batch["image_id"], [0, 1, -1, -1])
-    np.testing.assert_array_equal(batch["image_hw"][:2], [[32, 64], [32, 64]])
-    np.testing.assert_allclose(batch["scale"][:2], 0.8)
+    files, skipped = data.list_images(folder)
+    assert [os.path.basename(f) for f in files] == ["a.png", "b.png"]
+    assert [os.path.basename(f) for f in skipped] == ["notes.txt"]
+    assert data.list_images(files[0]) == ([files[0]], [])
+    os.remove(files[0]), os.remove(files[1])
+    with pytest.raises(data.DataError, match=r"no images .*; 1 other files there"):
+        data.list_images(folder)

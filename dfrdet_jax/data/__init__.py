@@ -15,7 +15,7 @@ Modules: catalog (data sets by name: config defaults, records, class tables, eva
 protocol), loader (grain pipeline), transforms (per-image decode/resize/flip/pad), sources/
 (file formats and the synthetic generator), tfds/ (tfds builds), errors, fixtures (tests).
 
-Entry points: default_data_config, build_dataset, dataset_info, image_folder_dataset,
+Entry points: default_data_config, build_dataset, dataset_info, list_images,
 load_records, max_boxes_per_image, ensure_synthetic; the catalog: get_source, source_names,
 register_source.
 """
@@ -33,7 +33,7 @@ from dfrdet_jax.data.catalog import (
     source_names,
 )
 from dfrdet_jax.data.errors import DataError
-from dfrdet_jax.data.loader import DetectionDataset, build_dataset, image_folder_dataset
+from dfrdet_jax.data.loader import DetectionDataset, build_dataset, list_images
 from dfrdet_jax.data.sources.synthetic import ensure_synthetic
 
 __all__ = [
@@ -47,7 +47,7 @@ __all__ = [
     "default_data_config",
     "ensure_synthetic",
     "get_source",
-    "image_folder_dataset",
+    "list_images",
     "load_records",
     "max_boxes_per_image",
     "register_source",

@@ -39,8 +39,6 @@ class DetectionDataset:
     num_images: records of the whole split over all shards (tiles for DOTA), before padding.
     annotation_file: COCO ground-truth json for evaluation (DOTA: full images).
     report: counts of everything skipped or repaired while loading.
-    files / skipped_files (``image_folder_dataset``): the images read, in image_id order, and
-    the files of the folder that are not images (by extension), which are left out.
     """
 
     loader: grain.DataLoader
@@ -50,8 +48,6 @@ class DetectionDataset:
     category_ids: list[int]
     annotation_file: str
     report: SkipReport
-    files: list[str] = dataclasses.field(default_factory=list)
-    skipped_files: list[str] = dataclasses.field(default_factory=list)
 
     @staticmethod
     def get_iterator_state(iterator) -> dict[str, str]:
@@ -207,53 +203,22 @@ def build_dataset(
     )
 
 
-def image_folder_dataset(
-    config: ml_collections.ConfigDict, path: str, *, batch_size: int
-) -> DetectionDataset:
-    """Standard batches (no boxes) of the images of a folder, or of one image file.
-
-    ``image_id`` is the position in the sorted file list (``dataset.files``); the folder's other
-    files are listed in ``dataset.skipped_files`` and counted in ``dataset.report``.
-    """
-    report, files, skipped = SkipReport(False), [], []
-    if os.path.isdir(path):
-        for name in sorted(os.listdir(path)):
-            full = os.path.join(path, name)
-            if name.lower().endswith(dota.IMAGE_EXTENSIONS):
-                files.append(full)
-            elif os.path.isfile(full):
-                skipped.append(full)
-                report.add("not an image file (skipped)", full)
-    else:
-        files = [path]
+def list_images(path: str) -> tuple[list[str], list[str]]:
+    """(image files, other files) of a folder, sorted, or ([path], []) for one image file;
+    images are known by their extension (``dota.IMAGE_EXTENSIONS``). DataError when the folder
+    holds no image."""
+    if not os.path.isdir(path):
+        return [path], []
+    files, skipped = [], []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.lower().endswith(dota.IMAGE_EXTENSIONS):
+            files.append(full)
+        elif os.path.isfile(full):
+            skipped.append(full)
     if not files:
         raise DataError(
             f"{path}: no images ({', '.join(dota.IMAGE_EXTENSIONS)}); "
             f"{len(skipped)} other files there"
         )
-    records = []
-    for i, f in enumerate(files):
-        h, w = transforms.image_hw(f)
-        records.append(
-            {
-                "path": f,
-                "image_id": i,
-                "hw": (h, w),
-                "boxes": np.zeros((0, 4), np.float32),
-                "labels": np.zeros(0, np.int32),
-                "ignore": np.zeros(0, bool),
-            }
-        )
-    info = catalog.dataset_info(config)
-    loader = make_loader(records, config, train=False, batch_size=batch_size, seed=0)
-    return DetectionDataset(
-        loader,
-        len(records),
-        info.num_classes,
-        info.class_names,
-        info.category_ids,
-        "",
-        report,
-        files,
-        skipped,
-    )
+    return files, skipped
