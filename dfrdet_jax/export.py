@@ -16,6 +16,9 @@ statistic stays float32. The files, in ``workdir/export``:
                  [c_out]); a packed k-bit kernel as '<path>:codes' (uint8)
   manifest.json  detector, variant, classes, input size, the packed kernels (path, shape and
                  scale, or shape and bits for k-bit ones) and the sizes
+  config.json    the run's config, from which ``dfrdet_jax.predict`` rebuilds the network
+                 (``python -m dfrdet_jax.predict --export DIR --input IMAGES``: no workdir, no
+                 checkpoint, no config file needed)
 
 ``load_export(directory)`` rebuilds variables that give the checkpoint's detections exactly:
 a packed 1-bit kernel comes back as +-1 (scaled by its mean|w| for the ``mean`` mode), which
@@ -44,6 +47,7 @@ MEAN_ABS_SUFFIX = ":mean_abs"
 CODES_SUFFIX = ":codes"
 WEIGHT_STEP = "weight_step"  # the per-output-channel step beside an LSQ layer's kernel
 TRAINING_ONLY = ("decoder",)  # top-level parameter scopes not needed for inference
+CONFIG_FILE = "config.json"
 
 
 def _pack_codes(kernel: np.ndarray, step: np.ndarray, bits: int) -> np.ndarray:
@@ -170,6 +174,8 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
     }
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:  # what rebuilds the network
+        f.write(config.to_json_best_effort(indent=1))
     logging.info(
         "Exported step %d of %s (%s) to %s: %d packed kernels, %.2f MB on disk (%.2f MB counted "
         "as the paper counts)",
@@ -182,6 +188,27 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
         counted.size_mb,
     )
     return out_dir
+
+
+def _tuples(value):
+    """JSON's lists back to the tuples configs hold."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def load_export_config(directory: str) -> ml_collections.ConfigDict:
+    """The config of the exported run (``config.json`` of the export), as a ConfigDict."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: {directory} is not an export folder, or predates configs "
+            "in exports; export again with --mode export"
+        )
+    with open(path) as f:
+        return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 
 def load_export(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,7 +1,10 @@
 """Detections on the user's own images, of any size: the ``predict`` mode and its Python API.
 
-  predictor = Predictor.from_workdir(config, workdir)
+  predictor = Predictor.from_workdir(config, workdir)   # or Predictor.from_export(export_dir)
   results = predictor(image)          # uint8 [h, w, 3]: COCO results in the image's pixels
+
+A deployment needs only the export folder (``--mode export``: packed weights and the run's
+config): ``python -m dfrdet_jax.predict --export DIR --input IMAGES [--out DIR]``.
 
 ``config.predict.mode`` 'tiles' (default) slices the image at the model's resolution and merges
 the tiles (dfrdet_jax/sliced.py); 'whole' resizes it to ``data.image_size``, the one-tile case,
@@ -11,17 +14,30 @@ vanish). ``predict_folder`` is the CLI's ``--mode predict``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+from typing import Any
 
+import flax
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from PIL import Image
 
 from dfrdet_jax import data as data_lib
-from dfrdet_jax import evaluate, run_utils, sliced, viz
+from dfrdet_jax import evaluate, export, run_utils, sharding, sliced, viz
 from dfrdet_jax.data import transforms
+from dfrdet_jax.models import registry
+
+
+@flax.struct.dataclass
+class Weights:
+    """Inference weights where ``steps.make_predict_step`` reads them from a train state."""
+
+    params: Any
+    batch_stats: Any
 
 
 class Predictor:
@@ -48,6 +64,23 @@ class Predictor:
         """The ``config.eval.checkpoint`` checkpoint (latest or best) of ``workdir``."""
         evaluate.check_eval_batch(config)
         return cls(config, *evaluate.restored_state(config, workdir))
+
+    @classmethod
+    def from_export(cls, directory: str, **predict_options) -> Predictor:
+        """The exported detector of ``directory`` (``--mode export``); ``predict_options``
+        override fields of its ``config.predict``."""
+        config = export.load_export_config(directory)
+        config.predict.update(predict_options)
+        evaluate.check_eval_batch(config)
+        variables, manifest = export.load_export(directory)
+        info = data_lib.DatasetInfo(
+            manifest["num_classes"], manifest["class_names"], manifest["category_ids"]
+        )
+        model = registry.build_model(config, num_classes=info.num_classes)
+        mesh = sharding.make_mesh()
+        weights = Weights(variables["params"], variables.get("batch_stats", {}))
+        weights = jax.device_put(weights, sharding.replicated_sharding(mesh))
+        return cls(config, model, weights, mesh, info)
 
     def tiling(self, height: int, width: int) -> tuple[int, int]:
         """(tile side, overlap) in image pixels for an image of this size."""
@@ -99,17 +132,13 @@ def _draw(predictor: Predictor, image: np.ndarray, results: list[dict], out_path
     )
 
 
-def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_path: str) -> str:
-    """The ``predict`` mode: detections for the images of ``input_path`` (a folder or one image).
-
-    Writes ``workdir/predictions/results.json`` (COCO results in each image's pixels;
-    ``image_id`` is the position of the image in the sorted file list, and ``images.json`` maps
-    ids to file names), a copy of every image with its boxes drawn and ``skipped_files.json``,
-    the folder's files that are not images (a warning names them). Returns the folder.
-    """
-    predictor = Predictor.from_workdir(config, workdir)
+def predict_images(predictor: Predictor, input_path: str, out_dir: str) -> str:
+    """Detections for the images of ``input_path`` (a folder or one image) into ``out_dir``:
+    ``results.json`` (COCO results in each image's pixels; ``image_id`` is the position of the
+    image in the sorted file list, and ``images.json`` maps ids to file names), a copy of every
+    image with its boxes drawn and ``skipped_files.json``, the folder's files that are not
+    images (a warning names them). Returns ``out_dir``."""
     files, skipped = data_lib.list_images(input_path)
-    out_dir = os.path.join(workdir, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "images.json"), "w") as f:
         json.dump(files, f, indent=1)
@@ -140,3 +169,38 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_path: 
         json.dump(results, f)
     logging.info("Wrote %d detections for %d images to %s", len(results), len(files), out_dir)
     return out_dir
+
+
+def predict_folder(config: ml_collections.ConfigDict, workdir: str, input_path: str) -> str:
+    """The ``predict`` mode: ``predict_images`` of the workdir's checkpoint into
+    ``workdir/predictions``; returns that folder."""
+    predictor = Predictor.from_workdir(config, workdir)
+    return predict_images(predictor, input_path, os.path.join(workdir, "predictions"))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dfrdet_jax.predict",
+        description="Detections of an exported detector on images of any size.",
+    )
+    parser.add_argument("--export", required=True, help="an export folder (--mode export)")
+    parser.add_argument("--input", required=True, help="a folder of images, or one image")
+    parser.add_argument("--out", help="output folder (default: EXPORT/../predictions)")
+    parser.add_argument("--mode", choices=("tiles", "whole"), help="config.predict.mode")
+    parser.add_argument("--tile_size", type=int, help="config.predict.tile_size (px)")
+    parser.add_argument("--tile_overlap", type=float, help="config.predict.tile_overlap")
+    args = parser.parse_args(argv)
+    logging.set_verbosity(logging.INFO)
+    options = {
+        k: v
+        for k, v in (("mode", args.mode), ("tile_size", args.tile_size),
+                     ("tile_overlap", args.tile_overlap))
+        if v is not None
+    }  # fmt: skip
+    predictor = Predictor.from_export(args.export, **options)
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.export)), "predictions")
+    print(predict_images(predictor, args.input, out_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ import pytest
 import resume_config
 
 from dfrdet_jax import data, evaluate, evaluation, export, main
+from dfrdet_jax import predict as dfrdet_predict
 from dfrdet_jax.data.sources import synthetic
 
 # What the 'aitod' protocol returns (dfrdet_jax/evaluation/api.py and coco_tiny.py).
@@ -60,6 +61,18 @@ def test_trains_evaluates_predicts_and_exports_through_main(tmp_path, monkeypatc
     assert evaluation.evaluate(gt_file, predicted, protocol=config.eval.protocol) == eval_metrics
 
     out_dir = main.run("export", config, str(workdir))
+    # A deployment: the export folder alone predicts what the workdir's checkpoint predicts.
+    deployed = tmp_path / "deployed"
+    dfrdet_predict.main(["--export", out_dir, "--input", str(images), "--out", str(deployed)])
+    with open(deployed / "results.json") as f:
+        from_export = json.load(f)
+    for result in from_export:
+        result["image_id"] = gt_ids[os.path.basename(files[result["image_id"]])]
+    assert len(from_export) == len(predicted)
+    for got, want in zip(from_export, predicted, strict=True):
+        assert (got["image_id"], got["category_id"]) == (want["image_id"], want["category_id"])
+        np.testing.assert_allclose(got["bbox"], want["bbox"], rtol=1e-4, atol=1e-3)
+        assert got["score"] == pytest.approx(want["score"], rel=1e-4, abs=1e-5)
     variables, manifest = export.load_export(out_dir)
     assert (manifest["model"], manifest["step"]) == (family, 3) and manifest["packed_kernels"]
     assert manifest["file_bytes"] < 2 * manifest["size_mb"] * 1e6 + 100_000  # bits, not floats
