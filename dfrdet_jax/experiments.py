@@ -42,8 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from dfrdet_jax import configs
+
 DETECTORS = ("fcos", "retinanet", "faster_rcnn")
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TABLE_METRICS = ("AP", "AP50", "AP75", "AP_vt", "AP_t", "AP_s", "AP_m")
 # The 1-bit topology computed in real values: BinaryConv/BinaryDense without quantizers.
 REAL_TOPOLOGY = (
@@ -213,7 +214,7 @@ def _main_command(
         sys.executable,
         "-m",
         "dfrdet_jax.main",
-        f"--config={CONFIGS}/{detector}_r18.py:synthetic,{run.variant},demo",
+        f"--config={configs.path(f'{detector}_r18')}:synthetic,{run.variant},demo",
         f"--workdir={_workdir(root, run, seed)}",
         f"--mode={mode}",
         f"--config.seed={0 if run.shared else seed}",

@@ -1,7 +1,11 @@
 """The notebooks run top to bottom (their code cells, in order)."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -28,14 +32,45 @@ def test_binary_layers_notebook_runs():
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_trains_evaluates_and_draws(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    namespace = _run(
-        "quickstart.ipynb",
-        {"NUM_STEPS = 1200": "NUM_STEPS = 3", "DATA_ROOT = None": f"DATA_ROOT = {str(tmp_path)!r}"},
+def test_quickstart_runs_from_an_installed_package_outside_a_checkout(tmp_path):
+    # As on a fresh Colab runtime: the package built as a wheel and installed (its configs
+    # with it) into a folder on PYTHONPATH, the notebook run in a folder that is no checkout.
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path / "dist"), str(ROOT)],
+        check=True,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("dfrdet_jax-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)  # what pip install --target puts there
+    runner = tmp_path / "run_notebook.py"
+    runner.write_text(
+        "import json, pathlib, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from test_colabs import _run\n"
+        "ns = _run(sys.argv[2], json.loads(sys.argv[3]))\n"
+        "import dfrdet_jax\n"
+        "print(json.dumps({'package': dfrdet_jax.__file__, 'metrics': sorted(ns['metrics']),\n"
+        "                  'out': str(ns['OUT']), 'l1_fg': float(ns['l1_fg']),\n"
+        "                  'shapes': [ns['reconstruction'].shape, ns['images'].shape[1:]]}))\n"
     )
-    assert {"AP", "AP_vt", "AP_t"} <= namespace["metrics"].keys()
-    out = namespace["OUT"]
+    replace = {
+        "NUM_STEPS = 1200": "NUM_STEPS = 3",
+        "DATA_ROOT = None": f"DATA_ROOT = {str(tmp_path)!r}",
+    }
+    result = subprocess.run(
+        [sys.executable, str(runner), str(ROOT / "tests"), "quickstart.ipynb", json.dumps(replace)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["package"].startswith(str(site))  # not the checkout's copy
+    assert {"AP", "AP_vt", "AP_t"} <= set(found["metrics"])
+    out = pathlib.Path(found["out"])
     assert (out / "val0_detections.png").exists() and (out / "dfr.png").exists()
-    assert namespace["reconstruction"].shape == namespace["images"].shape[1:]
-    assert np.isfinite(namespace["l1_fg"])
+    assert found["shapes"][0] == found["shapes"][1]
+    assert np.isfinite(found["l1_fg"])
