@@ -108,6 +108,17 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.predict.max_downscale = 2.0
     config.predict.max_drawn_side = 4096
 
+    # The viz mode (dfrdet_jax/figures.py): pictures of the first num_images images of
+    # eval.split (outcomes at IoU iou for scores >= min_score, saliency of FPN level P<level>
+    # beside that of compare_workdir's checkpoint when given, the DFR reconstruction), PR curves
+    # per size class and training curves.
+    config.viz = ml_collections.ConfigDict()
+    config.viz.num_images = 4
+    config.viz.iou = 0.5
+    config.viz.min_score = 0.3
+    config.viz.level = 2
+    config.viz.compare_workdir = ""
+
     # L = L_det + gamma * sum L_R + lambda * L_DFR (paper, Eq. 11).
     config.loss = ml_collections.ConfigDict()
     # gamma. L_R is a 1-bit term: no layer of the real and lsq4 variants sows it.

@@ -95,6 +95,20 @@ def read_run_config(workdir: str) -> dict[str, Any] | None:
             ) from error
 
 
+def config_from_json(config_dict: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A config as ``config.json`` holds it back to a ConfigDict (JSON's lists to the tuples
+    configs hold)."""
+
+    def tuples(value):
+        if isinstance(value, dict):
+            return {k: tuples(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return tuple(tuples(v) for v in value)
+        return value
+
+    return ml_collections.ConfigDict(tuples(config_dict))
+
+
 def check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """WorkdirMismatchError naming both configs and every differing field when ``workdir``
     stores a config whose ``IDENTITY_FIELDS`` differ from ``config``'s. A field only one of them

@@ -40,7 +40,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from dfrdet_jax import complexity, layers
+from dfrdet_jax import checkpointing, complexity, layers
 
 BITS_SUFFIX = ":bits"
 MEAN_ABS_SUFFIX = ":mean_abs"
@@ -190,15 +190,6 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> str:
     return out_dir
 
 
-def _tuples(value):
-    """JSON's lists back to the tuples configs hold."""
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
 def load_export_config(directory: str) -> ml_collections.ConfigDict:
     """The config of the exported run (``config.json`` of the export), as a ConfigDict."""
     path = os.path.join(directory, CONFIG_FILE)
@@ -208,7 +199,7 @@ def load_export_config(directory: str) -> ml_collections.ConfigDict:
             "in exports; export again with --mode export"
         )
     with open(path) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
+        return checkpointing.config_from_json(json.load(f))
 
 
 def load_export(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:

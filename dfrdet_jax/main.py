@@ -19,6 +19,9 @@ Modes:
            JSON and drawn boxes into --workdir/predictions.
   complexity  the model's size (MB) and OPs as the paper counts them, at data.image_size;
            needs no checkpoint, and --workdir only to write complexity.json there.
+  viz      pictures of the latest checkpoint on config.eval.split into --workdir/figures:
+           true/false positives and misses by size, P2 saliency (beside another run's with
+           config.viz.compare_workdir), the DFR reconstruction, PR and training curves.
   export   packs the latest checkpoint for deployment into --workdir/export: 1-bit kernels as
            bits, the rest float32, no training-only decoder (see dfrdet_jax/export.py).
 """
@@ -44,6 +47,7 @@ MODES = {
     "predict": ("dfrdet_jax.predict", "predict_folder"),
     "complexity": ("dfrdet_jax.complexity", "model_complexity"),
     "export": ("dfrdet_jax.export", "export_checkpoint"),
+    "viz": ("dfrdet_jax.figures", "make_figures"),
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

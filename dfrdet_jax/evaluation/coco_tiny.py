@@ -332,6 +332,29 @@ def summary_lines(arrays: CocoArrays) -> list[str]:
     return lines
 
 
+def precision_recall_curves(
+    gt: dict, detections: list[dict], iou: float = 0.5, backend: str = "faster_coco_eval"
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(recall float [101], {AI-TOD area label: precision [101]}) at IoU ``iou`` and 1,500
+    detections: COCOeval's interpolated precision at each recall, the mean over the categories
+    with ground truth in the area (-1 where none has). ``gt`` and ``detections`` as validated
+    by the results module."""
+    arrays = run_cocoeval(
+        gt,
+        detections,
+        area_ranges=AITOD_AREA_RANGES,
+        max_dets=AITOD_MAX_DETS,
+        iou_thresholds=np.array([iou]),
+        backend=backend,
+    )
+    curves = {}
+    for a, label in enumerate(arrays.area_labels):
+        precision = arrays.precision[0, :, :, a, -1]  # [R, K]
+        has_gt = (precision > -1).any(axis=0)
+        curves[label] = precision[:, has_gt].mean(axis=1) if has_gt.any() else np.full(101, -1.0)
+    return np.linspace(0.0, 1.0, arrays.precision.shape[1]), curves
+
+
 def evaluate_aitod(gt: dict, detections: list[dict], backend: str = "faster_coco_eval") -> dict:
     """AI-TOD metrics: flat headline floats, 'per_class' {name: metrics} and 'summary' lines.
 
