@@ -74,3 +74,18 @@ def test_quickstart_runs_from_an_installed_package_outside_a_checkout(tmp_path):
     assert (out / "val0_detections.png").exists() and (out / "dfr.png").exists()
     assert found["shapes"][0] == found["shapes"][1]
     assert np.isfinite(found["l1_fg"])
+
+
+@pytest.mark.slow
+def test_figures_notebook_writes_every_figure(tmp_path):
+    namespace = _run(
+        "figures.ipynb",
+        {
+            "NUM_STEPS = 1200": "NUM_STEPS = 2",
+            'SETTING = "demo"': 'SETTING = "demo,smoke"',
+            "DATA_ROOT = None": f"DATA_ROOT = {str(tmp_path)!r}",
+        },
+    )
+    kinds = {name.split("_")[0] for name in namespace["written"]}
+    assert kinds == {"outcomes", "saliency", "reconstruction", "pr", "training"}
+    assert all((namespace["figures"] / name).is_file() for name in namespace["written"])
