@@ -1,13 +1,12 @@
-"""The pictures (dfrdet_jax/viz.py) against hand-worked cases, and ``--mode viz`` end to end."""
+"""The pictures (dfrdet_jax/viz.py) against hand-worked cases; ``--mode viz`` runs end to end in
+colabs/figures.ipynb (tests/test_colabs.py)."""
 
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
-from test_workdir import _config, _save_run
 
-from dfrdet_jax import main, viz
+from dfrdet_jax import viz
 from dfrdet_jax.evaluation import coco_tiny, results
 
 
@@ -91,28 +90,3 @@ def test_training_curves_hold_every_loss_part_of_every_run(tmp_path):
     viz.plot_training_curves(runs, str(tmp_path / "curves.png"))
     picture = np.asarray(Image.open(tmp_path / "curves.png").convert("L"))
     assert picture.std() > 5  # lines, not a blank page
-
-
-@pytest.mark.slow
-def test_viz_mode_writes_every_figure(tmp_path):
-    data_root = str(tmp_path / "data")
-    other = _config(data_root, "bnn")
-    _save_run(tmp_path / "bnn", other, [2])
-    config = _config(data_root, "dfr")
-    config.postprocess.score_threshold = 0.0  # an untrained detector still detects
-    config.viz.num_images = 2
-    config.viz.min_score = 0.0
-    config.viz.compare_workdir = str(tmp_path / "bnn")
-    workdir = tmp_path / "dfr"
-    _save_run(workdir, config, [2])
-    (workdir / "metrics.jsonl").write_text(
-        "\n".join(json.dumps({"step": s, "train/loss": 2.0 / s}) for s in (1, 2))
-    )
-    out = main.run("viz", config, str(workdir))
-    written = json.loads((tmp_path / "dfr" / "figures" / "figures.json").read_text())
-    kinds = sorted({name.split("_")[0] for name in written})
-    assert kinds == ["outcomes", "pr", "reconstruction", "saliency", "training"]
-    assert sum(name.startswith("outcomes_") for name in written) == 2
-    for name in written:
-        picture = np.asarray(Image.open(f"{out}/{name}").convert("L"), np.float32)
-        assert picture.std() > 1, name  # something drawn
