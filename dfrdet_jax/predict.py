@@ -95,11 +95,12 @@ class Predictor:
         tile, overlap = self.tiling(h, w)
         shrink = tile / self.image_size
         if shrink > self.config.predict.max_downscale:
+            what = "the image" if self.config.predict.mode == "whole" else "tiles"
             logging.warning(
-                "Resizing %dx%d px tiles to %d px shrinks them %.1f times (more than "
+                "Resizing %s of %d px to %d px shrinks them %.1f times (more than "
                 "config.predict.max_downscale=%g): objects of a few pixels vanish. "
-                "config.predict.mode='tiles' keeps the model's scale.",
-                tile, tile, self.image_size, shrink, self.config.predict.max_downscale,
+                "config.predict.mode='tiles' with tile_size 0 keeps the model's scale.",
+                what, tile, self.image_size, shrink, self.config.predict.max_downscale,
             )  # fmt: skip
         return sliced.detect_image(
             self._detect,
@@ -124,9 +125,7 @@ def _draw(predictor: Predictor, image: np.ndarray, results: list[dict], out_path
     if factor < 1.0:
         size = (round(image.shape[1] * factor), round(image.shape[0] * factor))
         image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-        results = [
-            {**r, "bbox": [v * factor for v in r["bbox"]]} for r in results
-        ]  # fmt: skip
+        results = [{**r, "bbox": [v * factor for v in r["bbox"]]} for r in results]
     viz.draw_detections(
         image, results, predictor.info.class_names, out_path, predictor.info.category_ids
     )
