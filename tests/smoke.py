@@ -5,7 +5,11 @@ multiprocess_worker.py), which cannot take fixtures, import them from here."""
 import importlib.util
 import pathlib
 
+import jax
 import numpy as np
+
+from dfrdet_jax import checkpointing, steps
+from dfrdet_jax.models import registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,3 +57,21 @@ def make_batch(seed=0, batch_size=2, size=64, num_boxes=8, max_boxes=12):
         "image_hw": np.full((batch_size, 2), size, np.int32),
         "scale": np.ones(batch_size, np.float32),
     }
+
+
+def save_run(workdir, config, steps_saved, *, shift=0.0, num_classes=8, seed=None, best=0.5):
+    """Checkpoints an untrained state of ``config``'s detector as a run leaves them: each step of
+    ``steps_saved`` as a latest checkpoint, the last also as the best (metric ``best``), and the
+    run's config.json. ``shift`` is added to every parameter, so that they differ from any
+    initialisation; ``seed`` (default config.seed) draws them. Returns the state."""
+    model = registry.build_model(config, num_classes=num_classes)
+    key = jax.random.key(config.seed if seed is None else seed)
+    state = steps.create_train_state(config, model, key, (64, 64), 12)
+    state = state.replace(params=jax.tree.map(lambda p: p + shift, state.params))
+    checkpoints = checkpointing.Checkpointer(str(workdir))
+    for step in steps_saved:
+        checkpoints.save(step, state.replace(step=step), None)
+    checkpoints.save_best(steps_saved[-1], state, best)
+    checkpoints.wait()
+    checkpointing.write_run_config(str(workdir), config)
+    return state

@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import smoke
 
-from dfrdet_jax import checkpointing, distill, sharding, steps
+from dfrdet_jax import distill, sharding, steps
 from dfrdet_jax.losses import distill as distill_losses
 from dfrdet_jax.models import registry
 
@@ -80,21 +81,12 @@ def test_config_checks(smoke_config, tmp_path):
     assert teacher.model.binary_parts == () and teacher.dfr.levels == ()
 
 
-def _save_real_run(workdir, config, image_hw):
-    model = registry.build_model(config, num_classes=3)
-    state = steps.create_train_state(config, model, jax.random.key(1), image_hw, 10)
-    state = state.replace(params=jax.tree.map(lambda p: p + 0.1, state.params))
-    checkpoints = checkpointing.Checkpointer(str(workdir))
-    checkpoints.save(5, state, None)
-    checkpoints.save_best(5, state, 0.5)
-    checkpoints.wait()
-    return state
-
-
 @pytest.mark.slow
 def test_train_step_distils_from_a_saved_real_run(smoke_config, make_batch, tmp_path, capsys):
     image_hw = (64, 64)
-    real = _save_real_run(tmp_path / "teacher", smoke_config("real"), image_hw)
+    real = smoke.save_run(
+        tmp_path / "teacher", smoke_config("real"), [5], shift=0.1, num_classes=3, seed=1
+    )
     config = smoke_config("dfr")
     config.distill.teacher = str(tmp_path / "teacher")
     config.distill.feature_weight = 0.5
@@ -145,7 +137,7 @@ def test_train_step_distils_from_a_saved_real_run(smoke_config, make_batch, tmp_
 
     wider = smoke_config("real")
     wider.model.fpn_width = 32
-    _save_real_run(tmp_path / "other", wider, image_hw)
+    smoke.save_run(tmp_path / "other", wider, [5], shift=0.1, num_classes=3, seed=1)
     config.distill.teacher = str(tmp_path / "other")
     with pytest.raises(
         ValueError,

@@ -4,10 +4,11 @@ ResNet state dict (config.model.pretrained), applied by warm_start and by the tr
 import jax
 import numpy as np
 import pytest
+import smoke
 from flax import traverse_util
 from test_pretrained import torchvision_state_dict
 
-from dfrdet_jax import checkpointing, steps, warm_start
+from dfrdet_jax import steps, warm_start
 from dfrdet_jax.models import registry
 
 
@@ -20,23 +21,10 @@ def _flat(tree):
     return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
 
 
-def _saved_real_run(workdir, config):
-    """A real FCOS state, perturbed so its tensors differ from any init, saved at step 7."""
-    state = _state(config)
-    state = state.replace(params=jax.tree.map(lambda p: p + 0.5, state.params))
-    checkpoints = checkpointing.Checkpointer(str(workdir))
-    checkpoints.save(7, state, None)
-    checkpoints.save_best(7, state, 0.3)
-    checkpoints.wait()
-    return state
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["latest", "best"])
-def test_init_from_moves_a_real_checkpoint_into_a_1bit_model(
-    smoke_config, tmp_path, which, capsys
-):
-    real = _saved_real_run(tmp_path / "real", smoke_config("real"))
+def test_init_from_moves_a_real_checkpoint_into_a_1bit_model(smoke_config, tmp_path, which, capsys):
+    real = smoke.save_run(tmp_path / "real", smoke_config("real"), [7], shift=0.5, best=0.3)
     config = smoke_config("dfr")
     config.init_from = str(tmp_path / "real")
     config.init_from_checkpoint = which
@@ -65,7 +53,7 @@ def test_init_from_errors_name_the_folder(smoke_config, tmp_path):
     config.init_from = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="missing"):
         warm_start.apply(config, _state(config))
-    _saved_real_run(tmp_path / "real", smoke_config("real"))
+    smoke.save_run(tmp_path / "real", smoke_config("real"), [7], shift=0.5, best=0.3)
     config.init_from = str(tmp_path / "real")
     config.init_from_checkpoint = "newest"
     with pytest.raises(ValueError, match="Unknown checkpoint 'newest'"):

@@ -30,16 +30,7 @@ def _config(root, variant="real", **train_fields):
 
 
 def _save_run(workdir, config, steps_saved):
-    """Checkpoints ``steps_saved`` of ``config``'s initial state (no training) and its
-    config.json, as a run of it would leave them."""
-    model = registry.build_model(config, num_classes=8)
-    state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 12)
-    checkpoints = checkpointing.Checkpointer(str(workdir))
-    for step in steps_saved:
-        checkpoints.save(step, state.replace(step=step), None)
-    checkpoints.save_best(steps_saved[-1], state, 0.5)
-    checkpoints.wait()
-    checkpointing.write_run_config(str(workdir), config)
+    return smoke.save_run(workdir, config, steps_saved)
 
 
 def _files(workdir):
