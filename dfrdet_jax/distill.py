@@ -1,8 +1,10 @@
 """Distillation from a frozen real-valued teacher (``config.distill``).
 
-The teacher is the real variant of the student's own config (same family, widths and levels,
-no binary parts, no decoder), restored from the workdir of a trained run
-(``config.distill.teacher``, its ``teacher_checkpoint``: "best" or "latest"). In every training
+The teacher is a trained real-valued run (``config.distill.teacher``, its ``teacher_checkpoint``:
+"best" or "latest"): the network its workdir's config.json describes (the real variant, or the
+1-bit topology with real weights and activations, with the student's family, FPN width and
+levels), without a decoder; a workdir without config.json holds the real variant of the
+student's own config. In every training
 step it runs in inference mode on the same images, and the student is pulled towards it by
 ``losses.distill``'s terms:
 
@@ -54,11 +56,46 @@ def levels(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return chosen or tuple(range(config.model.min_level, config.model.max_level + 1))
 
 
-def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The real variant of ``config``: what the teacher's workdir must have trained."""
-    teacher = copy.deepcopy(config)
-    teacher.variant = "real"
-    teacher.model.binary_parts = ()
+def _is_real_valued(config: ml_collections.ConfigDict) -> bool:
+    """No layer quantizes: the real variant, or a 1-bit topology with both quantizers off."""
+    binary = config.model.binary
+    return config.variant == "real" or (
+        not config.model.binary_parts
+        or (binary.input_quantizer == "none" and binary.weight_quantizer == "none")
+    )
+
+
+def teacher_config(
+    config: ml_collections.ConfigDict, stored: dict[str, Any] | None = None
+) -> ml_collections.ConfigDict:
+    """The teacher's network: the config its workdir stores (``stored``, its config.json), which
+    must be real-valued (the real variant, or the 1-bit topology with real weights and
+    activations) with the student's family, FPN width and levels; without one, the real variant
+    of ``config``. No decoder either way (inference only)."""
+    if stored is None:
+        teacher = copy.deepcopy(config)
+        teacher.variant = "real"
+        teacher.model.binary_parts = ()
+    else:
+        teacher = checkpointing.config_from_json(stored)
+        if not _is_real_valued(teacher):
+            raise ValueError(
+                f"config.distill.teacher={config.distill.teacher!r} trained a quantized network "
+                f"(variant {teacher.variant!r}, binary parts {tuple(teacher.model.binary_parts)}"
+                "); a teacher is real-valued: the real variant, or the 1-bit topology with "
+                "--config.model.binary.input_quantizer=none and weight_quantizer=none"
+            )
+        fields = ("name", "fpn_width", "min_level", "max_level")
+        differ = [
+            f"model.{f}: {teacher.model[f]!r} (teacher) vs {config.model[f]!r}"
+            for f in fields
+            if teacher.model[f] != config.model[f]
+        ]
+        if differ:
+            raise ValueError(
+                f"config.distill.teacher={config.distill.teacher!r} has other FPN maps than the "
+                f"student, so they cannot be compared: {'; '.join(differ)}"
+            )
     teacher.dfr.levels = ()
     teacher.loss.dfr_weight = 0.0
     teacher.distill.teacher = ""
@@ -113,10 +150,13 @@ def load_teacher(
     validate(config)
     if not enabled(config):
         return None
-    model = registry.build_model(teacher_config(config), num_classes)
     workdir = os.path.expanduser(config.distill.teacher)
+    model = registry.build_model(
+        teacher_config(config, checkpointing.read_run_config(workdir)), num_classes
+    )
     which = config.distill.teacher_checkpoint
     step, variables = checkpointing.Checkpointer(workdir, read_only=True).restore_variables(which)
+    variables["params"] = {k: v for k, v in variables["params"].items() if k != "decoder"}
     dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
     expected = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
     expected = {k: expected.get(k, {}) for k in ("params", "batch_stats")}
@@ -125,8 +165,9 @@ def load_teacher(
     )
     if differences:
         raise ValueError(
-            f"The teacher in {workdir} ({which} checkpoint, step {step}) is not the real variant "
-            f"of this config (same family, widths and levels): {differences}"
+            f"The teacher in {workdir} ({which} checkpoint, step {step}) does not match its "
+            f"network (its config.json, or without one the real variant of this config): "
+            f"{differences}"
         )
     print(f"Distilling from {workdir} ({which} checkpoint, step {step})", flush=True)
     return Teacher(model, jax.device_put(variables, sharding))

@@ -109,7 +109,7 @@ def _recipes(detector: str) -> list[Run]:
     """How the 1-bit network is trained and which parts are binary, each row against the plain
     ``bnn`` from the same start (the two-step start is trained from scratch, so that it too sees
     two budgets): no weight decay on latent weights, ReActNet's two steps, distillation from
-    the real start, a real FPN (the paper's 1-bit sizes fit one), only the backbone binary
+    the real start or from the 1-bit topology's real start (the student's own start), a real FPN (the paper's 1-bit sizes fit one), only the backbone binary
     (where the accuracy goes), and the paper's LSQ 4-bit baseline."""
     no_latent_decay = ("--config.optimizer.latent_weight_decay=False",)
     distill = ["--config.distill.feature_weight=1.0"]
@@ -133,6 +133,24 @@ def _recipes(detector: str) -> list[Run]:
             topology,
             baseline="bnn_distill",
             teacher="start_real",
+        ),
+        # The teacher of the student's own topology (real weights and activations): its FPN
+        # maps are the ones the 1-bit network computes, which the standard real FCOS's are not.
+        Run(
+            "bnn_distill_topology",
+            "bnn",
+            tuple(distill),
+            topology,
+            baseline="bnn",
+            teacher=topology,
+        ),
+        Run(
+            "dfr_distill_topology",
+            "dfr",
+            tuple(distill),
+            topology,
+            baseline="bnn_distill_topology",
+            teacher=topology,
         ),
         Run("bnn_real_fpn", "bnn", real_fpn, topology, baseline="bnn"),
         Run("dfr_real_fpn", "dfr", real_fpn, topology, baseline="bnn_real_fpn"),

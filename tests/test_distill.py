@@ -140,7 +140,33 @@ def test_train_step_distils_from_a_saved_real_run(smoke_config, make_batch, tmp_
     smoke.save_run(tmp_path / "other", wider, [5], shift=0.1, num_classes=3, seed=1)
     config.distill.teacher = str(tmp_path / "other")
     with pytest.raises(
-        ValueError,
-        match=r"not the real variant of this config.*head/bbox_pred/kernel: \(3, 3, 32, 4\) stored",
+        ValueError, match=r"other FPN maps .* model.fpn_width: 32 \(teacher\) vs 16"
     ):
         distill.load_teacher(config, 3, image_hw, sharding.replicated_sharding(mesh))
+    # Without config.json the teacher must be the real variant of this config, tensor for tensor.
+    (tmp_path / "other" / "config.json").unlink()
+    with pytest.raises(
+        ValueError,
+        match=r"does not match its network.*head/bbox_pred/kernel: \(3, 3, 32, 4\) stored",
+    ):
+        distill.load_teacher(config, 3, image_hw, sharding.replicated_sharding(mesh))
+
+
+def test_a_teacher_of_the_1bit_topology_in_real_values(smoke_config, tmp_path):
+    # The 1-bit network's own topology with real weights and activations (the experiments'
+    # start_topology) teaches; a quantized network does not.
+    topology = smoke_config("bnn")
+    topology.model.binary.input_quantizer = topology.model.binary.weight_quantizer = "none"
+    smoke.save_run(tmp_path / "topology", topology, [4], num_classes=3)
+    config = smoke_config("dfr")
+    config.distill.teacher, config.distill.feature_weight = str(tmp_path / "topology"), 1.0
+    mesh = sharding.make_mesh()
+    teacher = distill.load_teacher(config, 3, (64, 64), sharding.replicated_sharding(mesh))
+    student = registry.build_model(config, num_classes=3)
+    student_params = student.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    shared = set(student_params["params"]) - {"decoder"}
+    assert set(teacher.variables["params"]) == shared  # the same topology, no decoder
+    smoke.save_run(tmp_path / "quantized", smoke_config("bnn"), [4], num_classes=3)
+    config.distill.teacher = str(tmp_path / "quantized")
+    with pytest.raises(ValueError, match=r"trained a quantized network \(variant 'bnn'"):
+        distill.load_teacher(config, 3, (64, 64), sharding.replicated_sharding(mesh))
