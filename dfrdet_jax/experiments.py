@@ -109,8 +109,9 @@ def _recipes(detector: str) -> list[Run]:
     """How the 1-bit network is trained and which parts are binary, each row against the plain
     ``bnn`` from the same start (the two-step start is trained from scratch, so that it too sees
     two budgets): no weight decay on latent weights, ReActNet's two steps, distillation from
-    the real start or from the 1-bit topology's real start (the student's own start), a real FPN (the paper's 1-bit sizes fit one), only the backbone binary
-    (where the accuracy goes), and the paper's LSQ 4-bit baseline."""
+    the real start or from the 1-bit topology's real start (the student's own start), a real
+    FPN (the paper's 1-bit sizes fit one), only the backbone binary (where the accuracy goes),
+    and the paper's LSQ 4-bit baseline."""
     no_latent_decay = ("--config.optimizer.latent_weight_decay=False",)
     distill = ["--config.distill.feature_weight=1.0"]
     if detector != "faster_rcnn":  # its RoI logits cannot be matched (dfrdet_jax/distill.py)
