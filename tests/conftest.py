@@ -3,12 +3,15 @@ a detector) and hand-made batches. Each fixture is a factory, so a test picks th
 family and sizes it needs.
 
 Every test process compiles with cheap CPU code generation (as the runs test_resume.py and
-test_multiprocess.py start): the tests check numbers, not speed, and spend most of their time
-compiling. No fake CPU devices are set: in-process tests run on one device, and the
-multi-device runs (test_multiprocess.py) set their own device count in each worker process.
+test_multiprocess.py start) and shares one persistent compilation cache: the tests check
+numbers, not speed, and spend most of their time compiling. No fake CPU devices are set:
+in-process tests run on one device, and the multi-device runs (test_multiprocess.py) set their
+own device count in each worker process.
 """
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import smoke
@@ -16,6 +19,19 @@ import smoke
 CHEAP_CODEGEN = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Read when JAX starts its backend, after this module is imported.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_CODEGEN}".strip()
+
+# One persistent compilation cache per test run, shared by the pytest-xdist workers (they
+# inherit the variable from the controller, which sets it first) and every process the tests
+# start: the same smoke detectors compile in many tests. The process that made it removes it.
+_OWN_JIT_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_JIT_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dfrdet_jax_test_jit_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_sessionfinish(session):  # pylint: disable=unused-argument
+    if _OWN_JIT_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture
