@@ -74,6 +74,7 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     dataset = evaluate.eval_dataset(config)
     predict = evaluate.predict_fn(config, model, mesh)
+    reconstructs = bool(config.dfr.levels) and config.variant == "dfr"  # has the decoder
     drawn, written = 0, []
     for batch in dataset.loader:
         if drawn >= v.num_images:
@@ -82,7 +83,7 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> str:
         images = normalize_images(batch["image"])
         own = _level_saliency(model, state, images, v.level)
         other = _level_saliency(compare[1], compare[2], images, v.level) if compare else None
-        if config.dfr.levels and config.variant == "dfr":
+        if reconstructs:
             reconstruction = model.apply(_variables(state), images, train=False, reconstruct=True)
             reconstruction = np.asarray(reconstruction["reconstruction"], np.float32)
         for i in range(len(batch["image"])):
@@ -115,7 +116,7 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> str:
             path = os.path.join(out_dir, f"saliency_{image_id}.png")
             viz.draw_saliency(image, maps, path)
             written += [f"outcomes_{image_id}.png", f"saliency_{image_id}.png"]
-            if config.dfr.levels and config.variant == "dfr":
+            if reconstructs:
                 height, width = images.shape[1:3]
                 mask, _ = dfr.foreground_mask(
                     batch["boxes"][i], batch["box_valid"][i], batch["ignore"][i], height, width
