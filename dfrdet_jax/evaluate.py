@@ -45,14 +45,15 @@ def predict_fn(config, model, mesh: Mesh):
 
 def predict_dataset(
     config: ml_collections.ConfigDict, model, state, mesh: Mesh, dataset
-) -> list[dict[str, Any]]:
-    """COCO-format results (original-image pixels) for every image of ``dataset``."""
+) -> evaluation.DetectionArrays:
+    """COCO results (original-image pixels) for every image of ``dataset``, as arrays: the
+    evaluation scores them without a Python object per detection."""
     predict = predict_fn(config, model, mesh)
-    results = []
+    batches = []
     for local_batch in dataset.loader:
         detections, meta = predict(state, local_batch)
-        results.extend(
-            evaluation.detections_to_coco(
+        batches.append(
+            evaluation.detection_arrays(
                 detections.boxes,
                 detections.scores,
                 detections.classes,
@@ -63,7 +64,7 @@ def predict_dataset(
                 tile_offsets=meta.get("tile_offset"),
             )
         )
-    return results
+    return evaluation.DetectionArrays.concatenate(batches)
 
 
 def eval_dataset(config: ml_collections.ConfigDict):

@@ -134,7 +134,7 @@ def test_one_tile_equals_the_non_tiled_inference(model_and_state, tmp_path):
     }
     loader = data.loader.make_loader([record], config.data, train=False, batch_size=2, seed=0)
     dataset = type("Split", (), {"loader": loader, "category_ids": list(range(1, 9))})
-    expected = evaluate.predict_dataset(config, model, state, mesh, dataset)
+    expected = evaluate.predict_dataset(config, model, state, mesh, dataset).to_coco()
     predict = evaluate.predict_fn(config, model, mesh)
     for tile in (64, 100):  # the model's size, and a tile larger than the image
         found = sliced.detect_image(

@@ -1,5 +1,5 @@
 """CLI: ``python -m dfrdet_jax.evaluation --gt ann.json --dt results.json [--protocol aitod]
-[--backend faster_coco_eval] [--out metrics.json]``: prints the table, writes the metrics JSON."""
+[--backend numpy] [--out metrics.json]``: prints the table, writes the metrics JSON."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ def main(argv=None) -> int:
     parser.add_argument("--gt", required=True, help="COCO-format ground-truth JSON")
     parser.add_argument("--dt", required=True, help="COCO results JSON (list of detections)")
     parser.add_argument("--protocol", default="aitod", choices=api.PROTOCOLS)
-    parser.add_argument("--backend", default="faster_coco_eval", choices=coco_tiny.BACKENDS)
+    parser.add_argument(
+        "--backend",
+        choices=coco_tiny.BACKENDS,
+        help="COCOeval backend (default: the protocol's, api.DEFAULT_BACKENDS)",
+    )
     parser.add_argument(
         "--out", help="where to write the metrics JSON (default: <dt>.metrics.json)"
     )

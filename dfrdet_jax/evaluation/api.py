@@ -7,6 +7,15 @@ from typing import Any
 from dfrdet_jax.evaluation import coco_tiny, dota, results, tinyperson
 
 PROTOCOLS = ("aitod", "tinyperson", "dota", "dota_aitod")
+# The COCOeval backend each protocol uses unless told otherwise: the array path for the AI-TOD
+# metrics (coco_tiny.DEFAULT_BACKEND: exact and fastest); TinyPerson keeps faster_coco_eval, its
+# backend since it was checked against the official tables. 'dota' is scored by dota.py.
+DEFAULT_BACKENDS = {
+    "aitod": coco_tiny.DEFAULT_BACKEND,
+    "dota_aitod": coco_tiny.DEFAULT_BACKEND,
+    "tinyperson": "faster_coco_eval",
+    "dota": "numpy",
+}
 # Metrics for which lower is better: oLRP and its parts (AI-TOD), the miss rates (TinyPerson).
 LOWER_IS_BETTER = ("oLRP", "MR")
 
@@ -20,14 +29,15 @@ def evaluate(
     gt: results.GroundTruth,
     detections: results.Detections,
     protocol: str = "aitod",
-    backend: str = "faster_coco_eval",
+    backend: str | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``detections`` against ``gt``.
 
     Args:
       gt: COCO ground truth, a JSON path or a dict (not modified).
       detections: COCO results (image_id, category_id, bbox [x, y, w, h] in original-image px,
-        score), a JSON path or a list of dicts; an empty list scores 0.
+        score): a JSON path, a list of dicts or results.DetectionArrays (the model's outputs,
+        scored without a dict per detection by the 'numpy' backend); none scores 0.
       protocol: 'aitod' (AP, AP50, AP75, AP_vt/t/s/m, AR@1/100/300/1500, AR_vt/t/s/m, and
         the official evaluator's oLRP, oLRP_loc, oLRP_FP, oLRP_FN: lower is better),
         'tinyperson' (AP{25,50,75}_{all,tiny,tiny1,tiny2,tiny3,small,reasonable}, AR{25,50,75}_*,
@@ -35,9 +45,10 @@ def evaluate(
         tile predictions with class-wise NMS) or 'dota_aitod' (the paper's Table 3: the same
         merge, then the 'aitod' metrics of the full images; difficult objects count as ground
         truth, as in COCO-format DOTA, where the COCO API reads no 'ignore' field).
-      backend: 'faster_coco_eval' (C++, default) or 'pycocotools' for the COCOeval protocols;
-        both give the same numbers. 'dota' is scored by dota.py whatever the backend
-        (reported as 'numpy'), as is TinyPerson's MR.
+      backend: for the COCOeval protocols 'numpy' (array_cocoeval.py), 'faster_coco_eval'
+        (C++) or 'pycocotools'; all give the same numbers. None: the protocol's
+        DEFAULT_BACKENDS entry. 'dota' is scored by dota.py whatever the backend (reported as
+        'numpy'), as is TinyPerson's MR.
     Returns:
       JSON-serialisable dict: headline metrics as top-level floats in [0, 1] (-1 where no
       ground truth exists for them), 'per_class' {category name: metrics}, 'summary' (lines for
@@ -47,6 +58,7 @@ def evaluate(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    backend = DEFAULT_BACKENDS[protocol] if backend is None else backend
     if backend not in coco_tiny.BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {coco_tiny.BACKENDS}")
     gt_data, skipped = results.load_ground_truth(gt)
@@ -56,13 +68,15 @@ def evaluate(
     elif protocol == "tinyperson":
         metrics = tinyperson.evaluate_tinyperson(gt_data, dets, backend=backend)
     elif protocol == "dota_aitod":
-        merged = dota.merge_tile_detections(dets)
+        merged = dota.merge_tile_detections(results.coco_results(dets))
         metrics = {
-            **coco_tiny.evaluate_aitod(gt_data, merged, backend=backend),
+            **coco_tiny.evaluate_aitod(
+                gt_data, results.load_detections(merged, gt_data), backend=backend
+            ),
             "merged_detections": len(merged),
         }
     else:
-        metrics = dota.evaluate_dota(gt_data, dets)
+        metrics = dota.evaluate_dota(gt_data, results.coco_results(dets))
         backend = "numpy"
     return {
         **metrics,

@@ -1,11 +1,20 @@
-"""AI-TOD metrics on pycocotools' COCOeval, with a faster_coco_eval (C++) backend.
+"""AI-TOD metrics of COCOeval's matching: on arrays (array_cocoeval.py) or on the COCO API.
 
-Both backends run the same parameters (IoU thresholds, area ranges on the ground-truth 'area'
-field, max detections) and return the same accumulated arrays, precision [T, R, K, A, M] and
-recall [T, K, A, M] (-1 where a category has no ground truth in an area range); the summary is
-computed here from those arrays rather than by COCOeval.summarize, whose labels and maxDets
-indices are hard-coded for COCO. An averaged metric is the mean of its entries > -1, or -1
-when there are none (COCO's convention).
+Three backends run the same parameters (IoU thresholds, area ranges on the ground-truth 'area'
+field, max detections) and return the same accumulated arrays (tested to 1e-12):
+
+  * 'numpy' (DEFAULT_BACKEND): array_cocoeval, COCOeval's evaluateImg and accumulate
+    vectorised over arrays. The default because it is exact and the fastest and leanest: no
+    Python dict per detection, about 40 bytes kept per detection (benchmarks/eval_speed.py:
+    AI-TOD-sized sets of 1,500 detections per image in a fraction of faster_coco_eval's time
+    and memory).
+  * 'faster_coco_eval' (its C++ COCOeval) and 'pycocotools' (the reference COCOeval), on COCO
+    result dicts; the references the numpy backend is tested against.
+
+The arrays are precision [T, R, K, A, M] and recall [T, K, A, M] (-1 where a category has no
+ground truth in an area range); the summary is computed here from those arrays rather than by
+COCOeval.summarize, whose labels and maxDets indices are hard-coded for COCO. An averaged
+metric is the mean of its entries > -1, or -1 when there are none (COCO's convention).
 
 Area ranges are inclusive at both ends as in the official AI-TOD COCO API, so a box of
 exactly 8x8 px counts as both very tiny and tiny.
@@ -22,13 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 
 import numpy as np
 
-from dfrdet_jax.evaluation import results
+from dfrdet_jax.evaluation import array_cocoeval, lrp, results
 
-BACKENDS = ("faster_coco_eval", "pycocotools")
+BACKENDS = ("numpy", "faster_coco_eval", "pycocotools")
+DEFAULT_BACKEND = "numpy"
 
 AITOD_AREA_RANGES = {
     "all": (0.0, 1e5**2),
@@ -120,12 +131,12 @@ def _cocoeval_classes(backend: str):
 
 def run_cocoeval(
     gt: dict,
-    detections: list[dict],
+    detections: results.DetectionArrays,
     *,
     area_ranges: dict[str, tuple[float, float]],
     max_dets: tuple[int, ...],
     iou_thresholds: np.ndarray = COCO_IOU_THRESHOLDS,
-    backend: str = "faster_coco_eval",
+    backend: str = DEFAULT_BACKEND,
     lrp_areas: tuple[str, ...] = (),
 ) -> CocoArrays:
     """COCOeval ('bbox') of validated ``detections`` against validated ``gt`` (results module).
@@ -133,8 +144,25 @@ def run_cocoeval(
     Ground-truth annotations with iscrowd=1 are ignore regions: COCOeval scores their overlap as
     intersection over detection area and ignores detections that reach the IoU threshold.
     ``lrp_areas``: area labels whose oLRP arrays (CocoArrays.lrp) to compute from the same
-    per-image matching (``_lrp_arrays``); none by default.
+    per-image matching; none by default.
     """
+    arrays = functools.partial(
+        CocoArrays,
+        iou_thresholds=np.asarray(iou_thresholds, np.float64),
+        category_ids=sorted(cat["id"] for cat in gt["categories"]),
+        area_labels=list(area_ranges),
+        max_dets=list(max_dets),
+    )
+    if backend == "numpy":
+        precision, recall, lrp_parts = array_cocoeval.evaluate(
+            gt,
+            detections,
+            area_ranges=area_ranges,
+            max_dets=max_dets,
+            iou_thresholds=iou_thresholds,
+            lrp_areas=lrp_areas,
+        )
+        return arrays(precision=precision, recall=recall, lrp=lrp_parts)
     coco_cls, eval_cls = _cocoeval_classes(backend)
     coco_gt, coco_dt = results.build_coco_pair(coco_cls, gt, detections)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -153,38 +181,15 @@ def run_cocoeval(
         params.maxDets = list(max_dets)
         evaluator.evaluate()
         evaluator.accumulate()
-    return CocoArrays(
+    return arrays(
         precision=np.asarray(evaluator.eval["precision"], np.float64),
         recall=np.asarray(evaluator.eval["recall"], np.float64),
-        iou_thresholds=np.asarray(iou_thresholds, np.float64),
-        category_ids=list(params.catIds),
-        area_labels=list(area_ranges),
-        max_dets=list(max_dets),
         lrp=_lrp_arrays(evaluator, backend, list(area_ranges), lrp_areas) if lrp_areas else {},
     )
 
 
-# oLRP (Oksuz et al., "Localization Recall Precision (LRP): A New Performance Metric for Object
-# Detection", ECCV 2018) exactly as the official AI-TOD evaluator computes it. References are to
-# aitodpycocotools/aitodpycocotools/cocoeval.py at jwwangchn/cocoapi-aitod@44a230a:
-#   * evaluateImg (lines 250-335) keeps, per image and category, each detection's IoU with the
-#     ground truth it matched (dtIoUs, line 315); nothing else of the matching changes.
-#   * accumulate(with_lrp=True) (lines 458-491), per category k, area range a and maxDets m, from
-#     the detections of every image concatenated (each image's top maxDet) and stably sorted by
-#     score (lines 395-411), at the FIRST IoU threshold only (tps[0], fps[0], dtIoU[0]; tau =
-#     iouThrs[0] = 0.5): with cumulative counts N_TP, N_FP and N_FN = npig - N_TP after every
-#     rank (ignored detections count as neither TP nor FP), and loc = N_TP - sum of TP IoUs,
-#       LRP = (loc / (1 - tau) + N_FP + N_FN) / (N_TP + N_FP + N_FN),
-#     oLRP = min over ranks (np.argmin: the first minimum); at that rank oLRP_loc = loc / N_TP
-#     (the mean 1 - IoU of the TPs, NOT divided by 1 - tau), oLRP_FP = N_FP / (N_TP + N_FP),
-#     oLRP_FN = N_FN / npig and the threshold is that detection's score. No detection, or no TP
-#     among them: oLRP = oLRP_FN = 1 and loc, FP, threshold NaN. No ground truth (npig = 0, or
-#     no image with ground truth or detections): -1, the entry is skipped (lines 393-416).
-#   * summarize (lines 545-580, 617-636) reports area 'all' at maxDets[2] (1,500): the mean over
-#     categories after dropping NaN, of the entries > -1 (else -1). mmdet-aitod's class-wise
-#     oLRP is the same entry [k, 0, -1] (aitod.py lines 196-228).
-# Both backends supply the per-image matching their own COCOeval already made (nothing is
-# re-matched here) and the accumulation below is shared, so they agree.
+# oLRP (lrp.py): both COCOeval backends supply the per-image matching their own COCOeval already
+# made (nothing is re-matched here) to the shared accumulation of lrp.olrp_of_images.
 
 
 def _pycocotools_images(evaluator, k: int, a: int):
@@ -243,37 +248,6 @@ def _faster_coco_eval_images(evaluator, k: int, a: int):
         yield np.asarray(scores, np.float64), tp, (matches == 0) & ~ignored, tp_iou, npig
 
 
-def _olrp(images, max_det: int, tau: float) -> tuple[float, float, float, float, float]:
-    """(oLRP, loc, FP, FN, threshold) of one category and area range (accumulate, 393-491)."""
-    images = list(images)
-    npig = sum(image[4] for image in images)
-    if npig == 0:
-        return (-1.0,) * 5
-    scores = np.concatenate([s[:max_det] for s, *_ in images])
-    order = np.argsort(-scores, kind="mergesort")
-    tps = np.concatenate([tp[:max_det] for _, tp, *_ in images])[order]
-    fps = np.concatenate([fp[:max_det] for _, _, fp, *_ in images])[order]
-    tp_iou = np.concatenate([iou[:max_det] for *_, iou, _ in images])[order]
-    if tps.size == 0 or not tps.any():  # no detection, or no TP among them
-        return 1.0, np.nan, np.nan, 1.0, np.nan
-    tp_num = np.cumsum(tps)
-    fp_num = np.cumsum(fps)
-    fn_num = npig - tp_num
-    total_loc = tp_num - np.cumsum(tp_iou * tps)
-    lrps = (total_loc / (1 - tau) + fp_num + fn_num) / (tp_num + fp_num + fn_num)
-    best = int(np.argmin(lrps))
-    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 -> NaN, as the official code
-        loc = total_loc[best] / tp_num[best]
-        fp_part = fp_num[best] / (tp_num[best] + fp_num[best])
-    return (
-        float(lrps[best]),
-        float(loc),
-        float(fp_part),
-        float(fn_num[best] / npig),
-        float(scores[order][best]),
-    )
-
-
 def _lrp_arrays(evaluator, backend: str, area_labels: list[str], lrp_areas) -> dict:
     """CocoArrays.lrp: the official oLRP arrays [K, A] at the largest maxDets."""
     p = evaluator.params
@@ -282,8 +256,9 @@ def _lrp_arrays(evaluator, backend: str, area_labels: list[str], lrp_areas) -> d
     for area in lrp_areas:
         a = area_labels.index(area)
         for k in range(len(p.catIds)):
-            parts[:, k, a] = _olrp(images_of(evaluator, k, a), p.maxDets[-1], p.iouThrs[0])
-    return dict(zip(("oLRP", "oLRP_loc", "oLRP_FP", "oLRP_FN", "oLRP_thr"), parts))
+            images = images_of(evaluator, k, a)
+            parts[:, k, a] = lrp.olrp_of_images(images, p.maxDets[-1], p.iouThrs[0])
+    return dict(zip(lrp.OLRP_PARTS, parts))
 
 
 def _aitod_metrics(arrays: CocoArrays, category=None) -> dict[str, float]:
@@ -333,7 +308,7 @@ def summary_lines(arrays: CocoArrays) -> list[str]:
 
 
 def precision_recall_curves(
-    gt: dict, detections: list[dict], iou: float = 0.5, backend: str = "faster_coco_eval"
+    gt: dict, detections: results.DetectionArrays, iou: float = 0.5, backend=DEFAULT_BACKEND
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(recall float [101], {AI-TOD area label: precision [101]}) at IoU ``iou`` and 1,500
     detections: COCOeval's interpolated precision at each recall, the mean over the categories
@@ -355,7 +330,9 @@ def precision_recall_curves(
     return np.linspace(0.0, 1.0, arrays.precision.shape[1]), curves
 
 
-def evaluate_aitod(gt: dict, detections: list[dict], backend: str = "faster_coco_eval") -> dict:
+def evaluate_aitod(
+    gt: dict, detections: results.DetectionArrays, backend: str = DEFAULT_BACKEND
+) -> dict:
     """AI-TOD metrics: flat headline floats, 'per_class' {name: metrics} and 'summary' lines.
 
     Headline keys: AP, AP50, AP75, AP_vt/t/s/m and AR_vt/t/s/m (at 1,500 detections), AR@1,

@@ -1,5 +1,9 @@
 """COCO ground truth and results I/O, validation, and conversion of model outputs.
 
+Detections travel as ``DetectionArrays`` (columns, no Python object per detection) from the
+model's outputs (``detection_arrays``) or a results file / list of dicts (``load_detections``,
+which validates either) to the scorers; ``coco_results`` makes the dicts the COCO API needs.
+
 Decisions on bad input (each is deliberate and tested):
   * detection with an ``image_id`` or ``category_id`` absent from the ground truth, a missing key,
     a NaN/inf box or score, or a negative width/height: ``EvaluationInputError`` naming the
@@ -16,6 +20,7 @@ Decisions on bad input (each is deliberate and tested):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -26,7 +31,6 @@ from typing import Any
 import numpy as np
 
 GroundTruth = str | os.PathLike | dict
-Detections = str | os.PathLike | Sequence[dict]
 
 _LOG = logging.getLogger(__name__)
 _REQUIRED_DET_KEYS = ("image_id", "category_id", "bbox", "score")
@@ -34,6 +38,56 @@ _REQUIRED_DET_KEYS = ("image_id", "category_id", "bbox", "score")
 
 class EvaluationInputError(ValueError):
     """Ground truth or detections that cannot be scored as given."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionArrays:
+    """N COCO results as columns, in their given order (which breaks score ties, as in COCO).
+
+    image_ids, category_ids: int64 [N]; boxes: float64 [N, 4] (x, y, w, h) in original-image
+    px; scores: float [N] (float32 model scores stay float32: every float32 is exact in float64,
+    so ranking them is the same).
+    """
+
+    image_ids: np.ndarray
+    category_ids: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def record(self, index: int) -> dict[str, Any]:
+        """Result ``index`` as a COCO result dict (Python scalars)."""
+        return {
+            "image_id": int(self.image_ids[index]),
+            "category_id": int(self.category_ids[index]),
+            "bbox": self.boxes[index].tolist(),
+            "score": float(self.scores[index]),
+        }
+
+    def to_coco(self) -> list[dict[str, Any]]:
+        """COCO results, one {'image_id', 'category_id', 'bbox', 'score'} dict per detection."""
+        return [
+            {"image_id": i, "category_id": c, "bbox": box, "score": s}
+            for i, c, box, s in zip(
+                self.image_ids.tolist(),
+                self.category_ids.tolist(),
+                self.boxes.tolist(),
+                self.scores.astype(np.float64).tolist(),
+            )
+        ]
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[DetectionArrays]) -> DetectionArrays:
+        """The detections of ``parts`` one after the other (none: an empty set)."""
+        if not parts:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0))
+        fields = [f.name for f in dataclasses.fields(cls)]
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
+
+
+Detections = str | os.PathLike | Sequence[dict] | DetectionArrays
 
 
 def _read_json(path, what: str):
@@ -113,22 +167,61 @@ def load_ground_truth(gt: GroundTruth) -> tuple[dict, dict[str, int]]:
     return data, {"gt_zero_area": zero_area}
 
 
-def load_detections(detections: Detections, gt: dict) -> list[dict]:
-    """Validated detections for ``gt``, as fresh result annotations.
+def load_detections(detections: Detections, gt: dict) -> DetectionArrays:
+    """Validated detections for ``gt``, as arrays.
 
-    ``detections`` is a COCO results file path or a list of dicts; see the module docstring for
-    what is rejected. Each returned dict has image_id, category_id, bbox, score and the fields
-    pycocotools' ``loadRes`` adds to box results: area (w*h), id (index + 1) and iscrowd 0.
+    ``detections`` is a COCO results file path, a list of dicts or ``DetectionArrays``; see the
+    module docstring for what is rejected (the error names the record, counted from 0).
     """
-    if isinstance(detections, (str, os.PathLike)):
-        source = os.fspath(detections)
-        detections = _read_json(detections, "Results")
+    if isinstance(detections, DetectionArrays):
+        arrays, source, describe = detections, "detections", detections.record
+        ids = {"image_id": arrays.image_ids, "category_id": arrays.category_ids}
     else:
-        source = "detections"
-    if not isinstance(detections, (list, tuple)):
-        raise EvaluationInputError(f"{source}: COCO results must be a list of dicts")
-    if not detections:
-        return []
+        if isinstance(detections, (str, os.PathLike)):
+            source = os.fspath(detections)
+            detections = _read_json(detections, "Results")
+        else:
+            source = "detections"
+        if not isinstance(detections, (list, tuple)):
+            raise EvaluationInputError(f"{source}: COCO results must be a list of dicts")
+        if not detections:
+            return DetectionArrays.concatenate([])
+        ids, describe = _id_columns(detections, source), detections.__getitem__
+    for key, known in (
+        ("image_id", [img["id"] for img in gt["images"]]),
+        ("category_id", [cat["id"] for cat in gt["categories"]]),
+    ):
+        unknown = ~np.isin(ids[key], np.asarray(known))
+        if unknown.any():
+            index = int(np.argmax(unknown))
+            raise EvaluationInputError(
+                f"{source}: record #{index} has {key} {ids[key][index].item()!r} that is not "
+                f"in the ground truth: {describe(index)}"
+            )
+    if not isinstance(detections, DetectionArrays):
+        boxes, scores = _check_numbers(
+            [d["bbox"] for d in detections], [d["score"] for d in detections], detections, source
+        )
+        arrays = DetectionArrays(ids["image_id"], ids["category_id"], boxes, scores)
+    bad = ~np.isfinite(arrays.boxes).all(axis=1) | ~np.isfinite(arrays.scores)
+    if bad.any():
+        index = int(np.argmax(bad))
+        raise EvaluationInputError(
+            f"{source}: record #{index} has a NaN or infinite bbox/score: {describe(index)}"
+        )
+    negative = (arrays.boxes[:, 2] < 0) | (arrays.boxes[:, 3] < 0)
+    if negative.any():
+        index = int(np.argmax(negative))
+        raise EvaluationInputError(
+            f"{source}: record #{index} has a negative width or height: {describe(index)}"
+        )
+    return arrays
+
+
+def _id_columns(detections: Sequence, source: str) -> dict[str, np.ndarray]:
+    """{'image_id', 'category_id'}: int64 [N] of a list of result dicts, after checking that
+    every record has the result keys and integer ids (the COCO API keys images and classes by
+    them)."""
     try:  # column-wise: one pass per key is much cheaper than per-record checks
         columns = {k: [d[k] for d in detections] for k in _REQUIRED_DET_KEYS}
     except (KeyError, TypeError):
@@ -140,37 +233,20 @@ def load_detections(detections: Detections, gt: dict) -> list[dict]:
         raise EvaluationInputError(
             f"{source}: record #{index} needs keys {_REQUIRED_DET_KEYS}: {detections[index]}"
         ) from None
-    for key, known in (
-        ("image_id", {img["id"] for img in gt["images"]}),
-        ("category_id", {cat["id"] for cat in gt["categories"]}),
-    ):
-        unknown = set(columns[key]) - known
-        if unknown:
-            index = next(i for i, v in enumerate(columns[key]) if v in unknown)
+    ids = {}
+    for key in ("image_id", "category_id"):
+        ids[key] = np.asarray(columns[key])
+        if ids[key].dtype.kind not in "iu":
+            index = next(i for i, v in enumerate(columns[key]) if not _is_integer(v))
             raise EvaluationInputError(
-                f"{source}: record #{index} has {key} {columns[key][index]!r} that is not in "
-                f"the ground truth: {detections[index]}"
+                f"{source}: record #{index} needs an integer {key}: {detections[index]}"
             )
-    boxes = _check_numbers(columns["bbox"], columns["score"], detections, source)
-    areas = (boxes[:, 2] * boxes[:, 3]).tolist()
-    return [
-        {
-            "image_id": image_id,
-            "category_id": category_id,
-            "bbox": bbox,
-            "score": score,
-            "area": area,
-            "id": index + 1,
-            "iscrowd": 0,
-        }
-        for index, (image_id, category_id, bbox, score, area) in enumerate(
-            zip(*columns.values(), areas)
-        )
-    ]
+        ids[key] = ids[key].astype(np.int64)
+    return ids
 
 
-def _check_numbers(bboxes: list, scores: list, dets: Sequence, source: str) -> np.ndarray:
-    """Boxes [N, 4] float64 after checking shapes, finiteness and non-negative sizes."""
+def _check_numbers(bboxes: list, scores: list, dets: Sequence, source: str):
+    """(boxes float64 [N, 4], scores float64 [N]) after checking that they are all numbers."""
     try:  # numbers only: numpy would read "0.9" as 0.9, which scoring then sorts as text
         boxes, score_array = np.asarray(bboxes), np.asarray(scores)
         well_formed = (
@@ -187,20 +263,11 @@ def _check_numbers(bboxes: list, scores: list, dets: Sequence, source: str) -> n
             f"{source}: record #{index} needs bbox [x, y, w, h] and a score, all numbers: "
             f"{dets[index]}"
         )
-    boxes, score_array = boxes.astype(np.float64), score_array.astype(np.float64)
-    bad = ~np.isfinite(boxes).all(axis=1) | ~np.isfinite(score_array)
-    if bad.any():
-        index = int(np.argmax(bad))
-        raise EvaluationInputError(
-            f"{source}: record #{index} has a NaN or infinite bbox/score: {dets[index]}"
-        )
-    negative = (boxes[:, 2] < 0) | (boxes[:, 3] < 0)
-    if negative.any():
-        index = int(np.argmax(negative))
-        raise EvaluationInputError(
-            f"{source}: record #{index} has a negative width or height: {dets[index]}"
-        )
-    return boxes
+    return boxes.astype(np.float64), score_array.astype(np.float64)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
@@ -217,13 +284,27 @@ def _is_box_and_score(det: dict) -> bool:
     )
 
 
-def build_coco_pair(coco_cls, gt: dict, detections: list[dict]):
+def coco_results(detections: DetectionArrays) -> list[dict[str, Any]]:
+    """COCO result dicts with the fields pycocotools' ``loadRes`` adds to box results: area
+    (w*h), id (index + 1) and iscrowd 0."""
+    areas = (detections.boxes[:, 2] * detections.boxes[:, 3]).tolist()
+    return [
+        {**record, "area": area, "id": index + 1, "iscrowd": 0}
+        for index, (record, area) in enumerate(zip(detections.to_coco(), areas))
+    ]
+
+
+def build_coco_pair(coco_cls, gt: dict, detections: DetectionArrays):
     """(ground-truth COCO, results COCO) of ``coco_cls`` (pycocotools or faster_coco_eval COCO).
 
     ``detections`` come from ``load_detections``. The results object is built directly rather
     than through ``loadRes``, which crashes on an empty list.
     """
-    dt_dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": detections}
+    dt_dataset = {
+        "images": gt["images"],
+        "categories": gt["categories"],
+        "annotations": coco_results(detections),
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = coco_cls()
         coco_gt.dataset = gt
@@ -234,7 +315,7 @@ def build_coco_pair(coco_cls, gt: dict, detections: list[dict]):
     return coco_gt, coco_dt
 
 
-def detections_to_coco(
+def detection_arrays(
     boxes: np.ndarray,
     scores: np.ndarray,
     classes: np.ndarray,
@@ -243,7 +324,7 @@ def detections_to_coco(
     scales: np.ndarray,
     category_ids: Sequence[int],
     tile_offsets: np.ndarray | None = None,
-) -> list[dict[str, Any]]:
+) -> DetectionArrays:
     """Batched detections in resized pixels -> COCO results in original-image pixels.
 
     Args:
@@ -254,7 +335,7 @@ def detections_to_coco(
       category_ids: class index -> COCO category id.
       tile_offsets: optional float [B, 2] (x, y) of each tile in the full original image.
     Returns:
-      list of {'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'} (Python scalars).
+      The valid detections, image by image in batch order.
     """
     boxes = np.asarray(boxes, np.float64)
     scales = np.asarray(scales, np.float64)
@@ -266,12 +347,15 @@ def detections_to_coco(
         original = original + np.concatenate([offsets, offsets], axis=-1)[:, None, :]
     b, k = np.nonzero(keep)
     x1y1 = original[b, k, :2]
-    wh = original[b, k, 2:] - x1y1
-    xywh = np.concatenate([x1y1, wh], axis=-1).tolist()
-    cats = np.asarray(category_ids)[np.asarray(classes)[b, k]].tolist()
-    ids = image_ids[b].tolist()
-    score_list = np.asarray(scores, np.float64)[b, k].tolist()
-    return [
-        {"image_id": i, "category_id": c, "bbox": box, "score": s}
-        for i, c, box, s in zip(ids, cats, xywh, score_list)
-    ]
+    scores = np.asarray(scores)
+    return DetectionArrays(
+        image_ids=image_ids[b].astype(np.int64),
+        category_ids=np.asarray(category_ids, np.int64)[np.asarray(classes)[b, k]],
+        boxes=np.concatenate([x1y1, original[b, k, 2:] - x1y1], axis=-1),
+        scores=scores[b, k] if scores.dtype.kind == "f" else scores[b, k].astype(np.float64),
+    )
+
+
+def detections_to_coco(*args, **kwargs) -> list[dict[str, Any]]:
+    """``detection_arrays(*args, **kwargs)`` as COCO result dicts (Python scalars)."""
+    return detection_arrays(*args, **kwargs).to_coco()

@@ -1,4 +1,4 @@
-"""TinyPerson protocol: AP and AR on COCOeval (both backends of coco_tiny), miss rate in numpy.
+"""TinyPerson protocol: AP and AR on COCOeval (any backend of coco_tiny), miss rate in numpy.
 
 Follows the official TinyBenchmark evaluation (github.com/ucas-vg/TinyBenchmark,
 tiny_benchmark/MyPackage/tools/evaluate/evaluate_tiny.py: ``evaluate_ap`` with
@@ -46,7 +46,7 @@ import dataclasses
 
 import numpy as np
 
-from dfrdet_jax.evaluation import coco_tiny
+from dfrdet_jax.evaluation import array_cocoeval, coco_tiny, results
 
 TINYPERSON_AREA_RANGES = {
     "all": (1.0**2, 1e5**2),
@@ -86,7 +86,9 @@ def mark_ignore_regions(gt: dict) -> int:
     return count
 
 
-def _run_ranges(gt: dict, detections: list[dict], backend: str) -> coco_tiny.CocoArrays:
+def _run_ranges(
+    gt: dict, detections: results.DetectionArrays, backend: str
+) -> coco_tiny.CocoArrays:
     """COCOeval arrays of every size range, each from its own run with the persons outside the
     range as crowd boxes (ignore regions already are); areas A in TINYPERSON_AREA_RANGES order."""
     runs = []
@@ -110,20 +112,6 @@ def _run_ranges(gt: dict, detections: list[dict], backend: str) -> coco_tiny.Coc
         recall=np.concatenate([run.recall for run in runs], axis=2),
         area_labels=list(TINYPERSON_AREA_RANGES),
     )
-
-
-def _iou_and_iod(dets: np.ndarray, gts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(IoU, IoD) [D, G] of boxes dets [D, 4] and gts [G, 4] (x, y, w, h px), float64 in the
-    official ``COCOeval.iou``'s order of operations, so values on a threshold compare the same."""
-    d_lo, g_lo = dets[:, None, :2], gts[None, :, :2]
-    wh = np.minimum(d_lo + dets[:, None, 2:], g_lo + gts[None, :, 2:]) - np.maximum(d_lo, g_lo)
-    inter = np.where((wh > 0).all(axis=-1), wh[..., 0] * wh[..., 1], 0.0)
-    d_area = (dets[:, 2] * dets[:, 3])[:, None]
-    g_area = (gts[:, 2] * gts[:, 3])[None, :]
-    overlapping = inter > 0  # implies a positive detection area
-    iou = np.divide(inter, d_area + g_area - inter, out=np.zeros_like(inter), where=overlapping)
-    iod = np.divide(inter, d_area, out=np.zeros_like(inter), where=overlapping)
-    return iou, iod
 
 
 def _greedy_match(iou: np.ndarray, threshold: float) -> np.ndarray:
@@ -150,7 +138,8 @@ def _mr_image(gts: list[dict], dets: list[dict]) -> list[tuple]:
     det_boxes = np.asarray([d["bbox"] for d in dets], np.float64).reshape(-1, 4)
     gt_boxes = np.asarray([g["bbox"] for g in gts], np.float64).reshape(-1, 4)
     scores = np.asarray([d["score"] for d in dets], np.float64)
-    iou, iod = _iou_and_iod(det_boxes, gt_boxes)
+    pairs = (det_boxes[:, None], gt_boxes[None])
+    iou, iod = array_cocoeval.box_overlap(*pairs, False), array_cocoeval.box_overlap(*pairs, True)
     det_area = det_boxes[:, 2] * det_boxes[:, 3]
     gt_area = np.asarray([g["area"] for g in gts], np.float64)
     region = np.asarray([bool(g["iscrowd"]) for g in gts], bool)
@@ -275,14 +264,14 @@ def summary_lines(metrics: dict[str, float]) -> list[str]:
 
 
 def evaluate_tinyperson(
-    gt: dict, detections: list[dict], backend: str = "faster_coco_eval"
+    gt: dict, detections: results.DetectionArrays, backend: str = "faster_coco_eval"
 ) -> dict:
     """TinyPerson metrics, fractions (-1 without ground truth): 'AP{25,50,75}_{range}' and
     'AR{25,50,75}_{range}' for the AP ranges, 'MR{25,50,75}_{setup}' for the MR setups;
     'per_class', 'summary' lines and the number of ignore regions."""
     ignore_regions = mark_ignore_regions(gt)
     arrays = _run_ranges(gt, detections, backend)
-    recall = _miss_rate_arrays(gt, detections)
+    recall = _miss_rate_arrays(gt, detections.to_coco())
     metrics = {**_metrics(arrays), **_mr_metrics(recall)}
     names = {cat["id"]: cat.get("name", str(cat["id"])) for cat in gt["categories"]}
     per_class = {
