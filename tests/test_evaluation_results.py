@@ -43,6 +43,7 @@ GT = make_gt({1: [(1, [10, 10, 20, 20])], 2: [(1, [5, 5, 8, 8])]})
     [
         (det(3, [0, 0, 5, 5], 0.5), r"record #1 has image_id 3"),
         (det(1, [0, 0, 5, 5], 0.5, category_id=4), r"record #1 has category_id 4"),
+        (det("1", [0, 0, 5, 5], 0.5), r"record #1 needs an integer image_id"),
         (det(1, [0, math.nan, 5, 5], 0.5), r"record #1 has a NaN"),
         (det(1, [0, 0, 5, 5], math.inf), r"record #1 has a NaN"),
         (det(1, [0, 0, -5, 5], 0.5), r"record #1 has a negative width"),

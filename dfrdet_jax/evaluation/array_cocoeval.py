@@ -23,16 +23,21 @@ to pycocotools/cocoeval.py 2.0 (``evaluateImg``, ``accumulate``), whose rules ar
     non-increasing from the right and read at the first rank whose recall reaches each of 101
     thresholds (0 past the last rank); recall is the final one. -1 where npig = 0.
 
+One deliberate difference: annotation ids play no part here. COCOeval records a match by the
+ground truth's id, so an annotation with id 0 reads as unmatched there (pycocotools counts its
+TPs as FPs; faster_coco_eval warns, and its per-image layout then defeats oLRP); here its TPs
+count, as they would under any other id.
+
 How it is vectorised: a detection's matching only depends on the detections ranked above it in
 its image and category, and only on boxes it overlaps by at least the lowest threshold. So the
 (detection, box) pairs with such an overlap are found first, chunk of images by chunk, and only
 the detections in such a pair are matched, step by step over their rank among them: each step
 decides the next detection of every (image, category) at once, for every area range and
-threshold, with numpy. What is kept per detection is its score, rank and TP / FP bits per
-threshold (one integer per area range), whatever the chunk, so memory grows by about 40 bytes
-per detection beyond the input arrays. Precision and recall are then read off the TPs alone:
-recall only grows at a TP, and precision is highest there, so the interpolated curve needs the
-FP count before each TP, nothing else.
+threshold, with numpy. What is kept per detection is its score, rank, TP / FP bits per
+threshold (one integer per area range) and its IoU if a TP (for oLRP), whatever the chunk, so
+memory grows by about 45 bytes per detection beyond the input arrays. Precision and recall
+are then read off the TPs alone: recall only grows at a TP, and precision is highest there, so
+the interpolated curve needs the FP count before each TP, nothing else.
 """
 
 from __future__ import annotations
@@ -146,10 +151,11 @@ def evaluate(
     return _accumulate(ground_truth, per_category, params)
 
 
-def _match(gt: _GroundTruth, dets: DetectionArrays, params: _Params) -> list[dict]:
+def _match(gt: _GroundTruth, dets: DetectionArrays, params: _Params) -> list[list[dict]]:
     """Per category k, the kept detections (rank < max(maxDets) in their image) in image-id
-    then rank order: {'score' [N], 'rank' [N], 'tp' and 'fp' [N, A] threshold bits, 'tp_iou'
-    [N, L] (each TP's IoU at the first threshold, in the lrp areas)}."""
+    then rank order, one dict per chunk of images: {'score' [N], 'rank' [N], 'tp' and 'fp'
+    [N, A] threshold bits, 'tp_iou' [N, L] (each TP's IoU at the first threshold, in the lrp
+    areas)}."""
     num_images = len(gt.image_ids)
     image_of_det = np.searchsorted(gt.image_ids, dets.image_ids)
     det_starts = np.concatenate([[0], np.cumsum(np.bincount(image_of_det, minlength=num_images))])
@@ -175,10 +181,7 @@ def _match(gt: _GroundTruth, dets: DetectionArrays, params: _Params) -> list[dic
         for k, part in enumerate(parts):
             part.append({key: value[bounds[k] : bounds[k + 1]] for key, value in chunk.items()})
         first = last
-    return [
-        {key: np.concatenate([p[key] for p in part]) for key in part[0]} if part else None
-        for part in parts
-    ]
+    return parts
 
 
 def _match_chunk(
@@ -327,9 +330,12 @@ def _accumulate(gt: _GroundTruth, per_category: list, params: _Params):
     npig = np.stack(
         [np.bincount(gt.category[regular[:, a]], minlength=num_k) for a in range(num_a)], -1
     )  # [K, A]
-    for k, found in enumerate(per_category):
-        if found is None:  # no image at all
+    for k in range(num_k):
+        chunks, per_category[k] = per_category[k], None  # one category's copy at a time
+        if not chunks:  # no image at all
             continue
+        found = {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
+        del chunks
         order = np.argsort(-found["score"], kind="stable")
         score, rank = found["score"][order], found["rank"][order]
         for a in np.flatnonzero(npig[k] > 0):

@@ -5,10 +5,10 @@ model's outputs (``detection_arrays``) or a results file / list of dicts (``load
 which validates either) to the scorers; ``coco_results`` makes the dicts the COCO API needs.
 
 Decisions on bad input (each is deliberate and tested):
-  * detection with an ``image_id`` or ``category_id`` absent from the ground truth, a missing key,
-    a NaN/inf box or score, or a negative width/height: ``EvaluationInputError`` naming the
-    source, the record index and the record. Zero-width/height detections are legal (they can
-    only be false positives).
+  * detection with an ``image_id`` or ``category_id`` absent from the ground truth or not an
+    integer, a missing key, a NaN/inf box or score, or a negative width/height:
+    ``EvaluationInputError`` naming the source, the record index and the record.
+    Zero-width/height detections are legal (they can only be false positives).
   * a results file with zero bytes: ``EvaluationInputError`` (a crashed writer looks like this);
     a file holding ``[]`` or an empty list: valid, every metric with ground truth scores 0.
   * ground-truth box with zero or negative width/height: it can never be matched, so it is
