@@ -161,12 +161,15 @@ def _recipes(detector: str) -> list[Run]:
         Run("lsq4", "lsq4", init_from=topology, baseline="bnn"),
         # The budget's learning rate scaled: 1-bit latent weights move the output only when
         # they cross zero, and from scratch twice the demo's lr gave 27.5 AP against 17.7.
-        # The real row gets the same chance; the factor is chosen on validation AP.
-        Run("real_lr2x", "real", _learning_rate(detector, 2), "start_real", baseline="real"),
-        Run("bnn_lr2x", "bnn", _learning_rate(detector, 2), topology, baseline="bnn"),
-        Run("bnn_lr4x", "bnn", _learning_rate(detector, 4), topology, baseline="bnn"),
-        Run("dfr_lr2x", "dfr", _learning_rate(detector, 2), topology, baseline="bnn_lr2x"),
-        Run("dfr_lr4x", "dfr", _learning_rate(detector, 4), topology, baseline="bnn_lr4x"),
+        # Every variant gets the same factors; each one's is chosen on validation AP.
+        *(
+            Run(f"{variant}_lr{factor}x", variant, _learning_rate(detector, factor), start,
+                baseline=f"{baseline}_lr{factor}x" if variant == "dfr" else variant)
+            for factor in (2, 4, 8)
+            for variant, start, baseline in (
+                ("real", "start_real", None), ("bnn", topology, None), ("dfr", topology, "bnn")
+            )
+        ),  # fmt: skip
     ]
 
 
