@@ -1,5 +1,5 @@
-"""Train-step throughput (images/s) and peak device memory of FCOS-R18 (or RetinaNet-R18) real /
-bnn / dfr.
+"""Train-step throughput (images/s) and peak device memory of FCOS-R18 (or RetinaNet-R18,
+Faster R-CNN-R18) real / bnn / dfr.
 
 Runs the jit-compiled, sharded train step of ``dfrdet_jax.steps`` on whatever devices are
 present, with the input either produced in memory (``--pipeline off``: the step alone) or read
@@ -7,8 +7,16 @@ through the grain pipeline on the synthetic data set (``--pipeline on``: what tr
 and, where PyTorch with torchvision is installed, times torchvision's FCOS with a ResNet-18 FPN
 backbone on the same image size and batch for comparison.
 
+Box slots (``--slots``): 'bucketed' (what training does: each batch's box arrays cut to the
+smallest bucket of ``data.box_slots`` that holds them), 'padded' (every batch at --max_boxes
+slots) and 'real' (the fixed batch at exactly --boxes slots, pipeline off only: the cost of the
+real boxes alone). With several families and slot settings the summary gives each family's step
+against FCOS's and each slot setting's step against 'real', all from one invocation.
+
   python benchmarks/train_throughput.py --size 800 --batch 8 --steps 20        # GPU
   python benchmarks/train_throughput.py --size 128 --batch 4 --steps 5 --width small  # CPU
+  python benchmarks/train_throughput.py --size 128 --batch 4 --steps 10 --width small \
+      --family fcos,retinanet --variants real --pipeline off --slots padded,bucketed,real
 
 Prints one line per setting and, with --out, writes them as JSON.
 """
@@ -33,6 +41,7 @@ import numpy as np
 from absl import flags
 
 from dfrdet_jax import data, prefetch, sharding, steps
+from dfrdet_jax.data import box_slots
 from dfrdet_jax.models import registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,6 +58,8 @@ def load_config(family: str, arg: str):
 # Network widths: (backbone, FPN, head convs, DFR decoder). 'full' is the paper's ResNet-18,
 # 'small' the demo's, 'tiny' the smoke test's (for the CPU test of gpu_check).
 WIDTHS = {"full": (64, 256, 4, 64), "small": (16, 32, 2, 16), "tiny": (8, 16, 1, 8)}
+FAMILIES = ("fcos", "retinanet", "faster_rcnn")
+SLOTS = ("bucketed", "padded", "real")
 
 
 def random_batch(rng, batch: int, size: int, num_boxes: int, max_boxes: int):
@@ -116,11 +127,15 @@ def device_lock(lock_path: str | None, exclusive: bool):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def configure(variant: str, args):
-    config = load_config(args.family, f"synthetic,{variant}")
+def configure(variant: str, args, family: str | None = None, slots: str = "bucketed"):
+    """The config of ``family`` (default: the first of --family) ``variant`` at the arguments'
+    sizes; ``slots`` 'padded' turns the pipeline's box-slot buckets off."""
+    config = load_config(family or args.family.split(",")[0], f"synthetic,{variant}")
     config.train.batch_size = args.batch
     config.data.image_size = args.size
     config.data.max_boxes = args.max_boxes
+    if slots == "padded":
+        config.data.min_box_slots = args.max_boxes
     config.data.root = args.data_root
     config.data.synthetic.num_train = args.num_images
     config.data.synthetic.num_val = config.data.synthetic.num_test = 1
@@ -131,23 +146,76 @@ def configure(variant: str, args):
     return config
 
 
-def time_steps(compiled, state, next_batch, num_steps: int) -> tuple[float, object]:
-    """Seconds per step of ``num_steps`` calls (after one untimed call) and the final state."""
-    state, metrics = compiled(state, next_batch(), None)
+def fixed_batch(config, args, slots: str) -> dict:
+    """The in-memory batch of ``args.boxes`` random boxes per image in ``slots``' box slots:
+    --max_boxes ('padded'), the pipeline's bucket ('bucketed') or exactly --boxes ('real')."""
+    rng = np.random.default_rng(0)
+    num_slots = args.boxes if slots == "real" else args.max_boxes
+    batch = random_batch(rng, args.batch, args.size, args.boxes, num_slots)
+    buckets = box_slots.slot_buckets(config.data.max_boxes, config.data.min_box_slots)
+    return box_slots.trim_box_slots(batch, buckets) if slots == "bucketed" else batch
+
+
+class StepExecutables:
+    """The sharded train step compiled ahead of time once per box-slot count N: the pipeline's
+    bucketed batches come in a few shapes. Call it as the step: (state, batch) -> (state,
+    metrics)."""
+
+    def __init__(self, step, state):
+        self._step = step
+        self._state = jax.tree.map(  # shapes only: the state's buffers are donated
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        )
+        self.lowered, self.compiled, self.compile_s = {}, {}, {}
+
+    def has(self, batch) -> bool:
+        return batch["boxes"].shape[1] in self.compiled
+
+    def lower(self, batch):
+        slots = batch["boxes"].shape[1]
+        self.lowered[slots] = self._step.lower(self._state, batch)
+        return self.lowered[slots]
+
+    def compile(self, batch) -> None:
+        """Lowers (unless done) and compiles the step for ``batch``'s box-slot count, timed."""
+        slots = batch["boxes"].shape[1]
+        start = time.perf_counter()
+        lowered = self.lowered.get(slots) or self.lower(batch)
+        self.compiled[slots] = lowered.compile()
+        self.compile_s[slots] = time.perf_counter() - start
+
+    def __call__(self, state, batch):
+        return self.compiled[batch["boxes"].shape[1]](state, batch, None)
+
+
+def time_steps(executables, state, next_batch, num_steps: int) -> tuple[float, object]:
+    """Seconds per step of ``num_steps`` calls (after one untimed call) and the final state; a
+    batch of a box-slot count not compiled yet is compiled with the clock stopped."""
+    batch = next_batch()
+    if not executables.has(batch):
+        executables.compile(batch)
+    state, metrics = executables(state, batch)
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
+    elapsed, start = 0.0, time.perf_counter()
     for _ in range(num_steps):
-        state, metrics = compiled(state, next_batch(), None)
+        batch = next_batch()
+        if not executables.has(batch):
+            jax.block_until_ready(metrics)
+            elapsed += time.perf_counter() - start
+            executables.compile(batch)
+            start = time.perf_counter()
+        state, metrics = executables(state, batch)
     jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / num_steps, state
+    return (elapsed + time.perf_counter() - start) / num_steps, state
 
 
-def time_jax(variant: str, args) -> list[dict]:
-    """The train step of ``variant``, compiled ahead of time (its FLOPs from XLA's cost
-    analysis), then timed with the input 'off' (one batch already on the devices, every step)
-    and/or 'on' (the grain pipeline read ahead by train's DevicePrefetcher, as training runs),
-    the same executable for both. One result per pipeline setting."""
-    config = configure(variant, args)
+def time_jax(family: str, variant: str, slots: str, args) -> list[dict]:
+    """The train step of ``family`` ``variant`` with ``slots`` box slots, compiled ahead of time
+    (its FLOPs from XLA's cost analysis), then timed with the input 'off' (one batch already on
+    the devices, every step) and/or 'on' (the grain pipeline read ahead by train's
+    DevicePrefetcher, as training runs; 'real' slots: off only), one executable per box-slot
+    count for both. One result per pipeline setting."""
+    config = configure(variant, args, family, slots)
     model = registry.build_model(config, num_classes=8)
     mesh = sharding.make_mesh()
     data_sharding = sharding.batch_sharding(mesh)
@@ -156,18 +224,19 @@ def time_jax(variant: str, args) -> list[dict]:
     )
     state = jax.device_put(state, sharding.replicated_sharding(mesh))
     step = steps.make_sharded_train_step(config, model, mesh, 2 * args.steps + 2)
-    rng = np.random.default_rng(0)
-    fixed = random_batch(rng, args.batch, args.size, args.boxes, args.max_boxes)
+    executables = StepExecutables(step, state)
+    fixed = fixed_batch(config, args, slots)
     placed = sharding.to_global_batch(fixed, data_sharding)
+    num_slots = fixed["boxes"].shape[1]
     with device_lock(args.lock, exclusive=False):
-        start = time.perf_counter()
-        lowered = step.lower(state, placed)
         if args.lower_only:  # FLOPs without compiling: the same on every device
-            return [{"family": args.family, "variant": variant, "dtype": args.dtype,
-                     "flops_per_step": step_flops(lowered)}]  # fmt: skip
-        compiled = lowered.compile()
-        compile_s = time.perf_counter() - start
+            return [{"family": family, "variant": variant, "dtype": args.dtype,
+                     "flops_per_step": step_flops(executables.lower(placed))}]  # fmt: skip
+        executables.compile(placed)
+    lowered, compiled = executables.lowered[num_slots], executables.compiled[num_slots]
     pipelines = ("off", "on") if args.pipeline == "both" else (args.pipeline,)
+    if slots == "real":
+        pipelines = tuple(p for p in pipelines if p == "off")
     if "on" in pipelines:  # started before the lock, so its workers' start is not timed
         dataset = data.build_dataset(
             config.data,
@@ -191,18 +260,21 @@ def time_jax(variant: str, args) -> list[dict]:
                 next_batch = lambda: next(batches)[1]  # noqa: E731
             else:
                 next_batch = lambda: placed  # noqa: E731
-            seconds, state = time_steps(compiled, state, next_batch, args.steps)
+            seconds, state = time_steps(executables, state, next_batch, args.steps)
             what, peak = peak_memory_gb()
             results.append(
                 {
                     "framework": "jax",
-                    "family": args.family,
+                    "family": family,
                     "variant": variant,
                     "dtype": args.dtype,
                     "pipeline": pipeline,
+                    "slots": slots,
+                    "box_slots": num_slots,
                     "images_per_second": args.batch / seconds,
                     "step_ms": 1000 * seconds,
-                    "compile_s": compile_s,
+                    "compile_s": executables.compile_s[num_slots],
+                    "compiled_box_slots": sorted(executables.compiled),
                     "flops_per_step": step_flops(lowered),
                     "step_memory_gb": step_memory_gb(compiled),
                     "device_kind": jax.devices()[0].device_kind,
@@ -280,32 +352,34 @@ def time_torchvision(args) -> dict | None:
     }
 
 
-def run_isolated(variant: str) -> list[dict]:
-    """One variant in a fresh process, so its peak memory and compile are its own."""
+def run_isolated(family: str, variant: str, slots: str) -> list[dict]:
+    """One setting in a fresh process, so its peak memory and compile are its own."""
     argv = [a for a in sys.argv[1:] if a != "--torchvision"]
-    command = [sys.executable, __file__, *argv, "--variants", variant, "--single"]
+    command = [sys.executable, __file__, *argv, "--family", family, "--variants", variant]
+    command += ["--slots", slots, "--single"]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def pipeline_overhead(results: list[dict]) -> list[dict]:
-    """Per network: how much slower training is with the pipeline on than with it off."""
+    """Per network and box slots: how much slower training is with the pipeline on than off."""
     rows = []
     ours = [r for r in results if r["framework"] == "jax"]
-    for key in dict.fromkeys((r["family"], r["variant"], r["dtype"]) for r in ours):
+    for key in dict.fromkeys((r["family"], r["variant"], r["dtype"], r["slots"]) for r in ours):
         ips = {
             r["pipeline"]: r["images_per_second"]
             for r in ours
-            if (r["family"], r["variant"], r["dtype"]) == key
+            if (r["family"], r["variant"], r["dtype"], r["slots"]) == key
         }
         if {"on", "off"} <= ips.keys():
             slowdown = 100 * (1 - ips["on"] / ips["off"])
-            family, variant, dtype = key
+            family, variant, dtype, slots = key
             rows.append(
                 {
                     "family": family,
                     "variant": variant,
                     "dtype": dtype,
+                    "slots": slots,
                     "pipeline_slowdown_percent": slowdown,
                     "within_5": slowdown <= 5,
                 }
@@ -313,14 +387,42 @@ def pipeline_overhead(results: list[dict]) -> list[dict]:
     return rows
 
 
+def step_ratios(results: list[dict]) -> list[dict]:
+    """Step-time ratios within one invocation, pipeline off: each family's step over FCOS's
+    (same variant, dtype and slots), and each slot setting's step over 'real' slots (same
+    network): the cost of padding."""
+    off = {
+        (r["family"], r["variant"], r["dtype"], r["slots"]): r["step_ms"]
+        for r in results
+        if r["framework"] == "jax" and r["pipeline"] == "off"
+    }
+    rows = []
+    for (family, variant, dtype, slots), ms in off.items():
+        network = {"family": family, "variant": variant, "dtype": dtype}
+        fcos = off.get(("fcos", variant, dtype, slots))
+        if family != "fcos" and fcos:
+            rows.append({"ratio": f"{family} / fcos", **network, "slots": slots,
+                         "step_ratio": ms / fcos})  # fmt: skip
+        real = off.get((family, variant, dtype, "real"))
+        if slots != "real" and real:
+            rows.append({"ratio": f"{slots} / real slots", **network,
+                         "padding_cost_percent": 100 * (ms / real - 1)})  # fmt: skip
+    return rows
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=("fcos", "retinanet", "faster_rcnn"), default="fcos")
+    parser.add_argument(
+        "--family", default="fcos", help="comma list of fcos, retinanet, faster_rcnn"
+    )
     parser.add_argument("--size", type=int, default=800)
     parser.add_argument("--batch", type=int, default=8, help="global batch")
     parser.add_argument("--steps", type=int, default=20, help="timed steps after the first")
     parser.add_argument("--boxes", type=int, default=100, help="objects per image")
-    parser.add_argument("--max_boxes", type=int, default=1500, help="padded box slots N")
+    parser.add_argument("--max_boxes", type=int, default=1500, help="data.max_boxes")
+    parser.add_argument(
+        "--slots", default="bucketed", help="comma list of bucketed, padded, real (module doc)"
+    )
     parser.add_argument("--variants", default="real,bnn,dfr", help="'' for torchvision only")
     parser.add_argument("--pipeline", choices=("off", "on", "both"), default="both")
     parser.add_argument("--workers", type=int, default=4, help="pipeline worker processes")
@@ -339,22 +441,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--lower_only", action="store_true", help="only the FLOPs per step (no compile, no timing)"
     )
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, allowed in (("family", FAMILIES), ("slots", SLOTS)):
+        unknown = set(getattr(args, name).split(",")) - set(allowed)
+        if unknown:
+            parser.error(f"--{name}: {sorted(unknown)} not in {allowed}")
+    return args
 
 
 def main():
     args = parse_args()
     flags.FLAGS(sys.argv[:1])  # absl defaults: grain reads its flags when it starts workers
-    if args.single:  # one variant, in a process of its own (see run_isolated)
-        print(json.dumps(time_jax(args.variants, args)))
+    if args.single:  # one setting, in a process of its own (see run_isolated)
+        print(json.dumps(time_jax(args.family, args.variants, args.slots, args)))
         return
     print(f"devices: {jax.devices()}")
     results = []
-    for variant in filter(None, args.variants.split(",")):
-        for result in run_isolated(variant):
-            results.append(result)
-            print(json.dumps(result), flush=True)
-    if args.torchvision and (args.width != "full" or args.family != "fcos"):
+    for family in args.family.split(","):
+        for variant in filter(None, args.variants.split(",")):
+            for slots in args.slots.split(","):
+                for result in run_isolated(family, variant, slots):
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
+    if args.torchvision and (args.width != "full" or "fcos" not in args.family.split(",")):
         print("torchvision: skipped, it is timed for FCOS at full widths only")
     elif args.torchvision:
         result = time_torchvision(args)
@@ -362,7 +471,8 @@ def main():
         if result:
             results.append(result)
     overhead = pipeline_overhead(results)
-    for row in overhead:
+    ratios = step_ratios(results)
+    for row in overhead + ratios:
         print(json.dumps(row))
     if args.out:
         with open(args.out, "w") as f:
@@ -372,6 +482,7 @@ def main():
                     "args": vars(args),
                     "results": results,
                     "pipeline_overhead": overhead,
+                    "step_ratios": ratios,
                 },
                 f,
                 indent=1,

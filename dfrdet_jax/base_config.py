@@ -218,6 +218,7 @@ def make_smoke(config: ml_collections.ConfigDict) -> None:
     one evaluation at the end on 4 images. The tests' detector (in place)."""
     config.data.image_size = 64
     config.data.max_boxes = 64
+    config.data.min_box_slots = 64  # one compiled step: 12 steps do not pay for a second
     config.data.synthetic.num_train = 16
     config.data.synthetic.num_val = 4
     config.data.synthetic.num_test = 4

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from flax.training import train_state
 from jax.sharding import Mesh
 
@@ -185,7 +186,8 @@ def make_sharded_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
     """``make_train_step`` jit-compiled for ``mesh``: state replicated (and donated), batch
     split over the ``data`` axis, the teacher's variables (replicated) passed to every call.
-    Call it with a replicated state and a batch from ``sharding.to_global_batch``."""
+    Call it with a replicated state and a batch from ``sharding.to_global_batch``. It compiles
+    once per box-slot count N of the batches (``data.box_slots``), and logs each N it meets."""
     replicated = sharding.replicated_sharding(mesh)
     step = jax.jit(
         make_train_step(config, model, total_steps, teacher.model if teacher else None),
@@ -194,8 +196,13 @@ def make_sharded_train_step(
         donate_argnums=(0,),
     )
     teacher_variables = teacher.variables if teacher else None
+    box_slots_seen = set()
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        slots = batch["boxes"].shape[1]
+        if slots not in box_slots_seen:  # a new shape: jax.jit compiles the step for it
+            box_slots_seen.add(slots)
+            logging.info("Compiling the train step for %d box slots", slots)
         return step(state, batch, teacher_variables)
 
     # Ahead of time (benchmarks read the compiled step's FLOPs): the executable of

@@ -18,4 +18,5 @@ def get_config(arg=None):
     config.data.root = os.environ.get("DFRDET_TEST_DATA", config.data.root)
     config.train.log_every_steps = 1  # every step's loss, compared between runs
     config.train.checkpoint_every_steps = 2  # places to interrupt and resume from
+    config.data.min_box_slots = 16  # bucketed box slots: batches of 16 and 64 slots
     return config

@@ -1,4 +1,5 @@
-"""Synthetic source, COCO loading, transforms and the grain pipeline (batch format, resume)."""
+"""Synthetic source, COCO loading, transforms and the grain pipeline (batch format, box-slot
+buckets, resume)."""
 
 import json
 import os
@@ -9,7 +10,7 @@ from absl import flags
 from PIL import Image
 
 from dfrdet_jax import data
-from dfrdet_jax.data import transforms
+from dfrdet_jax.data import box_slots, transforms
 from dfrdet_jax.data.fixtures import write_coco_fixture
 from dfrdet_jax.data.sources import coco
 
@@ -122,6 +123,7 @@ def test_resize_and_flip_move_boxes_exactly():
 
 def test_eval_batches_cover_each_image_once_with_padding(tmp_path):
     config, truth = _aitod_like(tmp_path)
+    config.min_box_slots = 2  # evaluation batches keep max_boxes slots all the same
     ds = data.build_dataset(config, "val", train=False, batch_size=2, seed=0)
     batches = list(ds.loader)
     assert len(batches) == 2
@@ -158,14 +160,16 @@ def test_eval_batches_cover_each_image_once_with_padding(tmp_path):
 def test_training_shards_leave_no_image_out(tmp_path):
     # 3 images over 2 processes: one shard holds two. drop_remainder would never show image 12.
     config, _ = _aitod_like(tmp_path)
+    config.min_box_slots = 2  # shards of one global batch keep max_boxes slots: one shape
     seen = []
     for k in range(2):
         ds = data.build_dataset(
             config, "train", train=True, batch_size=1, seed=0, shard_index=k, shard_count=2
         )
         it = iter(ds.loader)
-        ids = [int(next(it)["image_id"][0]) for _ in range(4)]  # two epochs of a shard
-        seen.append(set(ids))
+        batches = [next(it) for _ in range(4)]  # two epochs of a shard
+        assert {b["boxes"].shape for b in batches} == {(1, 8, 4)}
+        seen.append({int(b["image_id"][0]) for b in batches})
     assert seen[0] | seen[1] == {10, 11, 12}
     assert not seen[0] & seen[1]
 
@@ -173,6 +177,7 @@ def test_training_shards_leave_no_image_out(tmp_path):
 def test_train_flip_keeps_boxes_consistent_and_resume_is_exact(tmp_path):
     config, truth = _aitod_like(tmp_path)
     config.flip_prob = 0.5
+    config.min_box_slots = 2  # buckets (2, 4, 8): 3 boxes per image -> 4 slots
     ds = data.build_dataset(config, "train", train=True, batch_size=2, seed=7)
     it = iter(ds.loader)
     seen = [next(it) for _ in range(3)]  # more than one epoch: train repeats
@@ -187,6 +192,8 @@ def test_train_flip_keeps_boxes_consistent_and_resume_is_exact(tmp_path):
             np.testing.assert_array_equal(got[key], want[key])
     flips = 0
     for b in seen + expected:
+        assert b["boxes"].shape == (2, 4, 4) and b["ignore"].shape == (2, 4)
+        assert b["box_valid"].sum() == 6  # every box kept
         for k, image_id in enumerate(b["image_id"]):
             scaled = truth[int(image_id)][0] * b["scale"][k]
             w = b["image_hw"][k, 1]
@@ -197,6 +204,37 @@ def test_train_flip_keeps_boxes_consistent_and_resume_is_exact(tmp_path):
             else:
                 np.testing.assert_allclose(got, scaled, rtol=1e-5)
     assert 0 < flips < 12
+
+
+def test_box_slot_buckets_and_the_cut_keeps_every_box():
+    assert box_slots.slot_buckets(1500, 16) == (16, 32, 64, 128, 256, 512, 1024, 1500)
+    assert box_slots.slot_buckets(64, 16) == (16, 32, 64)
+    assert box_slots.slot_buckets(64, 64) == box_slots.slot_buckets(64, 100) == (64,)  # fixed
+    assert box_slots.slot_buckets(10, 16) == (10,)
+    with pytest.raises(ValueError, match="min_box_slots >= 1"):
+        box_slots.slot_buckets(64, 0)
+    buckets = box_slots.slot_buckets(64, 16)
+    valid = np.zeros((2, 64), bool)
+    valid[0, :3] = True
+    batch = {
+        "boxes": np.arange(2 * 64 * 4, dtype=np.float32).reshape(2, 64, 4),
+        "labels": np.where(valid, 1, -1).astype(np.int32),
+        "box_valid": valid,
+        "ignore": np.zeros((2, 64), bool),
+        "image_id": np.array([5, 6]),
+    }
+    for last, slots in ((3, 16), (16, 16), (17, 32), (40, 64), (64, 64)):
+        batch["box_valid"][1, last - 1] = True  # a valid row after padding ones is kept too
+        cut = box_slots.trim_box_slots(batch, buckets)
+        assert cut["boxes"].shape == (2, slots, 4), last
+        assert all(cut[k].shape == (2, slots) for k in ("labels", "box_valid", "ignore"))
+        assert cut["box_valid"].sum() == batch["box_valid"].sum()
+        np.testing.assert_array_equal(cut["boxes"], batch["boxes"][:, :slots])
+        assert cut["image_id"] is batch["image_id"]
+        batch["box_valid"][1] = False
+    none = box_slots.trim_box_slots({**batch, "box_valid": np.zeros((2, 64), bool)}, buckets)
+    assert none["boxes"].shape == (2, 16, 4)
+    assert box_slots.trim_box_slots(batch, (64,)) is batch
 
 
 def test_too_many_boxes_names_image_count_and_setting(tmp_path):

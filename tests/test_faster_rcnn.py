@@ -300,22 +300,29 @@ def test_sample_rois_adds_the_ground_truth_and_encodes_deltas():
     boxes = np.array([[10, 10, 20, 20], [30, 30, 44, 40], [0, 0, 0, 0]], np.float32)
     labels = np.array([2, 0, -1], np.int32)
     valid = np.array([True, True, False])
-    out = roi_head.sample_rois(
-        jax.random.key(0),
-        proposals,
-        proposal_valid,
-        boxes,
-        labels,
-        valid,
-        np.zeros(3, bool),
-        3,
-        num_samples=6,
-        positive_fraction=0.5,
-        positive_iou=0.5,
-        negative_iou=0.5,
-        ignore_iof=faster_rcnn.IGNORE_IOF,
-        box_weights=faster_rcnn.ROI_BOX_WEIGHTS,
-    )
+
+    def sample(slots):  # the ground truth in ``slots`` box slots (3 + padding)
+        pad = slots - 3
+        return roi_head.sample_rois(
+            jax.random.key(0),
+            proposals,
+            proposal_valid,
+            np.pad(boxes, ((0, pad), (0, 0))),
+            np.pad(labels, (0, pad), constant_values=-1),
+            np.pad(valid, (0, pad)),
+            np.zeros(slots, bool),
+            3,
+            num_samples=6,
+            positive_fraction=0.5,
+            positive_iou=0.5,
+            negative_iou=0.5,
+            ignore_iof=faster_rcnn.IGNORE_IOF,
+            box_weights=faster_rcnn.ROI_BOX_WEIGHTS,
+        )
+
+    out = sample(3)
+    for key, value in sample(16).items():  # more padding slots draw the same RoIs
+        np.testing.assert_array_equal(value, out[key], err_msg=key)
     weight, positive = np.asarray(out["weight"]), np.asarray(out["positive"])
     rois, got_labels = np.asarray(out["rois"]), np.asarray(out["labels"])
     # Candidates: 3 valid proposals + 2 boxes. Positives: proposals 0, 1 and both boxes (4 > 3).

@@ -1,4 +1,5 @@
-"""FCOS regression ranges and targets: hand-worked cases, a numpy reference, chunking and vmap."""
+"""FCOS regression ranges and targets: hand-worked cases, a numpy reference, chunking, padding
+slots and vmap."""
 
 import jax
 import jax.numpy as jnp
@@ -197,8 +198,22 @@ def test_matches_numpy_reference_and_chunking():
     chunked = targets(
         points, level, ranges, STRIDES, boxes, labels, valid, ignore, chunk_size=100, **kw
     )  # 4 chunks, the last one padded
+    # 40 more padding slots (what a batch cut to fewer box slots leaves out) change nothing.
+    padded = targets(
+        points,
+        level,
+        ranges,
+        STRIDES,
+        np.pad(boxes, ((0, 40), (0, 0))),
+        np.pad(labels, (0, 40), constant_values=-1),
+        np.pad(valid, (0, 40)),
+        np.pad(ignore, (0, 40)),
+        chunk_size=None,
+        **kw,
+    )
     for k in whole:
         np.testing.assert_array_equal(whole[k], chunked[k], err_msg=k)
+        np.testing.assert_array_equal(whole[k], padded[k], err_msg=k)
     lab, idx, ign = np_reference(
         points, level, ranges, STRIDES, boxes.astype(np.float64), labels, valid, ignore, 1.5
     )

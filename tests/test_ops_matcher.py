@@ -1,5 +1,6 @@
 """Max-IoU matching against a plain-loop reference (detectron2's Matcher with low-quality
-matches and ignore regions), chunking, tiny boxes, empty images and the threshold check."""
+matches and ignore regions), chunking, padding slots, tiny boxes, empty images and the threshold
+check."""
 
 import itertools
 
@@ -93,6 +94,18 @@ def test_max_iou_matching_equals_the_loop_reference(seed, low_quality):
     )
     for key in got:
         np.testing.assert_array_equal(chunked[key], got[key], err_msg=key)
+    # So do 9 more padding slots (what a batch cut to fewer box slots leaves out).
+    padded = matcher.max_iou_targets(
+        jnp.asarray(anchors),
+        np.pad(boxes, ((0, 9), (0, 0))),
+        np.pad(labels, (0, 9), constant_values=-1),
+        np.pad(valid, (0, 9)),
+        np.pad(ignore, (0, 9)),
+        3,
+        **settings,
+    )
+    for key in got:
+        np.testing.assert_array_equal(padded[key], got[key], err_msg=key)
 
 
 def test_low_quality_match_gives_a_tiny_box_its_best_anchor():

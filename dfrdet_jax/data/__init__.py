@@ -1,6 +1,7 @@
 """Input data for dfrdet_jax: the data-source catalog, the grain pipeline and the standard batch.
 
-Standard batch (dict of fixed-shape numpy arrays, B images, N = config.max_boxes):
+Standard batch (dict of fixed-shape numpy arrays, B images, N = config.max_boxes; a training
+batch of one process: the smallest bucket that holds its boxes, see box_slots):
   image      uint8   [B, H, W, 3]  padded image (H = W = config.image_size)
   boxes      float32 [B, N, 4]     (x1, y1, x2, y2) pixels of the padded/resized image; 0 pad
   labels     int32   [B, N]        class index in [0, num_classes), -1 for padding
@@ -12,7 +13,8 @@ Standard batch (dict of fixed-shape numpy arrays, B images, N = config.max_boxes
   tile_offset float32 [B, 2]       DOTA only: (x, y) of the tile in the full image
 
 Modules: catalog (data sets by name: config defaults, records, class tables, evaluation
-protocol), loader (grain pipeline), transforms (per-image decode/resize/flip/pad), sources/
+protocol), loader (grain pipeline), transforms (per-image decode/resize/flip/pad), box_slots
+(training batches' box arrays cut to a bucket), sources/
 (file formats and the synthetic generator), tfds/ (tfds builds), errors, fixtures (tests).
 
 Entry points: default_data_config, build_dataset, dataset_info, list_images,

@@ -12,6 +12,12 @@ defaults give root, image_size and max_boxes):
   root          data set folder (the user's download; synthetic: the cache folder)
   image_size    H = W of the batch in px, after aspect-preserving resize (longer side) and padding
   max_boxes     N, rows per image in the batch; an image with more boxes raises an error
+  min_box_slots training batches of one process have their box arrays cut to the smallest of
+                min_box_slots * 2^k (k >= 0) and max_boxes that holds their boxes: target
+                assignment then costs what the real boxes cost, and the train step compiles
+                once per size met (at most log2(max_boxes / min_box_slots) + 2 sizes);
+                >= max_boxes: always max_boxes slots (data/box_slots.py; multi-process runs
+                and evaluation always have max_boxes slots)
   flip_prob     probability of a horizontal flip (training only)
   lenient       False: bad records raise DataError; True: they are counted, reported, skipped
   verify_images False: image files are checked by their header before training (readable, the
@@ -139,6 +145,7 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = name
     c.flip_prob = 0.5
+    c.min_box_slots = 16
     c.lenient = False
     c.verify_images = False
     c.degenerate = "expand"

@@ -1,9 +1,17 @@
-"""The grain input pipeline: records -> decode -> resize -> flip -> pad -> batch.
+"""The grain input pipeline: records -> decode -> resize -> flip -> pad -> batch (-> cut box
+slots, training).
 
 Batch format: see dfrdet_jax.data.transforms. Records come from dfrdet_jax.data.catalog.
 Training iterators repeat forever with a per-epoch reshuffle fixed by the seed; evaluation
 iterators go once over every image in a deterministic order, the last partial batch padded with
 image_id -1 images (never dropped).
+
+Box slots: training batches of one process (one shard) have their box arrays cut to a bucket of
+``box_slots`` (config.min_box_slots * 2^k, up to max_boxes), so the train step compiles once per
+bucket and its target assignment costs what the batch's boxes cost. Sharded (multi-process)
+training keeps max_boxes slots: every process must feed the global batch the same shapes, and
+one cannot know the others' box counts without a sync. Evaluation batches keep max_boxes slots
+too (the predict step reads no boxes; one shape, one compile).
 
 Iterator state (for exact resume): ``state = dataset.get_iterator_state(it)`` is a JSON-able
 dict; ``dataset.set_iterator_state(it, state)`` on a fresh ``it = iter(dataset.loader)``
@@ -25,9 +33,9 @@ import os
 import grain.python as grain
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
-from dfrdet_jax.data import catalog, transforms
+from dfrdet_jax.data import box_slots, catalog, transforms
 from dfrdet_jax.data.errors import DataError, SkipReport
 from dfrdet_jax.data.sources import dota
 
@@ -100,6 +108,16 @@ class _ToExample(grain.RandomMapTransform):
         return transforms.example_from_record(element, self.image_size, self.max_boxes, flip)
 
 
+class _TrimBoxSlots(grain.MapTransform):
+    """Cut a batch's box arrays to the smallest of ``buckets`` that holds them (box_slots)."""
+
+    def __init__(self, buckets: tuple[int, ...]):
+        self.buckets = buckets
+
+    def map(self, element: dict) -> dict:
+        return box_slots.trim_box_slots(element, self.buckets)
+
+
 def _check_flags_parsed(num_workers: int) -> None:
     """RuntimeError unless absl flags are parsed, which grain needs to start worker processes."""
     if num_workers > 0 and not flags.FLAGS.is_parsed():
@@ -124,10 +142,11 @@ def make_loader(
 ) -> grain.DataLoader:
     """A grain.DataLoader of standard batches of ``batch_size`` examples of ``records``.
 
-    Reads config.image_size, max_boxes, flip_prob (train only) and name (in messages).
-    train: sharded, shuffled per epoch from ``seed``, endless, whole batches only. Otherwise
-    one pass in order, padded with image_id -1 pad images to whole batches on every shard
-    and worker. shard_index/shard_count: this process's shard; None = one shard.
+    Reads config.image_size, max_boxes, flip_prob and min_box_slots (train only) and name (in
+    messages). train: sharded, shuffled per epoch from ``seed``, endless, whole batches only,
+    box slots bucketed when there is one shard (module docstring). Otherwise one pass in order,
+    padded with image_id -1 pad images to whole batches on every shard and worker, max_boxes
+    slots. shard_index/shard_count: this process's shard; None = one shard.
     """
     _check_flags_parsed(num_workers)
     if shard_index is None or shard_count is None:
@@ -155,6 +174,17 @@ def make_loader(
         _ToExample(config.image_size, config.max_boxes, flip_prob),
         grain.Batch(batch_size, drop_remainder=train),
     ]
+    if train and shard_count == 1:
+        buckets = box_slots.slot_buckets(config.max_boxes, config.min_box_slots)
+        operations.append(_TrimBoxSlots(buckets))
+        logging.info("%s training batches: box slots cut to one of %s", config.name, buckets)
+    elif train:
+        logging.info(
+            "%s training batches: %d box slots (max_boxes; %d shards keep one shape)",
+            config.name,
+            config.max_boxes,
+            shard_count,
+        )
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,

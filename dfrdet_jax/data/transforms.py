@@ -1,6 +1,7 @@
 """Per-image transforms to the standard batch: decode, aspect-preserving resize, flip, pad.
 
-THE BATCH every model consumes (stacked by the pipeline over B images; N = max_boxes):
+THE BATCH every model consumes (stacked by the pipeline over B images; N = max_boxes, or in
+training the bucket of ``box_slots`` that holds the batch's boxes):
   image      uint8   [B, H, W, 3]  padded image (H = W = image_size), valid region top-left
   boxes      float32 [B, N, 4]     (x1, y1, x2, y2) pixels of the padded/resized image; 0 pad
   labels     int32   [B, N]        class index in [0, num_classes), -1 for padding

@@ -14,7 +14,7 @@ import numpy as np
 
 from dfrdet_jax.ops.boxes import box_area, centerness_target, ltrb_encode
 from dfrdet_jax.ops.chunking import map_in_chunks
-from dfrdet_jax.ops.ground_truth import split_ground_truth
+from dfrdet_jax.ops.ground_truth import first_index_of, split_ground_truth
 from dfrdet_jax.ops.points import INF
 
 
@@ -71,7 +71,7 @@ def _assign_chunk(
     candidate = inside & (max_dist >= lo) & (max_dist <= hi) & positive_ok[None, :]
 
     areas = jnp.where(candidate, box_area(boxes)[None, :], jnp.inf)
-    gt_index = jnp.argmin(areas, axis=1)  # first minimum -> lower index on ties
+    gt_index = first_index_of(areas, areas.min(axis=1))  # ties -> lower index
     positive = candidate.any(axis=1)
     ignore = ~positive & (inside_box & ignore_ok[None, :]).any(axis=1)
 

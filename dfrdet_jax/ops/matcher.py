@@ -11,10 +11,11 @@ import jax.numpy as jnp
 
 from dfrdet_jax.ops.boxes import box_area, pairwise_intersection, pairwise_iou
 from dfrdet_jax.ops.chunking import chunked_map, map_in_chunks, unchunk
-from dfrdet_jax.ops.ground_truth import split_ground_truth
+from dfrdet_jax.ops.ground_truth import first_index_of, split_ground_truth
 from dfrdet_jax.ops.points import INF
 
-# IoUs this close to a box's best count as its best (low-quality matches).
+# IoUs this close to a box's best count as its best (low-quality matches): chunked matching
+# recomputes the overlaps in a second pass, whose rounding may differ.
 _TIE_TOLERANCE = 1e-6
 
 
@@ -62,8 +63,10 @@ def max_iou_targets(
       ignore      otherwise: IoU in [negative_iou, positive_iou), or covered by an ignore region
                   (gt_valid & gt_ignore) with intersection / anchor area >= ``ignore_iof``.
 
-    Memory: the [A, N] overlaps are computed ``chunk_size`` anchors at a time, twice (once for
-    each box's best IoU, once to find the anchors reaching it), ~chunk_size * N * 4 floats.
+    Memory and work: one pass over the [A, N] overlaps when the anchors fit in one chunk
+    (``chunk_size`` None or >= A); else ``chunk_size`` anchors at a time (~chunk_size * N * 4
+    floats), twice with ``low_quality_matches`` (a box's best IoU is known only after every
+    anchor has been seen).
 
     Args:
       anchors: float32 [A, 4] xyxy px (``anchors.anchor_grid``).
@@ -88,31 +91,41 @@ def max_iou_targets(
     def overlaps(chunk):  # [c, N], -1 for boxes that cannot be matched
         return jnp.where(positive_ok[None, :], pairwise_iou(chunk, gt_boxes), -1.0)
 
-    def best_match(chunk):
-        iou = overlaps(chunk)
+    def best_match(chunk, iou):
         iof = pairwise_intersection(chunk, gt_boxes) / jnp.maximum(box_area(chunk), 1e-6)[:, None]
+        max_iou = iou.max(axis=1)
         return {
-            "max_iou": iou.max(axis=1),
-            "gt_index": jnp.argmax(iou, axis=1).astype(jnp.int32),
+            "max_iou": max_iou,
+            "gt_index": first_index_of(iou, max_iou),
             "in_ignore": ((iof >= ignore_iof) & ignore_ok[None, :]).any(axis=1),
             "box_best": iou.max(axis=0),  # per box: its best IoU within this chunk
         }
 
-    # Padded anchors are empty boxes far outside the image: IoU 0 with everything.
-    pad = (-INF,)
-    out = chunked_map(best_match, (anchors,), pad, chunk_size)
-    box_best = out.pop("box_best").max(axis=0)  # [N], over all anchors
-    match = unchunk(out, anchors.shape[0])
-    positive = match["max_iou"] >= positive_iou
-    if low_quality_matches:
-        reachable = positive_ok & (box_best > 0)
+    def is_best_anchor(iou, box_best):  # [c]: a best anchor (within the tolerance) of some box
+        threshold = jnp.where(positive_ok & (box_best > 0), box_best - _TIE_TOLERANCE, jnp.inf)
+        # any(iou >= threshold) as a plain float max: XLA's CPU code reduces it far faster.
+        return (iou - threshold[None, :]).max(axis=1) >= 0
 
-        def is_best_anchor(chunk):
-            # A tolerance, as the second pass recomputes the overlaps (its rounding may differ).
-            ties = overlaps(chunk) >= box_best[None, :] - _TIE_TOLERANCE
-            return {"best": (ties & reachable[None, :]).any(axis=1)}
-
-        positive |= map_in_chunks(is_best_anchor, (anchors,), pad, chunk_size)["best"]
+    if chunk_size is None or anchors.shape[0] <= chunk_size:
+        iou = overlaps(anchors)
+        match = best_match(anchors, iou)
+        box_best = match.pop("box_best")
+        best = is_best_anchor(iou, box_best) if low_quality_matches else False
+    else:
+        # Padded anchors are empty boxes far outside the image: IoU 0 with everything.
+        pad = (-INF,)
+        out = chunked_map(lambda c: best_match(c, overlaps(c)), (anchors,), pad, chunk_size)
+        box_best = out.pop("box_best").max(axis=0)  # [N], over all anchors
+        match = unchunk(out, anchors.shape[0])
+        best = False
+        if low_quality_matches:
+            best = map_in_chunks(
+                lambda c: {"best": is_best_anchor(overlaps(c), box_best)},
+                (anchors,),
+                pad,
+                chunk_size,
+            )["best"]
+    positive = (match["max_iou"] >= positive_iou) | best
     background = ~positive & (match["max_iou"] < negative_iou) & ~match["in_ignore"]
     gt_index = match["gt_index"]
     return {
