@@ -165,7 +165,7 @@ def _recipes(detector: str) -> list[Run]:
         *(
             Run(f"{variant}_lr{factor}x", variant, _learning_rate(detector, factor), start,
                 baseline=f"{baseline}_lr{factor}x" if variant == "dfr" else variant)
-            for factor in (2, 4, 8)
+            for factor in (2, 4, 8, 16)
             for variant, start, baseline in (
                 ("real", "start_real", None), ("bnn", topology, None), ("dfr", topology, "bnn")
             )
