@@ -7,7 +7,7 @@ Subpackages:
   losses      focal, IoU-family and DFR losses
   models      ResNet backbones, FPN, detection heads and the DFR decoder
   data        synthetic default data set, AI-TOD / TinyPerson / DOTA sources, grain pipeline
-  evaluation  AI-TOD, TinyPerson and DOTA metrics on top of pycocotools
+  evaluation  AI-TOD, TinyPerson and DOTA metrics: COCOeval on arrays, pycocotools selectable
 """
 
 __version__ = "0.1.0"

@@ -1,0 +1,52 @@
+"""benchmarks/step_breakdown.py and benchmarks/xla_cpu_flags.py at tiny sizes on the CPU, so
+that they cannot rot: every part of a 1-bit + DFR step is compiled, timed and reported, and an
+XLA setting the compiler rejects is a reported row, not a crash."""
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import train_throughput
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def test_breakdown_times_every_part_of_the_dfr_step(tmp_path, capsys):
+    breakdown = _load("step_breakdown")
+    out = tmp_path / "rows.json"
+    breakdown.main(
+        ["--variants=dfr", "--size=64", "--width=tiny", "--steps=1", "--max_boxes=16",
+         "--boxes=4", f"--out={out}"]
+    )  # fmt: skip
+    rows = __import__("json").loads(out.read_text())["rows"]
+    parts = [r["part"] for r in rows]
+    assert parts == [
+        "backbone", "FPN", "head", "targets + L_det", "L_R", "DFR decoder + L_DFR",
+        "optimizer", "sum of parts", "whole step",
+    ]  # fmt: skip
+    timed = [r for r in rows if r["part"] != "sum of parts"]
+    assert all(r["ms"] > 0 and r["memory_gb"] > 0 for r in timed), rows
+    whole = rows[-1]
+    assert math.isclose(whole["share"], 1.0)
+    assert math.isclose(rows[-2]["ms"], sum(r["ms"] for r in timed[:-1]))
+    assert "| dfr | DFR decoder + L_DFR |" in capsys.readouterr().out
+
+
+def test_flags_benchmark_reports_a_rejected_setting(monkeypatch):
+    flags = _load("xla_cpu_flags")
+    monkeypatch.setitem(flags.SETTINGS, "bogus", "--xla_cpu_no_such_option=1")
+    args = type("Args", (), dict(size=64, batch=1, steps=1, variants="real", width="tiny"))
+    (row,) = flags.run_setting("bogus", args)
+    assert row["setting"] == "bogus" and row["error"], row
+    table = flags.markdown([row])
+    assert "| bogus | - | failed:" in table
