@@ -38,7 +38,10 @@ SETTINGS = {
 
 def run_setting(name: str, args) -> list[dict]:
     """train_throughput.py's rows under ``SETTINGS[name]`` (one error row if it fails)."""
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {SETTINGS[name]}")
+    flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), SETTINGS[name]) if f)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if flags:  # XLA reads a value that is not a flag as a file of flags
+        env["XLA_FLAGS"] = flags
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         command = [
@@ -56,7 +59,11 @@ def run_setting(name: str, args) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    default = {r["variant"]: r["images_per_second"] for r in rows if r["setting"] == "default"}
+    default = {
+        r["variant"]: r["images_per_second"]
+        for r in rows
+        if r["setting"] == "default" and "error" not in r
+    }
     lines = [
         "| setting | variant | images/s | vs default | compile s | XLA step GiB |",
         "|---|---|---|---|---|---|",
@@ -95,8 +102,9 @@ def main(argv=None) -> None:
         names.insert(0, "default")  # the ratios' reference
     rows = []
     for name in names:
-        rows += run_setting(name, args)
-        print(json.dumps(rows[-1]), flush=True)
+        for row in run_setting(name, args):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     print(markdown(rows))
     if args.out:
         with open(args.out, "w") as f:
