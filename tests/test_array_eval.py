@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from test_evaluation_aitod import det, make_gt, random_set
+from test_evaluation_aitod import det, flat_metrics, make_gt, random_set
 
 from dfrdet_jax import data, evaluation
 from dfrdet_jax.evaluation import array_cocoeval, coco_tiny, results
@@ -126,20 +126,13 @@ def test_box_overlap_by_hand():
     )
 
 
-def _floats(metrics):
-    flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    for name, values in metrics["per_class"].items():
-        flat.update({f"{name}/{k}": v for k, v in values.items()})
-    return flat
-
-
 @pytest.mark.parametrize("protocol", ["aitod", "tinyperson"])
 def test_every_metric_equals_faster_coco_eval(protocol):
     gt, dets = edge_set(4)
     got = evaluation.evaluate(gt, dets, protocol=protocol, backend="numpy")
     want = evaluation.evaluate(gt, dets, protocol=protocol, backend="faster_coco_eval")
     assert got["backend"] == "numpy" and got["summary"] == want["summary"]
-    got, want = _floats(got), _floats(want)
+    got, want = flat_metrics(got), flat_metrics(want)
     assert got.keys() == want.keys() and len(got) > 40
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=0, abs=1e-12), key
@@ -206,9 +199,9 @@ def test_model_outputs_score_as_their_result_dicts(tmp_path):
     assert arrays.scores.dtype == np.float32 and arrays.to_coco() == dicts
     got = evaluation.evaluate(dataset.annotation_file, arrays)
     assert got["backend"] == "numpy" and got["num_detections"] == len(dicts) > 20
-    got = _floats(got)
+    got = flat_metrics(got)
     assert 0 < got["AP50"] < 1
     for reference in REFERENCES:
-        want = _floats(evaluation.evaluate(dataset.annotation_file, dicts, backend=reference))
+        want = flat_metrics(evaluation.evaluate(dataset.annotation_file, dicts, backend=reference))
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=0, abs=1e-12), (reference, key)

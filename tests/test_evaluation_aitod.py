@@ -163,7 +163,8 @@ def random_set(seed, num_images=20, num_gt=12, num_dets=60, categories=(1, 3, 7)
     return {"images": images, "annotations": anns, "categories": cats}, dets
 
 
-def _floats(metrics):
+def flat_metrics(metrics):
+    """Every float of an evaluate() result, per-class ones as 'class/metric'."""
     flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
     for name, values in metrics["per_class"].items():
         flat.update({f"{name}/{k}": v for k, v in values.items()})
@@ -177,8 +178,10 @@ def _floats(metrics):
 )
 def test_fast_backend_equals_pycocotools(protocol, seed, num_images, num_dets):
     gt, dets = random_set(seed, num_images=num_images, num_dets=num_dets)
-    slow = _floats(evaluation.evaluate(gt, dets, protocol=protocol, backend="pycocotools"))
-    fast = _floats(evaluation.evaluate(gt, dets, protocol=protocol, backend="faster_coco_eval"))
+    slow = flat_metrics(evaluation.evaluate(gt, dets, protocol=protocol, backend="pycocotools"))
+    fast = flat_metrics(
+        evaluation.evaluate(gt, dets, protocol=protocol, backend="faster_coco_eval")
+    )
     assert slow.keys() == fast.keys()
     assert 0 < slow["AP50" if protocol == "aitod" else "AP50_all"] < 1
     for key in slow:
