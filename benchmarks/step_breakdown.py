@@ -43,32 +43,36 @@ def _summed(tree) -> jax.Array:
     return sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(tree))
 
 
-def _module_part(module, variables, train: bool = True):
+def _module_part(module, variables):
     """f(params, inputs) = the sum of module(*inputs), its other collections fixed (batch
     statistics updated as in training; L_R is the part of its own)."""
     rest = {k: v for k, v in variables.items() if k != "params"}
 
     def objective(params, inputs):
-        outputs, _ = module.apply({"params": params, **rest}, *inputs, train, mutable=MUTABLE)
+        outputs, _ = module.apply({"params": params, **rest}, *inputs, True, mutable=MUTABLE)
         return _summed(outputs)
 
     return objective
 
 
+def _binary_layers(params):
+    """The dicts of ``params`` that are binary layers (a kernel and an alpha)."""
+    if isinstance(params, dict):
+        if "kernel" in params and "alpha" in params:
+            yield params
+        for child in params.values():
+            yield from _binary_layers(child)
+
+
 def _lr_objective(params) -> jax.Array:
-    """L_R of every binary layer in ``params``: each dict holding 'kernel' and 'alpha'."""
-    total = jnp.zeros((), jnp.float32)
-
-    def visit(tree):
-        nonlocal total
-        if isinstance(tree, dict):
-            if "kernel" in tree and "alpha" in tree:
-                total = total + layers.reconstruction_loss(tree["kernel"], jnp.abs(tree["alpha"]))
-            for child in tree.values():
-                visit(child)
-
-    visit(params)
-    return total
+    """L_R of every binary layer in ``params`` (alpha applied as |alpha|, as the layers do)."""
+    return sum(
+        (
+            layers.reconstruction_loss(p["kernel"], jnp.abs(p["alpha"]))
+            for p in _binary_layers(params)
+        ),
+        jnp.zeros((), jnp.float32),
+    )
 
 
 def _timed(fn, args, num_steps: int) -> dict:
@@ -146,7 +150,7 @@ def breakdown(variant: str, args) -> list[dict]:
         head_outputs,
         (),
     )
-    if any(True for _ in _binary_layers(params)):
+    if next(_binary_layers(params), None) is not None:
         parts["L_R"] = (lambda p, _, b: _lr_objective(p), params, ())
     if config.dfr.levels:
         decoder = DFRDecoder(model.decoder_width, model.decoder_blocks, dtype=model.dtype)
@@ -177,15 +181,6 @@ def breakdown(variant: str, args) -> list[dict]:
     for row in rows:
         row.update(variant=variant, share=row["ms"] / step_ms)
     return rows
-
-
-def _binary_layers(params):
-    """The dicts of ``params`` that are binary layers (a kernel and an alpha)."""
-    if isinstance(params, dict):
-        if "kernel" in params and "alpha" in params:
-            yield params
-        for child in params.values():
-            yield from _binary_layers(child)
 
 
 def markdown(rows: list[dict], title: str) -> str:

@@ -53,6 +53,8 @@ REAL_TOPOLOGY = (
     "--config.model.binary.weight_quantizer=none",
     "--config.loss.reconstruction_weight=0.0",
 )
+# The learning-rate rows set this flag to a multiple of the demo budget's value.
+LR_FLAG = "--config.optimizer.base_learning_rate"
 # ReActNet's first step: binary activations, real weights (no scale, hence no L_R).
 BINARY_ACTIVATIONS = (
     "--config.model.binary.weight_quantizer=none",
@@ -119,6 +121,7 @@ def _recipes(detector: str) -> list[Run]:
         distill.append("--config.distill.logit_weight=1.0")
     topology, real_fpn = "start_topology", ("--config.model.binary_parts=('backbone','head')",)
     backbone_only = ("--config.model.binary_parts=('backbone',)",)
+    demo_lr = _demo_learning_rate(detector)
     return [
         Run("real", "real", init_from="start_real"),
         Run("bnn", "bnn", init_from=topology),
@@ -163,22 +166,29 @@ def _recipes(detector: str) -> list[Run]:
         # they cross zero, and from scratch twice the demo's lr gave 27.5 AP against 17.7.
         # Every variant gets the same factors; each one's is chosen on validation AP.
         *(
-            Run(f"{variant}_lr{factor}x", variant, _learning_rate(detector, factor), start,
-                baseline=f"{baseline}_lr{factor}x" if variant == "dfr" else variant)
+            Run(
+                f"{variant}_lr{factor}x",
+                variant,
+                (f"{LR_FLAG}={factor * demo_lr}",),
+                start,
+                baseline=f"{baseline}_lr{factor}x" if variant == "dfr" else variant,
+            )
             for factor in (2, 4, 8, 16)
             for variant, start, baseline in (
-                ("real", "start_real", None), ("bnn", topology, None), ("dfr", topology, "bnn")
+                ("real", "start_real", None),
+                ("bnn", topology, None),
+                ("dfr", topology, "bnn"),
             )
         ),  # fmt: skip
     ]
 
 
-def _learning_rate(detector: str, factor: float) -> tuple[str, ...]:
-    """The flag setting ``factor`` times the demo budget's base learning rate of ``detector``."""
-    demo = importlib.import_module(f"dfrdet_jax.configs.{detector}_r18").get_config(
+def _demo_learning_rate(detector: str) -> float:
+    """The demo budget's base learning rate of ``detector`` (what the lr rows scale)."""
+    config = importlib.import_module(f"dfrdet_jax.configs.{detector}_r18").get_config(
         "synthetic,bnn,demo"
     )
-    return (f"--config.optimizer.base_learning_rate={factor * demo.optimizer.base_learning_rate}",)
+    return config.optimizer.base_learning_rate
 
 
 def _ablation(detector: str) -> list[Run]:
