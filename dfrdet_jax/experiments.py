@@ -55,6 +55,7 @@ REAL_TOPOLOGY = (
 )
 # The learning-rate rows set this flag to a multiple of the demo budget's value.
 LR_FLAG = "--config.optimizer.base_learning_rate"
+LR_FACTORS = (2, 4, 8, 16, 32)
 # ReActNet's first step: binary activations, real weights (no scale, hence no L_R).
 BINARY_ACTIVATIONS = (
     "--config.model.binary.weight_quantizer=none",
@@ -122,7 +123,7 @@ def _recipes(detector: str) -> list[Run]:
     topology, real_fpn = "start_topology", ("--config.model.binary_parts=('backbone','head')",)
     backbone_only = ("--config.model.binary_parts=('backbone',)",)
     demo_lr = _demo_learning_rate(detector)
-    return [
+    rows = [
         Run("real", "real", init_from="start_real"),
         Run("bnn", "bnn", init_from=topology),
         Run("dfr", "dfr", init_from=topology, baseline="bnn"),
@@ -162,25 +163,30 @@ def _recipes(detector: str) -> list[Run]:
         Run("bnn_binary_backbone", "bnn", backbone_only, topology, baseline="bnn"),
         Run("dfr_binary_backbone", "dfr", backbone_only, topology, baseline="bnn_binary_backbone"),
         Run("lsq4", "lsq4", init_from=topology, baseline="bnn"),
-        # The budget's learning rate scaled: 1-bit latent weights move the output only when
-        # they cross zero, and from scratch twice the demo's lr gave 27.5 AP against 17.7.
-        # Every variant gets the same factors; each one's is chosen on validation AP.
-        *(
-            Run(
-                f"{variant}_lr{factor}x",
-                variant,
-                (f"{LR_FLAG}={factor * demo_lr}",),
-                start,
-                baseline=f"{baseline}_lr{factor}x" if variant == "dfr" else variant,
-            )
-            for factor in (2, 4, 8, 16)
-            for variant, start, baseline in (
-                ("real", "start_real", None),
-                ("bnn", topology, None),
-                ("dfr", topology, "bnn"),
-            )
-        ),  # fmt: skip
     ]
+    # The budget's learning rate scaled: 1-bit latent weights move the output only when they
+    # cross zero, and from scratch twice the demo's lr gave 27.5 AP against 17.7. Every scaled
+    # row keeps its row's start and is compared with its baseline at the same factor; each
+    # variant's factor is chosen on validation AP.
+    scaled = ("real", "bnn", "dfr", "bnn_twostep", "dfr_twostep")
+    by_name = {run.name: run for run in rows}
+    rows += [
+        _scaled_learning_rate(by_name[name], factor, demo_lr)
+        for factor in LR_FACTORS
+        for name in scaled
+    ]
+    return rows
+
+
+def _scaled_learning_rate(run: Run, factor: int, demo_lr: float) -> Run:
+    """``run`` at ``factor`` times the demo budget's learning rate, named ``<row>_lr<k>x``."""
+    return dataclasses.replace(
+        run,
+        name=f"{run.name}_lr{factor}x",
+        overrides=(*run.overrides, f"{LR_FLAG}={factor * demo_lr}"),
+        # Against its baseline at the same factor; a row without one, against itself at 1x.
+        baseline=f"{run.baseline}_lr{factor}x" if run.baseline else run.name,
+    )
 
 
 def _demo_learning_rate(detector: str) -> float:
