@@ -112,3 +112,25 @@ def test_summary_and_table_by_hand(tmp_path):
     assert saved["command"] == "CMD" and saved["summary"]["dfr"]["AP"]["n"] == 2
     assert (tmp_path / "results.png").stat().st_size > 1000
     assert (tmp_path / "results.md").read_text() == table
+
+
+def test_any_row_at_a_scaled_learning_rate():
+    demo_lr = experiments._demo_learning_rate("fcos")  # pylint: disable=protected-access
+    runs = experiments.grid("fcos", "ablation", ["dfr_lambda_1_lr16x", "bnn_lr2x"])
+    by_name = {r.name: r for r in runs}
+    assert [r.name for r in runs] == ["start_topology", "dfr_lambda_1_lr16x", "bnn_lr2x"]
+    lambda_1 = by_name["dfr_lambda_1_lr16x"]
+    assert lambda_1.overrides == (
+        "--config.loss.dfr_weight=1.0",
+        f"{experiments.LR_FLAG}={16 * demo_lr}",
+    )
+    assert lambda_1.init_from == "start_topology" and lambda_1.variant == "dfr"
+    assert lambda_1.baseline == "bnn_lr16x"  # its baseline at the same factor
+    assert by_name["bnn_lr2x"].baseline == "bnn"  # no baseline: itself at the budget's lr
+    twostep = experiments.grid("fcos", "recipes", ["dfr_twostep_lr8x"])[-1]
+    assert twostep.init_from == "start_binact" and twostep.baseline == "bnn_twostep_lr8x"
+    assert "--config.optimizer.latent_weight_decay=False" in twostep.overrides
+    with pytest.raises(ValueError, match="starts train once"):
+        experiments.grid("fcos", "recipes", ["start_binact_lr2x"])
+    with pytest.raises(ValueError, match=r"has no rows \['bnn_lr0x', 'nothing_lr2x'\]"):
+        experiments.grid("fcos", "recipes", ["bnn_lr0x", "nothing_lr2x"])

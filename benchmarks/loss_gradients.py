@@ -1,0 +1,169 @@
+"""How hard each loss term pulls on each part of a trained detector: the gradient of every term
+of the training loss (L_det, gamma * sum L_R, lambda * L_DFR, each distillation term), per
+parameter group (backbone, FPN, head, DFR decoder), and how well each term's gradient agrees in
+direction with L_det's on the parts they share.
+
+DFR changes the detector only through the gradient lambda * L_DFR sends into the backbone and
+the FPN; this script measures that gradient against the detection loss's, on the batches of a
+split, from a run's checkpoint (its config read from its workdir):
+
+    python benchmarks/loss_gradients.py --workdir runs/fcos_demo_v2/dfr_lr16x/seed0
+    python benchmarks/loss_gradients.py --workdir WORKDIR --split val --batches 8 --out g.json
+
+Gradients are those of the training step (train mode, batch statistics of the batch), summed
+over the batches' losses averaged per batch. Prints a markdown table: for each term and group
+the gradient's L2 norm, its ratio to L_det's norm in that group, and the cosine with L_det's
+gradient there; ``--out`` writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfrdet_jax import checkpointing, evaluate, steps
+from dfrdet_jax import data as data_lib
+
+# Metric name of each loss term -> (its weight's config field, the table's label).
+TERMS = {
+    "loss_det": (None, "L_det"),
+    "loss_reconstruction": ("reconstruction_weight", "gamma * sum L_R"),
+    "loss_dfr": ("dfr_weight", "lambda * L_DFR"),
+}
+
+
+def term_weights(config, metrics) -> dict[str, float]:
+    """{metric name: its weight in the total loss} of the terms ``metrics`` hold."""
+    weights = {}
+    for name in metrics:
+        if name in TERMS:
+            field = TERMS[name][0]
+            weights[name] = 1.0 if field is None else float(config.loss[field])
+        elif name.startswith("loss_distill_"):
+            weights[name] = float(config.distill[f"{name.removeprefix('loss_distill_')}_weight"])
+    return weights
+
+
+def term_gradients(config, model, params, batch_stats, batches, teacher=None):
+    """{term: gradient pytree (like ``params``)} of each weighted loss term, summed over
+    ``batches`` (dicts in the batch format of ``dfrdet_jax.data``), plus ``total``, the gradient
+    of the whole loss (the training step's)."""
+    loss_fn = functools.partial(
+        steps.loss_and_metrics,
+        model=model,
+        config=config,
+        teacher_model=teacher.model if teacher else None,
+    )
+
+    def parts(p, batch, rng):
+        total, (metrics, _) = loss_fn(
+            p, batch_stats, batch, rng, teacher.variables if teacher else None
+        )
+        weights = term_weights(config, metrics)
+        return {"total": total, **{k: w * metrics[k] for k, w in weights.items()}}
+
+    grads_of = jax.jit(jax.jacrev(parts))
+    summed = None
+    for step, batch in enumerate(batches):
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        grads = grads_of(params, batch, jax.random.fold_in(jax.random.key(config.seed), step))
+        summed = grads if summed is None else jax.tree.map(jnp.add, summed, grads)
+    if summed is None:
+        raise ValueError("no batches: the split is empty or --batches is 0")
+    return summed
+
+
+def _flat(tree) -> np.ndarray:
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return np.zeros(0, np.float64)
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+
+
+def gradient_table(gradients) -> list[dict]:
+    """Rows {term, group, norm, ratio_to_det, cosine_with_det}: per top-level parameter group
+    and loss term (``total`` last), L2 norms, and norm ratio and cosine against L_det's
+    gradient in that group (None where L_det's gradient there is zero)."""
+    terms = [t for t in gradients if t != "total"] + ["total"]
+    rows = []
+    for group in gradients["total"]:
+        det = _flat(gradients["loss_det"][group])
+        det_norm = float(np.linalg.norm(det))
+        for term in terms:
+            g = _flat(gradients[term][group])
+            norm = float(np.linalg.norm(g))
+            compared = det_norm > 0 and term != "loss_det"
+            rows.append(
+                {
+                    "term": term,
+                    "group": group,
+                    "norm": norm,
+                    "ratio_to_det": norm / det_norm if compared else None,
+                    "cosine_with_det": float(g @ det) / (norm * det_norm)
+                    if compared and norm > 0
+                    else None,
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    label = {k: v[1] for k, v in TERMS.items()}
+    lines = [
+        "| group | term | gradient norm | / L_det's | cosine with L_det's |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = "" if r["ratio_to_det"] is None else f"{r['ratio_to_det']:.3g}"
+        cosine = "" if r["cosine_with_det"] is None else f"{r['cosine_with_det']:+.3f}"
+        name = label.get(r["term"], r["term"])
+        lines.append(f"| {r['group']} | {name} | {r['norm']:.4g} | {ratio} | {cosine} |")
+    return "\n".join(lines)
+
+
+def _run_config(workdir: str, checkpoint: str):
+    stored = checkpointing.read_run_config(workdir)
+    if stored is None:
+        raise FileNotFoundError(f"{workdir}: no config.json, so its network cannot be rebuilt")
+    config = checkpointing.config_from_json(stored)
+    config.eval.checkpoint = checkpoint
+    return config
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="a trained run's workdir")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"))
+    parser.add_argument("--split", default="train", help="the split whose batches are used")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    config = _run_config(args.workdir, args.checkpoint)
+    if config.distill.teacher:
+        raise NotImplementedError(
+            f"{args.workdir} distils from a teacher; this script reads runs without one"
+        )
+    model, state, _, _ = evaluate.restored_state(config, args.workdir)
+    dataset = data_lib.build_dataset(
+        config.data, args.split, train=False, batch_size=config.train.batch_size, seed=config.seed
+    )
+    batches = itertools.islice(iter(dataset.loader), args.batches)
+    gradients = term_gradients(config, model, state.params, state.batch_stats, batches)
+    rows = gradient_table(gradients)
+    print(f"{args.workdir} ({args.checkpoint} checkpoint, step {int(state.step)}), "
+          f"{args.batches} batches of {args.split}:")  # fmt: skip
+    print(markdown(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
