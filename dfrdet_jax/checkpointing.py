@@ -29,6 +29,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from dfrdet_jax import configs
+
 CHECKPOINT_KINDS = ("latest", "best")
 RUN_CONFIG = "config.json"
 DAMAGED_DIR = "checkpoints_damaged"
@@ -97,7 +99,9 @@ def read_run_config(workdir: str) -> dict[str, Any] | None:
 
 def config_from_json(config_dict: dict[str, Any]) -> ml_collections.ConfigDict:
     """A config as ``config.json`` holds it back to a ConfigDict (JSON's lists to the tuples
-    configs hold)."""
+    configs hold). A field the stored config lacks (an option added since that run was written)
+    takes today's default for its family, dataset and variant (``configs.defaults_of``), and is
+    logged: a run of an older version can still be read, restored and compared."""
 
     def tuples(value):
         if isinstance(value, dict):
@@ -106,7 +110,33 @@ def config_from_json(config_dict: dict[str, Any]) -> ml_collections.ConfigDict:
             return tuple(tuples(v) for v in value)
         return value
 
-    return ml_collections.ConfigDict(tuples(config_dict))
+    config = ml_collections.ConfigDict(tuples(config_dict))
+    defaults = configs.defaults_of(config_dict)
+    if defaults is not None:
+        filled = _fill_missing(config, defaults)
+        if filled:
+            logging.info(
+                "The stored config of %s lacks %s (options added since): today's defaults used",
+                _describe(config_dict),
+                ", ".join(filled),
+            )
+    return config
+
+
+def _fill_missing(
+    config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict, prefix: str = ""
+) -> list[str]:
+    """Adds to ``config`` every field of ``defaults`` it lacks; returns their dotted names."""
+    filled = []
+    for key, value in defaults.items():
+        if key not in config:
+            config[key] = value
+            filled.append(prefix + key)
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+            config[key], ml_collections.ConfigDict
+        ):
+            filled += _fill_missing(config[key], value, f"{prefix}{key}.")
+    return filled
 
 
 def check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:

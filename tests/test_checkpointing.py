@@ -159,3 +159,21 @@ def test_best_checkpoint_of_a_lower_is_better_metric_keeps_the_lowest(tmp_path):
         ckpt.save_best(step, _state(step), olrp)
     ckpt.wait()
     assert _steps(tmp_path / "checkpoints_best") == [2]
+
+
+def test_a_stored_config_of_an_older_version_gets_todays_defaults(load_config, caplog):
+    config = load_config("synthetic,dfr,demo", "retinanet")
+    config.model.fpn_width = 24  # a stored value, not a default
+    stored = json.loads(config.to_json_best_effort())
+    del stored["data"]["verify_images"], stored["viz"]  # options a later version added
+    with caplog.at_level("INFO"):
+        restored = checkpointing.config_from_json(stored)
+    assert "lacks data.verify_images, viz" in caplog.text
+    assert restored.data.verify_images is False and restored.viz == config.viz
+    assert restored.model.fpn_width == 24 and restored.dfr.levels == config.dfr.levels
+    assert isinstance(restored.dfr.levels, tuple)  # JSON's list back to the config's tuple
+    # A hand-written config (no known family) is read as it is.
+    assert checkpointing.config_from_json({"model": {"name": "yolo"}, "seed": 1}).to_dict() == {
+        "model": {"name": "yolo"},
+        "seed": 1,
+    }

@@ -5,7 +5,11 @@ path, ``--config configs/fcos_r18.py:synthetic,dfr`` in a checkout (``configs/``
 here) or ``--config $(python -c 'import dfrdet_jax.configs as c; print(c.path("fcos_r18"))')``.
 """
 
+import importlib
 import os
+from typing import Any
+
+import ml_collections
 
 NAMES = ("fcos_r18", "retinanet_r18", "faster_rcnn_r18")
 
@@ -15,3 +19,17 @@ def path(name: str) -> str:
     if name not in NAMES:
         raise ValueError(f"unknown config {name!r}; the package has {list(NAMES)}")
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+
+
+def defaults_of(stored: dict[str, Any]) -> ml_collections.ConfigDict | None:
+    """Today's defaults for the family, dataset and variant of a stored config (a run's
+    ``config.json``, as a dict): ``get_config('<data.name>,<variant>')`` of its family's
+    config. None when the stored config names none of them (a hand-written config)."""
+    name = f"{stored.get('model', {}).get('name')}_r18"
+    data_name, variant = stored.get("data", {}).get("name"), stored.get("variant")
+    if name not in NAMES:
+        return None
+    try:
+        return importlib.import_module(f"{__name__}.{name}").get_config(f"{data_name},{variant}")
+    except ValueError:  # a dataset or variant this version does not know
+        return None
