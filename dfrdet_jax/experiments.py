@@ -446,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--budget",
         default="",
-        help="extra --config.* flags for every run, space-separated (e.g. a step count)",
+        help="extra --config.* flags for every run, space-separated, given with '=' since they "
+        "start with dashes: --budget='--config.train.num_steps=600 --config.model.fpn_width=64'",
     )
     parser.add_argument(
         "--dry_run",
