@@ -27,33 +27,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfrdet_jax import checkpointing, evaluate, steps
+from dfrdet_jax import checkpointing, distill, evaluate, sharding, steps
 from dfrdet_jax import data as data_lib
 
-# Metric name of each loss term -> (its weight's config field, the table's label).
+# Metric name of each loss term -> (its weight's config section and field, the table's label).
 TERMS = {
     "loss_det": (None, "L_det"),
-    "loss_reconstruction": ("reconstruction_weight", "gamma * sum L_R"),
-    "loss_dfr": ("dfr_weight", "lambda * L_DFR"),
+    "loss_reconstruction": (("loss", "reconstruction_weight"), "gamma * sum L_R"),
+    "loss_dfr": (("loss", "dfr_weight"), "lambda * L_DFR"),
+    "loss_distill_features": (("distill", "feature_weight"), "FPN imitation"),
+    "loss_distill_logits": (("distill", "logit_weight"), "class-score KL"),
 }
 
 
 def term_weights(config, metrics) -> dict[str, float]:
     """{metric name: its weight in the total loss} of the terms ``metrics`` hold."""
+    unknown = [k for k in metrics if k.startswith("loss_distill_") and k not in TERMS]
+    if unknown:  # its gradient would be missing from the table, and the terms' sum wrong
+        raise KeyError(f"loss terms {unknown} have no weight field in TERMS")
     weights = {}
-    for name in metrics:
-        if name in TERMS:
-            field = TERMS[name][0]
-            weights[name] = 1.0 if field is None else float(config.loss[field])
-        elif name.startswith("loss_distill_"):
-            weights[name] = float(config.distill[f"{name.removeprefix('loss_distill_')}_weight"])
+    for name in metrics.keys() & TERMS.keys():
+        field = TERMS[name][0]
+        weights[name] = 1.0 if field is None else float(config[field[0]][field[1]])
     return weights
 
 
 def term_gradients(config, model, params, batch_stats, batches, teacher=None):
     """{term: gradient pytree (like ``params``)} of each weighted loss term, summed over
     ``batches`` (dicts in the batch format of ``dfrdet_jax.data``), plus ``total``, the gradient
-    of the whole loss (the training step's)."""
+    of the whole loss (the training step's); ``teacher``: the run's ``distill.Teacher``, if it
+    distils."""
     loss_fn = functools.partial(
         steps.loss_and_metrics,
         model=model,
@@ -145,16 +148,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     config = _run_config(args.workdir, args.checkpoint)
-    if config.distill.teacher:
-        raise NotImplementedError(
-            f"{args.workdir} distils from a teacher; this script reads runs without one"
-        )
-    model, state, _, _ = evaluate.restored_state(config, args.workdir)
+    model, state, mesh, info = evaluate.restored_state(config, args.workdir)
+    image_hw = (config.data.image_size, config.data.image_size)
+    replicated = sharding.replicated_sharding(mesh)
+    teacher = distill.load_teacher(config, info.num_classes, image_hw, replicated)
     dataset = data_lib.build_dataset(
         config.data, args.split, train=False, batch_size=config.train.batch_size, seed=config.seed
     )
     batches = itertools.islice(iter(dataset.loader), args.batches)
-    gradients = term_gradients(config, model, state.params, state.batch_stats, batches)
+    gradients = term_gradients(config, model, state.params, state.batch_stats, batches, teacher)
     rows = gradient_table(gradients)
     print(f"{args.workdir} ({args.checkpoint} checkpoint, step {int(state.step)}), "
           f"{args.batches} batches of {args.split}:")  # fmt: skip

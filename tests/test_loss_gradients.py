@@ -88,3 +88,22 @@ def test_main_reads_a_saved_run(tmp_path, capsys):
     groups = {r["group"] for r in rows}
     assert {"backbone", "neck", "head", "decoder"} <= groups
     assert "step 3), 1 batches of train" in capsys.readouterr().out
+
+
+def test_every_weighted_term_is_named_with_its_weight(smoke_config):
+    script = _script()
+    config = smoke_config("dfr")
+    config.distill.feature_weight, config.distill.logit_weight = 0.5, 2.0
+    metrics = dict.fromkeys(
+        ["loss_det", "loss_reconstruction", "loss_dfr", "loss_distill_features",
+         "loss_distill_logits", "loss_cls", "num_positive"]
+    )  # fmt: skip
+    assert script.term_weights(config, metrics) == {
+        "loss_det": 1.0,
+        "loss_reconstruction": config.loss.reconstruction_weight,
+        "loss_dfr": config.loss.dfr_weight,
+        "loss_distill_features": 0.5,
+        "loss_distill_logits": 2.0,
+    }
+    with pytest.raises(KeyError, match="loss_distill_attention"):
+        script.term_weights(config, {"loss_det": 0, "loss_distill_attention": 0})
