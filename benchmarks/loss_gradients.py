@@ -130,15 +130,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _run_config(workdir: str, checkpoint: str):
-    stored = checkpointing.read_run_config(workdir)
-    if stored is None:
-        raise FileNotFoundError(f"{workdir}: no config.json, so its network cannot be rebuilt")
-    config = checkpointing.config_from_json(stored)
-    config.eval.checkpoint = checkpoint
-    return config
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="a trained run's workdir")
@@ -147,7 +138,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
-    config = _run_config(args.workdir, args.checkpoint)
+    config = checkpointing.stored_config(args.workdir)
+    config.eval.checkpoint = args.checkpoint
     model, state, mesh, info = evaluate.restored_state(config, args.workdir)
     image_hw = (config.data.image_size, config.data.image_size)
     replicated = sharding.replicated_sharding(mesh)

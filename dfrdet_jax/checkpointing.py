@@ -97,6 +97,15 @@ def read_run_config(workdir: str) -> dict[str, Any] | None:
             ) from error
 
 
+def stored_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config of the run in ``workdir`` (its config.json, ``config_from_json``);
+    FileNotFoundError when it stores none, since its network cannot then be rebuilt."""
+    stored = read_run_config(workdir)
+    if stored is None:
+        raise FileNotFoundError(f"{workdir}: no config.json, so its network cannot be rebuilt")
+    return config_from_json(stored)
+
+
 def config_from_json(config_dict: dict[str, Any]) -> ml_collections.ConfigDict:
     """A config as ``config.json`` holds it back to a ConfigDict (JSON's lists to the tuples
     configs hold). A field the stored config lacks (an option added since that run was written)

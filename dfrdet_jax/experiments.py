@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import functools
 import glob
-import importlib
 import json
 import math
 import os
@@ -187,10 +186,7 @@ def _scaled_learning_rate(run: Run, factor: int, detector: str) -> Run:
 
 def _demo_learning_rate(detector: str) -> float:
     """The demo budget's base learning rate of ``detector`` (what the lr rows scale)."""
-    config = importlib.import_module(f"dfrdet_jax.configs.{detector}_r18").get_config(
-        "synthetic,bnn,demo"
-    )
-    return config.optimizer.base_learning_rate
+    return configs.get_config(f"{detector}_r18", "synthetic,bnn,demo").optimizer.base_learning_rate
 
 
 def _ablation(detector: str) -> list[Run]:

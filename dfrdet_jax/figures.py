@@ -39,10 +39,7 @@ def _compare_run(config: ml_collections.ConfigDict):
     other = config.viz.compare_workdir
     if not other:
         return None
-    stored = checkpointing.read_run_config(other)
-    if stored is None:
-        raise FileNotFoundError(f"{other}: no config.json, so its network cannot be rebuilt")
-    other_config = checkpointing.config_from_json(stored)
+    other_config = checkpointing.stored_config(other)
     other_config.eval = config.eval
     model, state, _, _ = evaluate.restored_state(other_config, other)
     return f"{other_config.variant} ({os.path.basename(os.path.normpath(other))})", model, state

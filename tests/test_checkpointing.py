@@ -161,7 +161,7 @@ def test_best_checkpoint_of_a_lower_is_better_metric_keeps_the_lowest(tmp_path):
     assert _steps(tmp_path / "checkpoints_best") == [2]
 
 
-def test_a_stored_config_of_an_older_version_gets_todays_defaults(load_config, caplog):
+def test_a_stored_config_of_an_older_version_gets_todays_defaults(load_config, caplog, tmp_path):
     config = load_config("synthetic,dfr,demo", "retinanet")
     config.model.fpn_width = 24  # a stored value, not a default
     stored = json.loads(config.to_json_best_effort())
@@ -177,3 +177,7 @@ def test_a_stored_config_of_an_older_version_gets_todays_defaults(load_config, c
         "model": {"name": "yolo"},
         "seed": 1,
     }
+    with pytest.raises(FileNotFoundError, match="no config.json, so its network cannot be"):
+        checkpointing.stored_config(str(tmp_path))
+    checkpointing.write_run_config(str(tmp_path), config)
+    assert checkpointing.stored_config(str(tmp_path)).model.fpn_width == 24

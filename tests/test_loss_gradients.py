@@ -79,9 +79,8 @@ def test_table_norms_ratios_and_cosines_by_hand():
 def test_main_reads_a_saved_run(tmp_path, capsys):
     config = smoke.smoke_config("dfr")
     num_classes = data_lib.dataset_info(config.data).num_classes
-    smoke.save_run(tmp_path / "run", config, [3], num_classes=num_classes)
-    out = tmp_path / "rows.json"
-    workdir = tmp_path / "run"
+    workdir, out = tmp_path / "run", tmp_path / "rows.json"
+    smoke.save_run(workdir, config, [3], num_classes=num_classes)
     args = [f"--workdir={workdir}", "--checkpoint=latest", "--batches=1", f"--out={out}"]
     rows = _script().main(args)
     assert json.loads(out.read_text()) == rows

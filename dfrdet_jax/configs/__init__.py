@@ -21,6 +21,12 @@ def path(name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
 
 
+def get_config(name: str, arg: str) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of config ``name`` (one of NAMES), e.g. ('fcos_r18', 'synthetic,bnn')."""
+    path(name)  # a clear error for an unknown name
+    return importlib.import_module(f"{__name__}.{name}").get_config(arg)
+
+
 def defaults_of(stored: dict[str, Any]) -> ml_collections.ConfigDict | None:
     """Today's defaults for the family, dataset and variant of a stored config (a run's
     ``config.json``, as a dict): ``get_config('<data.name>,<variant>')`` of its family's
@@ -30,6 +36,6 @@ def defaults_of(stored: dict[str, Any]) -> ml_collections.ConfigDict | None:
     if name not in NAMES:
         return None
     try:
-        return importlib.import_module(f"{__name__}.{name}").get_config(f"{data_name},{variant}")
+        return get_config(name, f"{data_name},{variant}")
     except ValueError:  # a dataset or variant this version does not know
         return None
