@@ -13,6 +13,8 @@ is then scored once on the test split, which nothing else reads. A run whose tes
 skipped and a half-trained one resumes from its checkpoints, so an interrupted grid is finished by
 running the same command again. Grids share a root: a row two grids hold (``bnn``) runs once.
 ``--rows`` runs some rows and whatever they need (their start, their teacher).
+``--starts_root OTHER`` reads the starts, finished, from another root instead of training them:
+rows at another budget (``--budget='--config.train.num_steps=4800'``) from the same starts.
 
 Every grid starts from two shared starts, trained once from scratch with seed 0,
   start_real      the real-valued detector (the benchmark's stand-in for ImageNet weights);
@@ -262,8 +264,17 @@ def _workdir(root: str, run: Run, seed: int) -> str:
 
 
 def _main_command(
-    detector: str, run: Run, seed: int, root: str, budget: Sequence[str], mode: str
+    detector: str,
+    run: Run,
+    seed: int,
+    root: str,
+    budget: Sequence[str],
+    mode: str,
+    starts_root: str | None = None,
 ) -> list[str]:
+    """The ``main`` command of ``run``'s ``mode`` ('train' or 'eval'); what the run needs (its
+    start, its teacher: shared starts) is read under ``starts_root`` (default: ``root``)."""
+    starts = starts_root or root
     command = [
         sys.executable,
         "-m",
@@ -277,11 +288,11 @@ def _main_command(
     ]
     if run.init_from and mode == "train":
         command += [
-            f"--config.init_from={os.path.join(root, run.init_from, 'seed0')}",  # a shared start
+            f"--config.init_from={os.path.join(starts, run.init_from, 'seed0')}",  # a shared start
             "--config.init_from_checkpoint=best",
         ]
     if run.teacher and mode == "train":
-        command.append(f"--config.distill.teacher={os.path.join(root, run.teacher, 'seed0')}")
+        command.append(f"--config.distill.teacher={os.path.join(starts, run.teacher, 'seed0')}")
     if mode == "eval":
         command += ["--config.eval.split=test", "--config.eval.checkpoint=best"]
     return command
@@ -312,17 +323,25 @@ def run_grid(
     dry_run: bool = False,
     on_result: Callable[[dict], None] = lambda results: None,
     runs: Sequence[Run] | None = None,
+    starts_root: str | None = None,
 ) -> dict[str, dict[int, dict[str, float]]]:
     """Trains and tests every run of ``runs`` (default: ``grid(detector)``) not done yet;
     returns {row: {seed: test metrics}} (shared starts included), passing the results so far
-    to ``on_result`` after each run."""
+    to ``on_result`` after each run. ``starts_root``: take the shared starts, finished, from
+    that root (trained at its budget) instead of training them under ``root``."""
     results: dict[str, dict[int, dict[str, float]]] = {}
     for run in grid(detector) if runs is None else runs:
         for seed in [0] if run.shared else seeds:
-            workdir = _workdir(root, run, seed)
+            workdir = _workdir(starts_root if run.shared and starts_root else root, run, seed)
             if test_metrics_path(workdir) is None:
+                if run.shared and starts_root:
+                    raise FileNotFoundError(
+                        f"{run.name}: {workdir} holds no finished start (no "
+                        "eval_test_best_*.json); train it there first, with this command's "
+                        f"--root {starts_root} and without --starts_root"
+                    )
                 for mode, log in (("train", "train.log"), ("eval", "test.log")):
-                    command = _main_command(detector, run, seed, root, budget, mode)
+                    command = _main_command(detector, run, seed, root, budget, mode, starts_root)
                     _run_logged(command, os.path.join(workdir, log), dry_run)
             done = test_metrics_path(workdir)
             if done is not None:
@@ -446,6 +465,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "start with dashes: --budget='--config.train.num_steps=600 --config.model.fpn_width=64'",
     )
     parser.add_argument(
+        "--starts_root",
+        default="",
+        help="take the shared starts, finished, from this root (trained at its budget) instead "
+        "of training them under --root: the rows at another budget from the same starts",
+    )
+    parser.add_argument(
         "--dry_run",
         action="store_true",
         help="print the commands of unfinished runs and tabulate the finished ones; run nothing",
@@ -464,7 +489,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     write = functools.partial(
         write_outputs, args.detector, args.root, command=command, runs=runs, name=name
     )
-    results = run_grid(args.detector, args.root, seeds, budget, args.dry_run, write, runs)
+    results = run_grid(
+        args.detector, args.root, seeds, budget, args.dry_run, write, runs, args.starts_root or None
+    )
     if results:
         write(results)
         with open(os.path.join(args.root, f"{name}.md")) as f:

@@ -33,9 +33,11 @@ def test_every_run_comes_after_the_runs_it_needs():
     for detector in experiments.DETECTORS:
         for name in experiments.GRIDS:
             runs = experiments.grid(detector, name)
+            by_name = {r.name: r for r in runs}
             seen = set()
             for run in runs:
                 assert set(run.needs) <= seen, (detector, name, run.name)
+                assert all(by_name[n].shared for n in run.needs)  # starts and teachers: shared
                 assert run.baseline is None or run.baseline in {r.name for r in runs}
                 seen.add(run.name)
     # A subset brings exactly what it needs, in order.
@@ -85,6 +87,28 @@ def test_commands_and_resume(tmp_path, capsys):
     assert "--config.distill.feature_weight=1.0" in train[0]
     test = [c for c in commands if "/dfr_distill/seed1" in c and "--mode=eval" in c]
     assert "--config.distill.teacher" not in test[0]  # scoring needs no teacher
+
+
+def test_rows_at_another_budget_read_the_starts_of_another_root(tmp_path, capsys):
+    starts, root = tmp_path / "demo", str(tmp_path / "long")
+    runs = experiments.grid("fcos", "recipes", ["bnn_distill"])  # start_topology and start_real
+    with pytest.raises(FileNotFoundError, match=f"start_topology: {starts}/start_topology/seed0"):
+        experiments.run_grid("fcos", root, [1], [], True, runs=runs, starts_root=str(starts))
+    for run, ap in (("start_topology", 0.3), ("start_real", 0.4)):
+        (starts / run / "seed0").mkdir(parents=True)
+        (starts / run / "seed0" / "eval_test_best_1200.json").write_text(json.dumps(_metrics(ap)))
+    capsys.readouterr()
+    budget = ["--config.train.num_steps=4800"]
+    results = experiments.run_grid(
+        "fcos", root, [1], budget, True, runs=runs, starts_root=str(starts)
+    )
+    assert results == {"start_topology": {0: _metrics(0.3)}, "start_real": {0: _metrics(0.4)}}
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 2 and all(f"--workdir={root}/bnn_distill/seed1" in c for c in commands)
+    assert f"--config.init_from={starts}/start_topology/seed0" in commands[0]
+    assert f"--config.distill.teacher={starts}/start_real/seed0" in commands[0]
+    assert "--config.train.num_steps=4800" in commands[0]
+    assert not (tmp_path / "long" / "start_topology").exists()  # nothing trained under root
 
 
 def test_summary_and_table_by_hand(tmp_path):
