@@ -380,8 +380,9 @@ def _difference(summary, a: str, b: str, metric: str = "AP") -> tuple[float, flo
 
 def markdown_table(detector: str, summary, command: str, runs: Sequence[Run]) -> str:
     """The README's table: mean +- std over seeds of every AI-TOD metric (%), then the
-    comparisons the paper makes: each row's share of the real AP, and each row's difference
-    from its ``baseline`` with its standard error."""
+    comparisons the paper makes: each row's share of the real row's AP (when the table holds
+    one real row, ``real`` or an lr row of it), and each row's difference from its ``baseline``
+    with its standard error."""
     head = "| row | seeds | " + " | ".join(TABLE_METRICS) + " |"
     lines = [f"`{command}`", "", head, "|" + "---|" * (len(TABLE_METRICS) + 2)]
     for name, row in summary.items():
@@ -389,11 +390,12 @@ def markdown_table(detector: str, summary, command: str, runs: Sequence[Run]) ->
         lines.append(f"| {detector} {name} | {row['AP']['n']} | " + " | ".join(cells) + " |")
     lines.append("")
     rows = [run for run in runs if not run.shared and run.name in summary]
-    if "real" in summary:
+    real = [run.name for run in rows if run.variant == "real"]
+    if len(real) == 1:  # the reference of every other row (``real``, or one lr row of it)
         for run in rows:
-            if run.name != "real":
-                ratio = summary[run.name]["AP"]["mean"] / max(summary["real"]["AP"]["mean"], 1e-9)
-                lines.append(f"- {run.name} keeps {100 * ratio:.0f} % of the real AP.")
+            if run.name != real[0]:
+                ratio = summary[run.name]["AP"]["mean"] / max(summary[real[0]]["AP"]["mean"], 1e-9)
+                lines.append(f"- {run.name} keeps {100 * ratio:.0f} % of the {real[0]} AP.")
     for a, b in ((run.name, run.baseline) for run in rows if run.baseline):
         for metric in ("AP", "AP_vt", "AP_t"):
             diff = _difference(summary, a, b, metric)

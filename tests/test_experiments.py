@@ -125,6 +125,14 @@ def test_summary_and_table_by_hand(tmp_path):
     table = experiments.markdown_table("fcos", summary, "CMD", runs)
     assert "| fcos real | 3 | 52.0 ± 2.0 |" in table
     assert "- bnn keeps 40 % of the real AP." in table
+    # An lr row of the real variant is the reference when it is the table's only real row.
+    lr_runs = experiments.grid("fcos", "recipes", ["real_lr32x", "bnn_lr16x"])
+    lr_summary = experiments.summarize({"real_lr32x": results["real"], "bnn_lr16x": results["bnn"]})
+    lr_table = experiments.markdown_table("fcos", lr_summary, "CMD", lr_runs)
+    assert "- bnn_lr16x keeps 40 % of the real_lr32x AP." in lr_table
+    two_real = experiments.grid("fcos", "recipes", ["real", "real_lr32x", "bnn"])
+    two_summary = experiments.summarize({**results, "real_lr32x": results["real"]})
+    assert "keeps" not in experiments.markdown_table("fcos", two_summary, "CMD", two_real)
     se = math.sqrt(2 * 2.0 / 2)  # both rows: std sqrt(2), two seeds
     assert f"- dfr - bnn, AP: +5.0 (standard error {se:.1f})" in table
     one_seed = experiments.summarize({"bnn": results["bnn"], "dfr": {0: _metrics(0.25)}})
