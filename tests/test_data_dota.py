@@ -2,10 +2,12 @@
 
 import itertools
 import json
+import pickle
 
 import numpy as np
 
 from dfrdet_jax import data
+from dfrdet_jax.data import transforms
 from dfrdet_jax.data.errors import SkipReport
 from dfrdet_jax.data.fixtures import write_dota_fixture
 from dfrdet_jax.data.sources import dota
@@ -76,3 +78,51 @@ def test_dota_batches_carry_tile_offsets(tmp_path):
     np.testing.assert_array_equal(batch["tile_offset"], [[0, 0], [26, 0], [0, 36], [26, 36]])
     np.testing.assert_array_equal(batch["image_id"], [1, 1, 1, 1])
     np.testing.assert_allclose(batch["boxes"][0, 0], [1, 1, 9, 9])
+
+
+def _counting_decoder(monkeypatch) -> list[str]:
+    """Patch ``transforms.decode_image`` to record every file it decodes; returns the record."""
+    decoded, decode = [], transforms.decode_image
+
+    def counting(path):
+        decoded.append(path)
+        return decode(path)
+
+    monkeypatch.setattr(transforms, "decode_image", counting)
+    return decoded
+
+
+def test_evaluation_decodes_each_full_image_once_for_its_tiles(tmp_path, monkeypatch):
+    lines = ["5 5 15 5 15 15 5 15 plane 0", "60 40 80 40 80 50 60 50 ship 0"]
+    write_dota_fixture(str(tmp_path), "val", {"P1": (120, 100, lines), "P2": (90, 130, lines)})
+    config = data.default_data_config("dota2")
+    config.root, config.cache_dir = str(tmp_path), str(tmp_path / "cache")
+    config.image_size, config.tile_size, config.tile_overlap, config.max_boxes = 64, 64, 8, 4
+    decoded = _counting_decoder(monkeypatch)
+
+    def evaluation_batches():
+        decoded.clear()
+        ds = data.build_dataset(config, "val", train=False, batch_size=3, seed=0)
+        return ds.num_images, list(ds.loader)
+
+    num_tiles, cached = evaluation_batches()
+    assert num_tiles == 10 and len(decoded) == len(set(decoded)) == 2  # 2 images, 4 + 6 tiles
+    # Against decoding the full image anew for every tile: the same batches.
+    monkeypatch.setattr(transforms, "LastImageDecoder", lambda: transforms.decode_image)
+    _, uncached = evaluation_batches()
+    assert len(decoded) == num_tiles and len(cached) == len(uncached)
+    for a, b in zip(cached, uncached, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_last_image_decoder_pickles_empty(tmp_path, monkeypatch):
+    write_dota_fixture(str(tmp_path), "val", {"P1": (40, 30, []), "P2": (20, 10, [])})
+    decoded = _counting_decoder(monkeypatch)
+    decoder = transforms.LastImageDecoder()
+    first, second = (str(tmp_path / "val" / "images" / f"{n}.png") for n in ("P1", "P2"))
+    assert decoder(first).shape == (40, 30, 3) and decoder(first) is decoder(first)
+    assert decoder(second).shape == (20, 10, 3) and decoded == [first, second]
+    restored = pickle.loads(pickle.dumps(decoder))  # what a grain worker receives
+    assert restored(second).shape == (20, 10, 3) and decoded == [first, second, second]

@@ -98,14 +98,20 @@ class _RecordSource(grain.RandomAccessDataSource):
 
 
 class _ToExample(grain.RandomMapTransform):
-    """Decode, resize, random flip (with probability flip_prob) and pad one record."""
+    """Decode, resize, random flip (with probability flip_prob) and pad one record. With
+    ``keep_last_image`` (evaluation, read in order) the last decoded file is kept, so the tiles
+    of one DOTA image decode it once; training shuffles, where keeping it would only hold memory.
+    """
 
-    def __init__(self, image_size: int, max_boxes: int, flip_prob: float):
+    def __init__(self, image_size: int, max_boxes: int, flip_prob: float, keep_last_image: bool):
         self.image_size, self.max_boxes, self.flip_prob = image_size, max_boxes, flip_prob
+        self.decode = transforms.LastImageDecoder() if keep_last_image else transforms.decode_image
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         flip = self.flip_prob > 0 and rng.random() < self.flip_prob
-        return transforms.example_from_record(element, self.image_size, self.max_boxes, flip)
+        return transforms.example_from_record(
+            element, self.image_size, self.max_boxes, flip, self.decode
+        )
 
 
 class _TrimBoxSlots(grain.MapTransform):
@@ -171,7 +177,7 @@ def make_loader(
         sampler = grain.IndexSampler(len(source), shard, shuffle=False, num_epochs=1, seed=seed)
     flip_prob = config.flip_prob if train else 0.0
     operations = [
-        _ToExample(config.image_size, config.max_boxes, flip_prob),
+        _ToExample(config.image_size, config.max_boxes, flip_prob, keep_last_image=not train),
         grain.Batch(batch_size, drop_remainder=train),
     ]
     if train and shard_count == 1:

@@ -13,6 +13,8 @@ training the bucket of ``box_slots`` that holds the batch's boxes):
   tile_offset float32 [B, 2]       (DOTA only) (x, y) of the tile in the full image
 """
 
+from collections.abc import Callable
+
 import numpy as np
 from PIL import Image
 
@@ -57,6 +59,32 @@ def decode_image(path: str) -> np.ndarray:
             f"{path}: cannot read image: {e} (config.data.verify_images=True finds such files "
             "before training; config.data.lenient=True then skips and counts them)"
         ) from e
+
+
+class LastImageDecoder:
+    """``decode_image`` that keeps the last image it decoded, so the consecutive tiles of one
+    large image (DOTA, read in order for evaluation) decode it once instead of once per tile.
+
+    Holds one image at a time (the previous one is freed before the next is decoded) and is
+    pickled empty: each grain worker starts with its own empty cache. Callers must not write
+    into the returned array (the example path crops, resizes and pads into new arrays).
+    """
+
+    def __init__(self):
+        self._path, self._image = None, None
+
+    def __call__(self, path: str) -> np.ndarray:
+        if path != self._path:
+            self._path, self._image = None, None
+            self._image = decode_image(path)
+            self._path = path
+        return self._image
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
 
 def image_hw(path: str) -> tuple[int, int]:
@@ -126,8 +154,15 @@ def pad_example(image, boxes, labels, ignore, size: int, max_boxes: int, *, name
     }
 
 
-def example_from_record(record: dict, size: int, max_boxes: int, flip: bool) -> dict:
-    """One standard example (unbatched) from a source record (see sources/coco.py)."""
+def example_from_record(
+    record: dict,
+    size: int,
+    max_boxes: int,
+    flip: bool,
+    decode: Callable[[str], np.ndarray] = decode_image,
+) -> dict:
+    """One standard example (unbatched) from a source record (see sources/coco.py); image files
+    are read with ``decode`` (``decode_image``, or a ``LastImageDecoder`` for DOTA tiles)."""
     if record["path"] is None:  # pad image of a final partial eval batch
         image = np.zeros((size, size, 3), np.uint8)
         out = pad_example(image, np.zeros((0, 4), np.float32), [], [], size, max_boxes, name="pad")
@@ -136,7 +171,7 @@ def example_from_record(record: dict, size: int, max_boxes: int, flip: bool) -> 
         if "image" in record:  # tfds builds carry decoded pixels (DOTA: the tile's own)
             image = record["image"]
         else:  # raw sources a path (DOTA: of the full image)
-            image = decode_image(record["path"])
+            image = decode(record["path"])
             if tuple(image.shape[:2]) != tuple(record["hw"]) and "tile_offset" not in record:
                 (h, w), (rh, rw) = image.shape[:2], record["hw"]
                 raise DataError(
