@@ -1,6 +1,7 @@
-"""benchmarks/step_breakdown.py and benchmarks/xla_cpu_flags.py at tiny sizes on the CPU, so
-that they cannot rot: every part of a 1-bit + DFR step is compiled, timed and reported, and an
-XLA setting the compiler rejects is a reported row, not a crash."""
+"""benchmarks/step_breakdown.py, xla_cpu_flags.py and matching_speed.py at tiny sizes on the
+CPU, so that they cannot rot: every part of a 1-bit + DFR step is compiled, timed and reported,
+an XLA setting the compiler rejects is a reported row, not a crash, and the matching benchmark
+times every slot count and names the operations its profile found."""
 
 import importlib.util
 import math
@@ -50,3 +51,16 @@ def test_flags_benchmark_reports_a_rejected_setting(monkeypatch):
     assert row["setting"] == "bogus" and row["error"], row
     table = flags.markdown([row])
     assert "| bogus | - | failed:" in table
+
+
+def test_matching_benchmark_times_each_slot_count_and_profiles_it(capsys):
+    bench = _load("matching_speed")
+    rows = bench.main(["--size=64", "--batch=2", "--boxes=5", "--slots=4,16", "--calls=1",
+                       "--profile", "--top=3"])  # fmt: skip
+    assert [(r["slots"], r["real_boxes"]) for r in rows] == [(4, 4), (16, 5)]
+    for row in rows:
+        pairs = row["batch"] * row["anchors"] * row["slots"]
+        assert row["ms"] > 0
+        assert math.isclose(row["ns_per_pair"], 1e6 * row["ms"] / pairs, rel_tol=0.02)
+        assert 0 < len(row["top_ms"]) <= 3 and all(ms >= 0 for ms in row["top_ms"].values())
+    assert capsys.readouterr().out.count('"slots"') == 2
