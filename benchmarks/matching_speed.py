@@ -27,30 +27,12 @@ import numpy as np
 import train_throughput  # noqa: E402  (benchmarks/ is the script's folder)
 
 from dfrdet_jax.models.heads import retinanet
-from dfrdet_jax.ops import matcher
 
 
 def make_match(config, anchors: np.ndarray, num_classes: int):
     """jit(batch -> targets): the matching of ``retinanet.retinanet_loss`` for a whole batch."""
-    r = config.retinanet
-
-    def one_image(boxes, labels, valid, ignore):
-        return matcher.max_iou_targets(
-            anchors,
-            boxes,
-            labels,
-            valid,
-            ignore,
-            num_classes,
-            positive_iou=r.positive_iou,
-            negative_iou=r.negative_iou,
-            low_quality_matches=r.low_quality_matches,
-            ignore_iof=r.ignore_iof,
-            chunk_size=r.assign_chunk_size,
-        )
-
-    keys = ("boxes", "labels", "box_valid", "ignore")
-    return jax.jit(lambda batch: jax.vmap(one_image)(*(batch[k] for k in keys)))
+    settings = retinanet.matching_settings(config)
+    return jax.jit(lambda batch: retinanet.anchor_targets(batch, anchors, num_classes, **settings))
 
 
 def median_ms(fn, arg, calls: int) -> float:

@@ -92,6 +92,20 @@ class RetinaNetHead(nn.Module):
         return {k: jnp.concatenate(v, axis=1).astype(jnp.float32) for k, v in outputs.items()}
 
 
+def anchor_targets(
+    batch: dict[str, Array], anchors: Array, num_classes: int, **matching
+) -> dict[str, Array]:
+    """Max-IoU targets of every image of ``batch`` (the standard batch's 'boxes', 'labels',
+    'box_valid', 'ignore' [B, N]) for ``anchors`` [A, 4]: ``matcher.max_iou_targets`` (whose
+    keyword settings ``matching`` are, see ``matching_settings``) vmapped, each output [B, A, ...].
+    """
+    return jax.vmap(
+        lambda boxes, labels, valid, ignore: matcher.max_iou_targets(
+            anchors, boxes, labels, valid, ignore, num_classes, **matching
+        )
+    )(batch["boxes"], batch["labels"], batch["box_valid"], batch["ignore"])
+
+
 def retinanet_loss(
     outputs: dict[str, Array],
     batch: dict[str, Array],
@@ -133,21 +147,16 @@ def retinanet_loss(
             f"retinanet_loss: {anchors.shape[0]} anchors for {outputs['deltas'].shape[1]} "
             "predictions; anchors must come from the same image size and anchor settings"
         )
-    targets = jax.vmap(
-        lambda boxes, labels, valid, ignore: matcher.max_iou_targets(
-            anchors,
-            boxes,
-            labels,
-            valid,
-            ignore,
-            num_classes,
-            positive_iou=positive_iou,
-            negative_iou=negative_iou,
-            low_quality_matches=low_quality_matches,
-            ignore_iof=ignore_iof,
-            chunk_size=chunk_size,
-        )
-    )(batch["boxes"], batch["labels"], batch["box_valid"], batch["ignore"])
+    targets = anchor_targets(
+        batch,
+        anchors,
+        num_classes,
+        positive_iou=positive_iou,
+        negative_iou=negative_iou,
+        low_quality_matches=low_quality_matches,
+        ignore_iof=ignore_iof,
+        chunk_size=chunk_size,
+    )
     positive = targets["positive"].astype(jnp.float32)
     num_positive = positive.sum()
     normaliser = jnp.maximum(num_positive, 1.0)
@@ -219,6 +228,18 @@ def _anchors(config, batch) -> np.ndarray:
     return anchors
 
 
+def matching_settings(config) -> dict:
+    """The keyword settings of ``matcher.max_iou_targets`` in ``config.retinanet``."""
+    r = config.retinanet
+    return {
+        "positive_iou": r.positive_iou,
+        "negative_iou": r.negative_iou,
+        "low_quality_matches": r.low_quality_matches,
+        "ignore_iof": r.ignore_iof,
+        "chunk_size": r.assign_chunk_size,
+    }
+
+
 def _loss(config, outputs, batch):
     r = config.retinanet
     return retinanet_loss(
@@ -226,16 +247,12 @@ def _loss(config, outputs, batch):
         batch,
         anchors=_anchors(config, batch),
         num_classes=outputs["cls_logits"].shape[-1],
-        positive_iou=r.positive_iou,
-        negative_iou=r.negative_iou,
-        low_quality_matches=r.low_quality_matches,
-        ignore_iof=r.ignore_iof,
         focal_alpha=r.focal_alpha,
         focal_gamma=r.focal_gamma,
         box_loss=r.box_loss,
         smooth_l1_beta=r.smooth_l1_beta,
         box_weights=tuple(r.box_weights),
-        chunk_size=r.assign_chunk_size,
+        **matching_settings(config),
     )
 
 
