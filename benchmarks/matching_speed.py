@@ -4,13 +4,16 @@
 anchors of ``configs/retinanet_r18.py`` at ``--size`` px (9 a cell, P3-P7 or what the config
 says) and ``--boxes`` random tiny boxes per image (the rest of the slots padding). With
 ``--profile``, the compiled program's most expensive operations (XLA's fusions, from a
-``jax.profiler`` trace) at every slot count: which [anchors x slots] array costs what.
+``jax.profiler`` trace) at every slot count: which [anchors x slots] array costs what. Beside
+it, the same batch matched as training does by default, in the input pipeline
+(``retinanet.PipelineMatching``: numpy, one image at a time, the overlapping pairs only), in ms
+of one CPU core for the whole batch.
 
     python benchmarks/matching_speed.py --size 128 --batch 4 --slots 16,32,64,128,256
     python benchmarks/matching_speed.py --slots 128 --profile
 
-Prints one JSON line per slot count: ms per call (median), ns per anchor x slot pair, and, with
---profile, the top operations in ms per call.
+Prints one JSON line per slot count: ms per call (median), ns per anchor x slot pair, the
+pipeline's ms for the batch (median), and, with --profile, the top operations in ms per call.
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ def make_match(config, anchors: np.ndarray, num_classes: int):
     """jit(batch -> targets): the matching of ``retinanet.retinanet_loss`` for a whole batch."""
     settings = retinanet.matching_settings(config)
     return jax.jit(lambda batch: retinanet.anchor_targets(batch, anchors, num_classes, **settings))
+
+
+def pipeline_match(config, size: int):
+    """batch -> the pipeline's anchor matches of every image (numpy, as the workers run it)."""
+    config.data.image_size = size
+    per_example = retinanet.PipelineMatching.from_config(config)
+
+    def match(batch):
+        examples = ({k: v[i] for k, v in batch.items()} for i in range(len(batch["boxes"])))
+        return [per_example(example)["anchor_match"] for example in examples]
+
+    return match
 
 
 def median_ms(fn, arg, calls: int) -> float:
@@ -80,6 +95,7 @@ def main(argv=None) -> list[dict]:
     config = train_throughput.load_config("retinanet", "synthetic,real,demo")
     shape_only = {"image": np.zeros((1, args.size, args.size, 3), np.uint8)}
     anchors = retinanet._anchors(config, shape_only)
+    in_pipeline = pipeline_match(config, args.size)
     rows = []
     for slots in (int(s) for s in args.slots.split(",")):
         rng = np.random.default_rng(0)
@@ -97,6 +113,7 @@ def main(argv=None) -> list[dict]:
             "real_boxes": min(args.boxes, slots),
             "ms": round(ms, 2),
             "ns_per_pair": round(1e6 * ms / (args.batch * anchors.shape[0] * slots), 2),
+            "pipeline_ms": round(median_ms(in_pipeline, batch, args.calls), 2),
             "device": jax.devices()[0].device_kind,
         }
         if args.profile:

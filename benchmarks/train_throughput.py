@@ -10,13 +10,19 @@ backbone on the same image size and batch for comparison.
 Box slots (``--slots``): 'bucketed' (what training does: each batch's box arrays cut to the
 smallest bucket of ``data.box_slots`` that holds them), 'padded' (every batch at --max_boxes
 slots) and 'real' (the fixed batch at exactly --boxes slots, pipeline off only: the cost of the
-real boxes alone). With several families and slot settings the summary gives each family's step
-against FCOS's and each slot setting's step against 'real', all from one invocation.
+real boxes alone). RetinaNet's anchor matching (``--matching``): 'pipeline' (what training does:
+``config.retinanet.match_in_pipeline``, the anchors matched per image in the input pipeline, so
+the step reads the matches; pipeline off: matched once, outside the timed step) or 'step' (over
+every box slot, in the train step). With several families and slot settings the summary gives
+each family's step against FCOS's and each slot setting's step against 'real', all from one
+invocation.
 
   python benchmarks/train_throughput.py --size 800 --batch 8 --steps 20        # GPU
   python benchmarks/train_throughput.py --size 128 --batch 4 --steps 5 --width small  # CPU
   python benchmarks/train_throughput.py --size 128 --batch 4 --steps 10 --width small \
       --family fcos,retinanet --variants real --pipeline off --slots padded,bucketed,real
+  python benchmarks/train_throughput.py --size 128 --batch 4 --steps 10 --width small \
+      --family fcos,retinanet --variants real --matching pipeline,step --workers 1
 
 Prints one line per setting and, with --out, writes them as JSON.
 """
@@ -60,6 +66,7 @@ def load_config(family: str, arg: str):
 WIDTHS = {"full": (64, 256, 4, 64), "small": (16, 32, 2, 16), "tiny": (8, 16, 1, 8)}
 FAMILIES = ("fcos", "retinanet", "faster_rcnn")
 SLOTS = ("bucketed", "padded", "real")
+MATCHING = ("pipeline", "step")
 
 
 def random_batch(rng, batch: int, size: int, num_boxes: int, max_boxes: int):
@@ -127,10 +134,19 @@ def device_lock(lock_path: str | None, exclusive: bool):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def configure(variant: str, args, family: str | None = None, slots: str = "bucketed"):
+def configure(
+    variant: str,
+    args,
+    family: str | None = None,
+    slots: str = "bucketed",
+    matching: str = "pipeline",
+):
     """The config of ``family`` (default: the first of --family) ``variant`` at the arguments'
-    sizes; ``slots`` 'padded' turns the pipeline's box-slot buckets off."""
+    sizes; ``slots`` 'padded' turns the pipeline's box-slot buckets off, ``matching`` 'step'
+    RetinaNet's matching in the pipeline."""
     config = load_config(family or args.family.split(",")[0], f"synthetic,{variant}")
+    if config.model.name == "retinanet":
+        config.retinanet.match_in_pipeline = matching == "pipeline"
     config.train.batch_size = args.batch
     config.data.image_size = args.size
     config.data.max_boxes = args.max_boxes
@@ -153,7 +169,14 @@ def fixed_batch(config, args, slots: str) -> dict:
     num_slots = args.boxes if slots == "real" else args.max_boxes
     batch = random_batch(rng, args.batch, args.size, args.boxes, num_slots)
     buckets = box_slots.slot_buckets(config.data.max_boxes, config.data.min_box_slots)
-    return box_slots.trim_box_slots(batch, buckets) if slots == "bucketed" else batch
+    if slots == "bucketed":
+        batch = box_slots.trim_box_slots(batch, buckets)
+    make_targets = registry.pipeline_targets(config)
+    if make_targets is None:
+        return batch
+    # What the pipeline adds to each example, made here once, before the timing.
+    examples = [make_targets({k: v[i] for k, v in batch.items()}) for i in range(args.batch)]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 class StepExecutables:
@@ -209,13 +232,14 @@ def time_steps(executables, state, next_batch, num_steps: int) -> tuple[float, o
     return (elapsed + time.perf_counter() - start) / num_steps, state
 
 
-def time_jax(family: str, variant: str, slots: str, args) -> list[dict]:
+def time_jax(family: str, variant: str, slots: str, matching: str | None, args) -> list[dict]:
     """The train step of ``family`` ``variant`` with ``slots`` box slots, compiled ahead of time
     (its FLOPs from XLA's cost analysis), then timed with the input 'off' (one batch already on
     the devices, every step) and/or 'on' (the grain pipeline read ahead by train's
     DevicePrefetcher, as training runs; 'real' slots: off only), one executable per box-slot
-    count for both. One result per pipeline setting."""
-    config = configure(variant, args, family, slots)
+    count for both. ``matching``: RetinaNet's (module docstring), None for the others. One result
+    per pipeline setting."""
+    config = configure(variant, args, family, slots, matching or "pipeline")
     model = registry.build_model(config, num_classes=8)
     mesh = sharding.make_mesh()
     data_sharding = sharding.batch_sharding(mesh)
@@ -245,6 +269,7 @@ def time_jax(family: str, variant: str, slots: str, args) -> list[dict]:
             batch_size=args.batch,
             seed=0,
             num_workers=args.workers,
+            example_map=registry.pipeline_targets(config),
         )
         place = functools.partial(sharding.to_global_batch, sharding=data_sharding)
         batches = prefetch.DevicePrefetcher(
@@ -270,6 +295,7 @@ def time_jax(family: str, variant: str, slots: str, args) -> list[dict]:
                     "dtype": args.dtype,
                     "pipeline": pipeline,
                     "slots": slots,
+                    "matching": matching,
                     "box_slots": num_slots,
                     "images_per_second": args.batch / seconds,
                     "step_ms": 1000 * seconds,
@@ -352,34 +378,36 @@ def time_torchvision(args) -> dict | None:
     }
 
 
-def run_isolated(family: str, variant: str, slots: str) -> list[dict]:
+def run_isolated(family: str, variant: str, slots: str, matching: str | None) -> list[dict]:
     """One setting in a fresh process, so its peak memory and compile are its own."""
     argv = [a for a in sys.argv[1:] if a != "--torchvision"]
     command = [sys.executable, __file__, *argv, "--family", family, "--variants", variant]
-    command += ["--slots", slots, "--single"]
+    command += ["--slots", slots, "--matching", matching or "pipeline", "--single"]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
+
+
+def _setting(result: dict) -> tuple:
+    """(family, variant, dtype, slots, matching) of a result of ``time_jax``."""
+    return tuple(result.get(k) for k in ("family", "variant", "dtype", "slots", "matching"))
 
 
 def pipeline_overhead(results: list[dict]) -> list[dict]:
     """Per network and box slots: how much slower training is with the pipeline on than off."""
     rows = []
     ours = [r for r in results if r["framework"] == "jax"]
-    for key in dict.fromkeys((r["family"], r["variant"], r["dtype"], r["slots"]) for r in ours):
-        ips = {
-            r["pipeline"]: r["images_per_second"]
-            for r in ours
-            if (r["family"], r["variant"], r["dtype"], r["slots"]) == key
-        }
+    for key in dict.fromkeys(_setting(r) for r in ours):
+        ips = {r["pipeline"]: r["images_per_second"] for r in ours if _setting(r) == key}
         if {"on", "off"} <= ips.keys():
             slowdown = 100 * (1 - ips["on"] / ips["off"])
-            family, variant, dtype, slots = key
+            family, variant, dtype, slots, matching = key
             rows.append(
                 {
                     "family": family,
                     "variant": variant,
                     "dtype": dtype,
                     "slots": slots,
+                    "matching": matching,
                     "pipeline_slowdown_percent": slowdown,
                     "within_5": slowdown <= 5,
                 }
@@ -392,18 +420,18 @@ def step_ratios(results: list[dict]) -> list[dict]:
     (same variant, dtype and slots), and each slot setting's step over 'real' slots (same
     network): the cost of padding."""
     off = {
-        (r["family"], r["variant"], r["dtype"], r["slots"]): r["step_ms"]
+        _setting(r): r["step_ms"]
         for r in results
         if r["framework"] == "jax" and r["pipeline"] == "off"
     }
     rows = []
-    for (family, variant, dtype, slots), ms in off.items():
-        network = {"family": family, "variant": variant, "dtype": dtype}
-        fcos = off.get(("fcos", variant, dtype, slots))
+    for (family, variant, dtype, slots, matching), ms in off.items():
+        network = {"family": family, "variant": variant, "dtype": dtype, "matching": matching}
+        fcos = off.get(("fcos", variant, dtype, slots, None))
         if family != "fcos" and fcos:
             rows.append({"ratio": f"{family} / fcos", **network, "slots": slots,
                          "step_ratio": ms / fcos})  # fmt: skip
-        real = off.get((family, variant, dtype, "real"))
+        real = off.get((family, variant, dtype, "real", matching))
         if slots != "real" and real:
             rows.append({"ratio": f"{slots} / real slots", **network,
                          "padding_cost_percent": 100 * (ms / real - 1)})  # fmt: skip
@@ -422,6 +450,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_boxes", type=int, default=1500, help="data.max_boxes")
     parser.add_argument(
         "--slots", default="bucketed", help="comma list of bucketed, padded, real (module doc)"
+    )
+    parser.add_argument(
+        "--matching", default="pipeline", help="comma list of pipeline, step (RetinaNet only)"
     )
     parser.add_argument("--variants", default="real,bnn,dfr", help="'' for torchvision only")
     parser.add_argument("--pipeline", choices=("off", "on", "both"), default="both")
@@ -442,7 +473,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name, allowed in (("family", FAMILIES), ("slots", SLOTS)):
+    for name, allowed in (("family", FAMILIES), ("slots", SLOTS), ("matching", MATCHING)):
         unknown = set(getattr(args, name).split(",")) - set(allowed)
         if unknown:
             parser.error(f"--{name}: {sorted(unknown)} not in {allowed}")
@@ -453,16 +484,18 @@ def main():
     args = parse_args()
     flags.FLAGS(sys.argv[:1])  # absl defaults: grain reads its flags when it starts workers
     if args.single:  # one setting, in a process of its own (see run_isolated)
-        print(json.dumps(time_jax(args.family, args.variants, args.slots, args)))
+        matching = args.matching if args.family == "retinanet" else None
+        print(json.dumps(time_jax(args.family, args.variants, args.slots, matching, args)))
         return
     print(f"devices: {jax.devices()}")
     results = []
     for family in args.family.split(","):
         for variant in filter(None, args.variants.split(",")):
             for slots in args.slots.split(","):
-                for result in run_isolated(family, variant, slots):
-                    results.append(result)
-                    print(json.dumps(result), flush=True)
+                for matching in args.matching.split(",") if family == "retinanet" else [None]:
+                    for result in run_isolated(family, variant, slots, matching):
+                        results.append(result)
+                        print(json.dumps(result), flush=True)
     if args.torchvision and (args.width != "full" or "fcos" not in args.family.split(",")):
         print("torchvision: skipped, it is timed for FCOS at full widths only")
     elif args.torchvision:

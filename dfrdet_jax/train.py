@@ -67,6 +67,7 @@ def train_and_evaluate(
         num_workers=config.train.num_workers,
         shard_index=jax.process_index(),
         shard_count=process_count,
+        example_map=registry.pipeline_targets(config),
     )
     # Built and scored once now: a bad eval split, ground truth or best metric fails here, not
     # after the first epoch.

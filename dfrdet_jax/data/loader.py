@@ -114,6 +114,16 @@ class _ToExample(grain.RandomMapTransform):
         )
 
 
+class _ExampleMap(grain.MapTransform):
+    """A function (example) -> example run on every example (in the workers, when there are)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def map(self, element: dict) -> dict:
+        return self.function(element)
+
+
 class _TrimBoxSlots(grain.MapTransform):
     """Cut a batch's box arrays to the smallest of ``buckets`` that holds them (box_slots)."""
 
@@ -145,6 +155,7 @@ def make_loader(
     num_workers: int = 0,
     shard_index=None,
     shard_count=None,
+    example_map=None,
 ) -> grain.DataLoader:
     """A grain.DataLoader of standard batches of ``batch_size`` examples of ``records``.
 
@@ -152,7 +163,10 @@ def make_loader(
     messages). train: sharded, shuffled per epoch from ``seed``, endless, whole batches only,
     box slots bucketed when there is one shard (module docstring). Otherwise one pass in order,
     padded with image_id -1 pad images to whole batches on every shard and worker, max_boxes
-    slots. shard_index/shard_count: this process's shard; None = one shard.
+    slots. shard_index/shard_count: this process's shard; None = one shard. example_map: None
+    or a picklable function (example) -> example run on every training example after it is
+    decoded, flipped and padded (``models.registry.pipeline_targets``: targets made in the
+    workers); evaluation examples do not get it.
     """
     _check_flags_parsed(num_workers)
     if shard_index is None or shard_count is None:
@@ -177,9 +191,11 @@ def make_loader(
         sampler = grain.IndexSampler(len(source), shard, shuffle=False, num_epochs=1, seed=seed)
     flip_prob = config.flip_prob if train else 0.0
     operations = [
-        _ToExample(config.image_size, config.max_boxes, flip_prob, keep_last_image=not train),
-        grain.Batch(batch_size, drop_remainder=train),
+        _ToExample(config.image_size, config.max_boxes, flip_prob, keep_last_image=not train)
     ]
+    if train and example_map is not None:
+        operations.append(_ExampleMap(example_map))
+    operations.append(grain.Batch(batch_size, drop_remainder=train))
     if train and shard_count == 1:
         buckets = box_slots.slot_buckets(config.max_boxes, config.min_box_slots)
         operations.append(_TrimBoxSlots(buckets))
@@ -210,12 +226,13 @@ def build_dataset(
     num_workers: int = 0,
     shard_index=None,
     shard_count=None,
+    example_map=None,
 ) -> DetectionDataset:
     """The input pipeline of ``split`` yielding standard batches of ``batch_size`` images.
 
     shard_index/shard_count: this process's shard (multi-host: jax.process_index() and
     jax.process_count()); None = one shard. num_workers > 0 decodes in worker processes
-    (absl flags must be parsed: see the module docstring).
+    (absl flags must be parsed: see the module docstring). example_map: see ``make_loader``.
     """
     records, info, annotation_file, report = catalog.load_records(config, split)
     loader = make_loader(
@@ -227,6 +244,7 @@ def build_dataset(
         num_workers=num_workers,
         shard_index=shard_index,
         shard_count=shard_count,
+        example_map=example_map,
     )
     return DetectionDataset(
         loader,

@@ -132,6 +132,13 @@ def apply_kwargs(config, batch: dict[str, Array], train: bool, rng: Array | None
     return kwargs
 
 
+def pipeline_targets(config: ml_collections.ConfigDict):
+    """None, or the function the training input pipeline runs on each example to add the
+    family's targets (``DetectorFamily.pipeline_targets``); pass it to ``data.build_dataset``."""
+    make = family(config).pipeline_targets
+    return make(config) if make is not None else None
+
+
 def detection_loss(config, outputs, batch) -> dict[str, Array]:
     """L_det of the family: a dict of float32 scalars, the 'loss_*' entries summing to L_det."""
     return family(config).loss(config, outputs, batch)

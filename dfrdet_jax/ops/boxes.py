@@ -17,7 +17,7 @@ import jax.numpy as jnp
 DELTA_SCALE_CLAMP = math.log(1000.0 / 16.0)
 
 # Added to denominators so that degenerate (zero-area) boxes give IoU 0 instead of NaN.
-_EPS = 1e-7
+EPS = 1e-7
 
 
 def box_area(boxes: jnp.ndarray) -> jnp.ndarray:
@@ -40,7 +40,7 @@ def pairwise_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray) -> jnp.ndarray:
     """IoU of every box in boxes1 [N, 4] with every box in boxes2 [M, 4] -> [N, M] in [0, 1]."""
     inter = pairwise_intersection(boxes1, boxes2)
     union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
-    return inter / (union + _EPS)
+    return inter / (union + EPS)
 
 
 def _paired_iou_and_union(boxes1: jnp.ndarray, boxes2: jnp.ndarray):
@@ -49,7 +49,7 @@ def _paired_iou_and_union(boxes1: jnp.ndarray, boxes2: jnp.ndarray):
     wh = jnp.maximum(rb - lt, 0.0)
     inter = wh[..., 0] * wh[..., 1]
     union = box_area(boxes1) + box_area(boxes2) - inter
-    return inter / (union + _EPS), union
+    return inter / (union + EPS), union
 
 
 def paired_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray) -> jnp.ndarray:
@@ -66,7 +66,7 @@ def paired_giou(boxes1: jnp.ndarray, boxes2: jnp.ndarray) -> jnp.ndarray:
     lt = jnp.minimum(boxes1[..., :2], boxes2[..., :2])
     rb = jnp.maximum(boxes1[..., 2:], boxes2[..., 2:])
     enclose = box_area(jnp.concatenate([lt, rb], axis=-1))
-    return iou - (enclose - union) / (enclose + _EPS)
+    return iou - (enclose - union) / (enclose + EPS)
 
 
 def xyxy_to_xywh(boxes: jnp.ndarray) -> jnp.ndarray:
@@ -186,7 +186,7 @@ def centerness_target(ltrb: jnp.ndarray) -> jnp.ndarray:
     ltrb = jnp.maximum(ltrb, 0.0)
     lr = ltrb[..., 0::2]
     tb = ltrb[..., 1::2]
-    ratio = (lr.min(-1) / jnp.maximum(lr.max(-1), _EPS)) * (
-        tb.min(-1) / jnp.maximum(tb.max(-1), _EPS)
+    ratio = (lr.min(-1) / jnp.maximum(lr.max(-1), EPS)) * (
+        tb.min(-1) / jnp.maximum(tb.max(-1), EPS)
     )
     return jnp.sqrt(ratio)

@@ -16,7 +16,7 @@ from dfrdet_jax.ops.points import INF
 
 # IoUs this close to a box's best count as its best (low-quality matches): chunked matching
 # recomputes the overlaps in a second pass, whose rounding may differ.
-_TIE_TOLERANCE = 1e-6
+TIE_TOLERANCE = 1e-6
 
 
 def check_iou_thresholds(
@@ -102,7 +102,7 @@ def max_iou_targets(
         }
 
     def is_best_anchor(iou, box_best):  # [c]: a best anchor (within the tolerance) of some box
-        threshold = jnp.where(positive_ok & (box_best > 0), box_best - _TIE_TOLERANCE, jnp.inf)
+        threshold = jnp.where(positive_ok & (box_best > 0), box_best - TIE_TOLERANCE, jnp.inf)
         # any(iou >= threshold) as a plain float max: XLA's CPU code reduces it far faster.
         return (iou - threshold[None, :]).max(axis=1) >= 0
 

@@ -39,6 +39,9 @@ class DetectorFamily:
       validate: (config) -> None; raises ValueError for a bad setting of the family's section.
       needs_targets: the model samples from the ground truth (two-stage), so it is applied with
         ``registry.apply_kwargs`` (ground truth and a 'sampling' PRNG key).
+      pipeline_targets: (config) -> None, or a picklable function (example) -> example that the
+        input pipeline runs on every training example to add targets the loss then reads
+        instead of computing them in the step (RetinaNet's anchor matching).
     """
 
     build_head: Callable[[Config, int, BinarySpec, Any], nn.Module]
@@ -46,6 +49,7 @@ class DetectorFamily:
     postprocess: Callable[[Config, dict[str, Array], dict[str, Array]], nms.Detections]
     validate: Callable[[Config], None]
     needs_targets: bool = False
+    pipeline_targets: Callable[[Config], Callable[[dict], dict] | None] | None = None
 
 
 # Name (``config.model.name``, and the config section of the family) -> family.

@@ -25,7 +25,7 @@ from dfrdet_jax.models.common import REAL, BinarySpec
 from dfrdet_jax.models.heads import family, single_stage
 from dfrdet_jax.ops import anchors as anchors_ops
 from dfrdet_jax.ops import boxes as boxes_ops
-from dfrdet_jax.ops import matcher, nms
+from dfrdet_jax.ops import host_matcher, matcher, nms
 
 Array = jax.Array
 BOX_LOSSES = ("smooth_l1", "giou")
@@ -106,6 +106,31 @@ def anchor_targets(
     )(batch["boxes"], batch["labels"], batch["box_valid"], batch["ignore"])
 
 
+def pipeline_match_targets(
+    batch: dict[str, Array], anchors: Array, num_classes: int
+) -> dict[str, Array]:
+    """``anchor_targets``' 'labels', 'box_targets', 'positive' and 'ignore' [B, A, ...] from
+    the assignment the input pipeline made (``host_matcher.AnchorMatcher`` codes in
+    batch['anchor_match'] int32 [B, A]: a box slot, BACKGROUND or IGNORED): two gathers
+    from the batch's boxes and labels instead of matching in the step."""
+    match = batch["anchor_match"]
+    if match.shape[1] != anchors.shape[0]:
+        raise ValueError(
+            f"batch['anchor_match'] holds {match.shape[1]} anchors, the head {anchors.shape[0]}: "
+            "the pipeline matched anchors of another image size or anchor setting"
+        )
+    positive = match >= 0
+    slot = jnp.maximum(match, 0)
+    labels = jnp.take_along_axis(batch["labels"], slot, axis=1)
+    boxes = jnp.take_along_axis(batch["boxes"].astype(jnp.float32), slot[..., None], axis=1)
+    return {
+        "labels": jnp.where(positive, labels, num_classes).astype(jnp.int32),
+        "box_targets": jnp.where(positive[..., None], boxes, anchors[None]),
+        "positive": positive,
+        "ignore": match == host_matcher.IGNORED,
+    }
+
+
 def retinanet_loss(
     outputs: dict[str, Array],
     batch: dict[str, Array],
@@ -128,7 +153,9 @@ def retinanet_loss(
 
     Args:
       outputs: head outputs, 'cls_logits' [B, A, C], 'deltas' [B, A, 4].
-      batch: the standard batch ('boxes', 'labels', 'box_valid', 'ignore').
+      batch: the standard batch ('boxes', 'labels', 'box_valid', 'ignore'); with
+        'anchor_match' [B, A] (made in the input pipeline, ``PipelineMatching``) the targets
+        come from it and the matching settings are not read.
       anchors: float32 [A, 4] xyxy px (``anchors.anchor_grid`` of the batch's image size).
       positive_iou, negative_iou, low_quality_matches, ignore_iof, chunk_size: matching, see
         ``dfrdet_jax.ops.matcher.max_iou_targets``.
@@ -147,16 +174,19 @@ def retinanet_loss(
             f"retinanet_loss: {anchors.shape[0]} anchors for {outputs['deltas'].shape[1]} "
             "predictions; anchors must come from the same image size and anchor settings"
         )
-    targets = anchor_targets(
-        batch,
-        anchors,
-        num_classes,
-        positive_iou=positive_iou,
-        negative_iou=negative_iou,
-        low_quality_matches=low_quality_matches,
-        ignore_iof=ignore_iof,
-        chunk_size=chunk_size,
-    )
+    if "anchor_match" in batch:
+        targets = pipeline_match_targets(batch, anchors, num_classes)
+    else:
+        targets = anchor_targets(
+            batch,
+            anchors,
+            num_classes,
+            positive_iou=positive_iou,
+            negative_iou=negative_iou,
+            low_quality_matches=low_quality_matches,
+            ignore_iof=ignore_iof,
+            chunk_size=chunk_size,
+        )
     positive = targets["positive"].astype(jnp.float32)
     num_positive = positive.sum()
     normaliser = jnp.maximum(num_positive, 1.0)
@@ -214,16 +244,22 @@ def retinanet_postprocess(
 # The 'retinanet' family -------------------------------------------------------------------------
 
 
+def _anchor_settings(config) -> dict:
+    r = config.retinanet
+    return {
+        "octave_base_scale": r.octave_base_scale,
+        "scales_per_octave": r.scales_per_octave,
+        "aspect_ratios": tuple(r.aspect_ratios),
+    }
+
+
 def _anchors(config, batch) -> np.ndarray:
     """Anchors float32 [A, 4] xyxy px of ``config.retinanet`` for the batch's input size."""
-    r = config.retinanet
     strides = family.strides(config)
     anchors, _ = anchors_ops.anchor_grid(
         single_stage.feature_sizes(batch["image"].shape[1:3], strides),
         strides,
-        octave_base_scale=r.octave_base_scale,
-        scales_per_octave=r.scales_per_octave,
-        aspect_ratios=tuple(r.aspect_ratios),
+        **_anchor_settings(config),
     )
     return anchors
 
@@ -238,6 +274,38 @@ def matching_settings(config) -> dict:
         "ignore_iof": r.ignore_iof,
         "chunk_size": r.assign_chunk_size,
     }
+
+
+class PipelineMatching:
+    """The input pipeline's anchor matching: adds 'anchor_match' int32 [A] (the codes of
+    ``host_matcher.AnchorMatcher.match``) to a standard example of the configured image size,
+    from its boxes, validity and ignore flags. Picklable, for the pipeline's workers."""
+
+    def __init__(self, anchor_matcher: host_matcher.AnchorMatcher):
+        self.anchor_matcher = anchor_matcher
+
+    @classmethod
+    def from_config(cls, config) -> PipelineMatching:
+        """The anchors and matching of ``config.retinanet`` at config.data.image_size."""
+        size = config.data.image_size
+        strides = family.strides(config)
+        settings = matching_settings(config)
+        settings.pop("chunk_size")
+        feature_sizes = single_stage.feature_sizes((size, size), strides)
+        return cls(
+            host_matcher.AnchorMatcher(
+                feature_sizes, strides, **_anchor_settings(config), **settings
+            )
+        )
+
+    def __call__(self, example: dict) -> dict:
+        match = self.anchor_matcher.match(example["boxes"], example["box_valid"], example["ignore"])
+        return {**example, "anchor_match": match}
+
+
+def _pipeline_targets(config) -> PipelineMatching | None:
+    """``PipelineMatching`` when config.retinanet.match_in_pipeline, else None."""
+    return PipelineMatching.from_config(config) if config.retinanet.match_in_pipeline else None
 
 
 def _loss(config, outputs, batch):
@@ -270,7 +338,7 @@ def _validate(config) -> None:
     r = config.retinanet
     check_box_loss(r.box_loss, "config.retinanet.box_loss")
     matcher.check_iou_thresholds(r.negative_iou, r.positive_iou, "config.retinanet")
-    anchors_ops.anchor_shapes(4, r.octave_base_scale, r.scales_per_octave, tuple(r.aspect_ratios))
+    anchors_ops.anchor_shapes(4, **_anchor_settings(config))
 
 
 family.register(
@@ -280,5 +348,6 @@ family.register(
         loss=_loss,
         postprocess=_postprocess,
         validate=_validate,
+        pipeline_targets=_pipeline_targets,
     ),
 )
