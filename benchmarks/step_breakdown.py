@@ -6,7 +6,9 @@ own: the backbone, the FPN, the head, target assignment with the detection losse
 head outputs), the reconstruction loss L_R of every binary layer, the DFR decoder with L_DFR,
 and the optimizer update; then the whole step (``steps.make_train_step``, one device). The sum
 of the parts against the whole shows what fusing them gains or costs. Memory is XLA's buffer
-assignment of each compiled part (arguments, outputs and temporaries).
+assignment of each compiled part (arguments, outputs and temporaries). RetinaNet's anchors are
+matched as ``--matching`` says: in the input pipeline (as training does; made once, untimed, so
+'targets + L_det' holds only the loss) or in the step.
 
     python benchmarks/step_breakdown.py --size 512 --batch 2 --variants real,bnn,dfr
     python benchmarks/step_breakdown.py --size 128 --width small --steps 3   # quick
@@ -99,7 +101,7 @@ def _timed(fn, args, num_steps: int) -> dict:
 
 def breakdown(variant: str, args) -> list[dict]:
     """One row per part of ``variant``'s step, then the whole step."""
-    config = train_throughput.configure(variant, args)
+    config = train_throughput.configure(variant, args, matching=args.matching)
     model = registry.build_model(config, num_classes=8)
     state = steps.create_train_state(
         config, model, jax.random.key(0), (args.size, args.size), max(args.steps, 1)
@@ -107,7 +109,7 @@ def breakdown(variant: str, args) -> list[dict]:
     batch = train_throughput.random_batch(
         np.random.default_rng(0), args.batch, args.size, args.boxes, args.max_boxes
     )
-    batch = jax.tree.map(jnp.asarray, batch)
+    batch = jax.tree.map(jnp.asarray, train_throughput.with_pipeline_targets(config, batch))
     images = normalize_images(batch["image"], model.dtype or jnp.float32)
     params, variables = state.params, {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -203,6 +205,12 @@ def markdown(rows: list[dict], title: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", default="fcos", choices=["fcos", "retinanet", "faster_rcnn"])
+    parser.add_argument(
+        "--matching",
+        default="pipeline",
+        choices=train_throughput.MATCHING,
+        help="where RetinaNet matches its anchors",
+    )
     parser.add_argument("--variants", default="real,bnn,dfr")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)

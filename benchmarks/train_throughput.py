@@ -171,11 +171,18 @@ def fixed_batch(config, args, slots: str) -> dict:
     buckets = box_slots.slot_buckets(config.data.max_boxes, config.data.min_box_slots)
     if slots == "bucketed":
         batch = box_slots.trim_box_slots(batch, buckets)
+    return with_pipeline_targets(config, batch)
+
+
+def with_pipeline_targets(config, batch: dict) -> dict:
+    """``batch`` (numpy) with the targets the training pipeline adds to each example for
+    ``config`` (``registry.pipeline_targets``: RetinaNet's anchor matches), made here once,
+    outside any timing; ``batch`` itself when there are none."""
     make_targets = registry.pipeline_targets(config)
     if make_targets is None:
         return batch
-    # What the pipeline adds to each example, made here once, before the timing.
-    examples = [make_targets({k: v[i] for k, v in batch.items()}) for i in range(args.batch)]
+    size = len(batch["image"])
+    examples = [make_targets({k: v[i] for k, v in batch.items()}) for i in range(size)]
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 

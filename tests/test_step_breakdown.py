@@ -8,6 +8,9 @@ import math
 import pathlib
 import sys
 
+import numpy as np
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -64,3 +67,36 @@ def test_matching_benchmark_times_each_slot_count_and_profiles_it(capsys):
         assert math.isclose(row["ns_per_pair"], 1e6 * row["ms"] / pairs, rel_tol=0.02)
         assert 0 < len(row["top_ms"]) <= 3 and all(ms >= 0 for ms in row["top_ms"].values())
     assert capsys.readouterr().out.count('"slots"') == 2
+
+
+def test_breakdown_of_retinanet_takes_its_anchor_matches_from_the_pipeline_or_the_step(tmp_path):
+    breakdown = _load("step_breakdown")
+    tt = breakdown.train_throughput
+    args = tt.parse_args(["--family=retinanet", "--size=64", "--batch=2", "--max_boxes=16"])
+    batch = tt.random_batch(np.random.default_rng(0), 2, 64, 4, 16)
+    for matching, added in (("pipeline", {"anchor_match"}), ("step", set())):
+        config = tt.configure("real", args, matching=matching)
+        assert config.retinanet.match_in_pipeline == (matching == "pipeline")
+        assert tt.with_pipeline_targets(config, batch).keys() - batch.keys() == added
+        out = tmp_path / f"{matching}.json"
+        breakdown.main(
+            ["--family=retinanet", "--variants=real", "--size=64", "--width=tiny", "--steps=1",
+             "--max_boxes=16", "--boxes=4", f"--matching={matching}", f"--out={out}"]
+        )  # fmt: skip
+        rows = __import__("json").loads(out.read_text())["rows"]
+        assert [r["part"] for r in rows][:4] == ["backbone", "FPN", "head", "targets + L_det"]
+
+
+def test_throughput_of_retinanet_takes_its_matches_from_the_pipeline(tmp_path):
+    tt = _load("train_throughput")
+    args = tt.parse_args(
+        ["--family=retinanet", "--size=64", "--batch=2", "--steps=1", "--width=tiny",
+         "--max_boxes=256", "--boxes=4", "--workers=0", "--num_images=4", "--variants=real",
+         f"--data_root={tmp_path}", "--matching=pipeline", "--pipeline=both"]
+    )  # fmt: skip
+    rows = tt.time_jax("retinanet", "real", "bucketed", "pipeline", args)
+    assert [r["pipeline"] for r in rows] == ["off", "on"]
+    assert {r["matching"] for r in rows} == {"pipeline"}
+    assert all(r["images_per_second"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        tt.parse_args(["--matching=pipeline,dense"])
