@@ -6,7 +6,7 @@ says) and ``--boxes`` random tiny boxes per image (the rest of the slots padding
 ``--profile``, the compiled program's most expensive operations (XLA's fusions, from a
 ``jax.profiler`` trace) at every slot count: which [anchors x slots] array costs what. Beside
 it, the same batch matched as training does by default, in the input pipeline
-(``retinanet.PipelineMatching``: numpy, one image at a time, the overlapping pairs only), in ms
+(``ops.host_targets.AnchorMatcher``: numpy, one image at a time, the overlapping pairs only), in ms
 of one CPU core for the whole batch.
 
     python benchmarks/matching_speed.py --size 128 --batch 4 --slots 16,32,64,128,256
@@ -29,7 +29,8 @@ import jax
 import numpy as np
 import train_throughput  # noqa: E402  (benchmarks/ is the script's folder)
 
-from dfrdet_jax.models.heads import retinanet
+from dfrdet_jax.models import registry
+from dfrdet_jax.models.heads import retinanet, single_stage
 
 
 def make_match(config, anchors: np.ndarray, num_classes: int):
@@ -41,11 +42,12 @@ def make_match(config, anchors: np.ndarray, num_classes: int):
 def pipeline_match(config, size: int):
     """batch -> the pipeline's anchor matches of every image (numpy, as the workers run it)."""
     config.data.image_size = size
-    per_example = retinanet.PipelineMatching.from_config(config)
+    config.retinanet.targets_in_pipeline = True
+    per_example = registry.pipeline_targets(config)
 
     def match(batch):
         examples = ({k: v[i] for k, v in batch.items()} for i in range(len(batch["boxes"])))
-        return [per_example(example)["anchor_match"] for example in examples]
+        return [per_example(example)[single_stage.MATCHED_SLOT] for example in examples]
 
     return match
 

@@ -10,12 +10,12 @@ backbone on the same image size and batch for comparison.
 Box slots (``--slots``): 'bucketed' (what training does: each batch's box arrays cut to the
 smallest bucket of ``data.box_slots`` that holds them), 'padded' (every batch at --max_boxes
 slots) and 'real' (the fixed batch at exactly --boxes slots, pipeline off only: the cost of the
-real boxes alone). RetinaNet's anchor matching (``--matching``): 'pipeline' (what training does:
-``config.retinanet.match_in_pipeline``, the anchors matched per image in the input pipeline, so
-the step reads the matches; pipeline off: matched once, outside the timed step) or 'step' (over
-every box slot, in the train step). With several families and slot settings the summary gives
-each family's step against FCOS's and each slot setting's step against 'real', all from one
-invocation.
+real boxes alone). FCOS's and RetinaNet's target assignment (``--matching``): 'pipeline' (what
+training does: ``config.<family>.targets_in_pipeline``, each image's points or anchors assigned
+in the input pipeline, so the step reads the assignment; pipeline off: assigned once, outside
+the timed step) or 'step' (over every box slot, in the train step). With several families and
+slot settings the summary gives each family's step against FCOS's (same assignment setting) and
+each slot setting's step against 'real', all from one invocation.
 
   python benchmarks/train_throughput.py --size 800 --batch 8 --steps 20        # GPU
   python benchmarks/train_throughput.py --size 128 --batch 4 --steps 5 --width small  # CPU
@@ -65,6 +65,7 @@ def load_config(family: str, arg: str):
 # 'small' the demo's, 'tiny' the smoke test's (for the CPU test of gpu_check).
 WIDTHS = {"full": (64, 256, 4, 64), "small": (16, 32, 2, 16), "tiny": (8, 16, 1, 8)}
 FAMILIES = ("fcos", "retinanet", "faster_rcnn")
+PIPELINE_TARGETS = ("fcos", "retinanet")  # the families that can assign in the pipeline
 SLOTS = ("bucketed", "padded", "real")
 MATCHING = ("pipeline", "step")
 
@@ -143,10 +144,10 @@ def configure(
 ):
     """The config of ``family`` (default: the first of --family) ``variant`` at the arguments'
     sizes; ``slots`` 'padded' turns the pipeline's box-slot buckets off, ``matching`` 'step'
-    RetinaNet's matching in the pipeline."""
+    the assignment of FCOS's or RetinaNet's targets in the pipeline."""
     config = load_config(family or args.family.split(",")[0], f"synthetic,{variant}")
-    if config.model.name == "retinanet":
-        config.retinanet.match_in_pipeline = matching == "pipeline"
+    if config.model.name in PIPELINE_TARGETS:
+        config[config.model.name].targets_in_pipeline = matching == "pipeline"
     config.train.batch_size = args.batch
     config.data.image_size = args.size
     config.data.max_boxes = args.max_boxes
@@ -176,7 +177,7 @@ def fixed_batch(config, args, slots: str) -> dict:
 
 def with_pipeline_targets(config, batch: dict) -> dict:
     """``batch`` (numpy) with the targets the training pipeline adds to each example for
-    ``config`` (``registry.pipeline_targets``: RetinaNet's anchor matches), made here once,
+    ``config`` (``registry.pipeline_targets``: FCOS's and RetinaNet's), made here once,
     outside any timing; ``batch`` itself when there are none."""
     make_targets = registry.pipeline_targets(config)
     if make_targets is None:
@@ -244,7 +245,7 @@ def time_jax(family: str, variant: str, slots: str, matching: str | None, args) 
     (its FLOPs from XLA's cost analysis), then timed with the input 'off' (one batch already on
     the devices, every step) and/or 'on' (the grain pipeline read ahead by train's
     DevicePrefetcher, as training runs; 'real' slots: off only), one executable per box-slot
-    count for both. ``matching``: RetinaNet's (module docstring), None for the others. One result
+    count for both. ``matching``: FCOS's and RetinaNet's (module docstring), else None. One result
     per pipeline setting."""
     config = configure(variant, args, family, slots, matching or "pipeline")
     model = registry.build_model(config, num_classes=8)
@@ -434,7 +435,7 @@ def step_ratios(results: list[dict]) -> list[dict]:
     rows = []
     for (family, variant, dtype, slots, matching), ms in off.items():
         network = {"family": family, "variant": variant, "dtype": dtype, "matching": matching}
-        fcos = off.get(("fcos", variant, dtype, slots, None))
+        fcos = off.get(("fcos", variant, dtype, slots, matching))
         if family != "fcos" and fcos:
             rows.append({"ratio": f"{family} / fcos", **network, "slots": slots,
                          "step_ratio": ms / fcos})  # fmt: skip
@@ -459,7 +460,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--slots", default="bucketed", help="comma list of bucketed, padded, real (module doc)"
     )
     parser.add_argument(
-        "--matching", default="pipeline", help="comma list of pipeline, step (RetinaNet only)"
+        "--matching", default="pipeline", help="comma list of pipeline, step (FCOS, RetinaNet)"
     )
     parser.add_argument("--variants", default="real,bnn,dfr", help="'' for torchvision only")
     parser.add_argument("--pipeline", choices=("off", "on", "both"), default="both")
@@ -491,7 +492,7 @@ def main():
     args = parse_args()
     flags.FLAGS(sys.argv[:1])  # absl defaults: grain reads its flags when it starts workers
     if args.single:  # one setting, in a process of its own (see run_isolated)
-        matching = args.matching if args.family == "retinanet" else None
+        matching = args.matching if args.family in PIPELINE_TARGETS else None
         print(json.dumps(time_jax(args.family, args.variants, args.slots, matching, args)))
         return
     print(f"devices: {jax.devices()}")
@@ -499,7 +500,7 @@ def main():
     for family in args.family.split(","):
         for variant in filter(None, args.variants.split(",")):
             for slots in args.slots.split(","):
-                for matching in args.matching.split(",") if family == "retinanet" else [None]:
+                for matching in args.matching.split(",") if family in PIPELINE_TARGETS else [None]:
                     for result in run_isolated(family, variant, slots, matching):
                         results.append(result)
                         print(json.dumps(result), flush=True)

@@ -1,17 +1,12 @@
 """RetinaNet: anchors, smooth L1, the loss, the head and its post-processing (max-IoU matching:
 test_ops_matcher.py)."""
 
-import pickle
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import smoke
 
-from dfrdet_jax import data
 from dfrdet_jax.losses.smooth_l1 import smooth_l1_loss
-from dfrdet_jax.models import registry
 from dfrdet_jax.models.common import BinarySpec
 from dfrdet_jax.models.detectors import Detector
 from dfrdet_jax.models.heads import retinanet as retinanet_head
@@ -201,63 +196,3 @@ def test_postprocess_decodes_and_clips_the_best_anchor():
     expected = [20 - w / 2, 8, min(20 + w / 2, 30), 20]  # y2 clipped to the valid height 20
     np.testing.assert_allclose(np.asarray(dets.boxes[0, 0]), expected, rtol=1e-5)
     np.testing.assert_allclose(float(dets.scores[0, 0]), 1 / (1 + np.exp(-10.0)), rtol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# Anchor matching in the input pipeline.
-
-
-def test_pipeline_matching_gives_the_loss_and_gradients_of_matching_in_the_step(tmp_path):
-    config = smoke.smoke_config("bnn", "retinanet")
-    config.data.root = str(tmp_path)
-    config.data.synthetic.num_train = 4
-    make_codes = registry.pipeline_targets(config)
-    assert isinstance(make_codes, retinanet_head.PipelineMatching)
-    make_codes = pickle.loads(pickle.dumps(make_codes))  # as the pipeline's workers get it
-    dataset = data.build_dataset(
-        config.data, "train", train=True, batch_size=2, seed=0, example_map=make_codes
-    )
-    from_pipeline = next(iter(dataset.loader))
-    # A hand-made batch too, with an ignore region and a box past the image.
-    hand_made = smoke.make_batch(size=config.data.image_size, num_boxes=6, max_boxes=9)
-    hand_made["ignore"][0, 1] = True
-    hand_made["boxes"][1, 0] = [50, 50, 90, 70]
-    examples = [{k: v[i] for k, v in hand_made.items()} for i in range(2)]
-    hand_made["anchor_match"] = np.stack([make_codes(e)["anchor_match"] for e in examples])
-
-    for batch in (from_pipeline, hand_made):
-        codes = batch["anchor_match"]
-        num_anchors = codes.shape[1]
-        assert codes.dtype == np.int32 and (codes >= 0).any()
-        in_step = {k: v for k, v in batch.items() if k != "anchor_match"}
-        rng = np.random.default_rng(0)
-        outputs = {
-            "cls_logits": jnp.asarray(rng.normal(size=(2, num_anchors, 3)), jnp.float32),
-            "deltas": jnp.asarray(rng.normal(size=(2, num_anchors, 4)), jnp.float32),
-        }
-
-        def total(outputs, batch):
-            parts = registry.detection_loss(config, outputs, batch)
-            return parts["loss_cls"] + parts["loss_box"], parts["num_positive"]
-
-        (loss, positives), grads = jax.value_and_grad(total, has_aux=True)(outputs, batch)
-        (loss_ref, positives_ref), grads_ref = jax.value_and_grad(total, has_aux=True)(
-            outputs, in_step
-        )
-        assert float(positives) == float(positives_ref) > 0
-        np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
-        for name in outputs:
-            np.testing.assert_allclose(grads[name], grads_ref[name], rtol=1e-6, atol=1e-9)
-
-
-def test_pipeline_matching_is_off_when_the_config_says_so_and_checks_the_anchor_count():
-    config = smoke.smoke_config("bnn", "retinanet")
-    config.retinanet.match_in_pipeline = False
-    assert registry.pipeline_targets(config) is None
-    assert registry.pipeline_targets(smoke.smoke_config("bnn", "fcos")) is None
-    batch = dict(_scene_batch(), anchor_match=np.zeros((1, 7), np.int32))
-    outputs = {"cls_logits": jnp.zeros((1, 9, 2)), "deltas": jnp.zeros((1, 9, 4))}
-    with pytest.raises(ValueError, match="'anchor_match'\\] holds 7 anchors, the head 9"):
-        retinanet_head.retinanet_loss(
-            outputs, batch, anchors=np.zeros((9, 4)), num_classes=2, box_loss="smooth_l1", **LOSS
-        )

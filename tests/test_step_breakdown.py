@@ -74,9 +74,9 @@ def test_breakdown_of_retinanet_takes_its_anchor_matches_from_the_pipeline_or_th
     tt = breakdown.train_throughput
     args = tt.parse_args(["--family=retinanet", "--size=64", "--batch=2", "--max_boxes=16"])
     batch = tt.random_batch(np.random.default_rng(0), 2, 64, 4, 16)
-    for matching, added in (("pipeline", {"anchor_match"}), ("step", set())):
+    for matching, added in (("pipeline", {"matched_slot"}), ("step", set())):
         config = tt.configure("real", args, matching=matching)
-        assert config.retinanet.match_in_pipeline == (matching == "pipeline")
+        assert config.retinanet.targets_in_pipeline == (matching == "pipeline")
         assert tt.with_pipeline_targets(config, batch).keys() - batch.keys() == added
         out = tmp_path / f"{matching}.json"
         breakdown.main(

@@ -43,6 +43,9 @@ def get_config(arg: str = "synthetic,dfr"):
     config.fcos.focal_alpha = 0.25
     config.fcos.focal_gamma = 2.0
     config.fcos.assign_chunk_size = 4096
+    # Assign the points' targets in the input pipeline (numpy, only the point x box pairs that
+    # overlap; ops.host_targets) instead of in the train step over every box slot.
+    config.fcos.targets_in_pipeline = True
     # Inference score of a (point, class) pair (models/heads/fcos.py, SCORE_MODES): 'mmdet' keeps
     # class score > config.postprocess.score_threshold and scores class x centerness (mmdetection,
     # the paper's codebase family); 'torchvision' thresholds and scores sqrt(class x centerness).

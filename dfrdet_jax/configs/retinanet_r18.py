@@ -42,9 +42,9 @@ def get_config(arg: str = "synthetic,dfr"):
     config.retinanet.smooth_l1_beta = 0.0  # 0: L1
     config.retinanet.box_weights = (1.0, 1.0, 1.0, 1.0)
     config.retinanet.assign_chunk_size = 16384
-    # Match anchors in the input pipeline's workers (numpy, only the anchor x box pairs that
-    # overlap; ops.host_matcher) instead of in the train step over every box slot.
-    config.retinanet.match_in_pipeline = True
+    # Match the anchors in the input pipeline (numpy, only the anchor x box pairs that overlap;
+    # ops.host_targets) instead of in the train step over every box slot.
+    config.retinanet.targets_in_pipeline = True
 
     if demo:
         base_config.make_demo(config)

@@ -26,7 +26,7 @@ from dfrdet_jax.losses import focal, iou
 from dfrdet_jax.models.common import REAL, BinarySpec
 from dfrdet_jax.models.heads import family, single_stage
 from dfrdet_jax.ops import boxes as boxes_ops
-from dfrdet_jax.ops import fcos_assign, nms
+from dfrdet_jax.ops import fcos_assign, host_targets, nms
 from dfrdet_jax.ops import points as points_ops
 
 Array = jax.Array
@@ -120,6 +120,25 @@ class FCOSHead(nn.Module):
         return {k: jnp.concatenate(v, axis=1).astype(jnp.float32) for k, v in outputs.items()}
 
 
+def _pipeline_targets_of_batch(batch, points, num_classes: int):
+    """``fcos_assign.fcos_targets``' targets [B, P, ...] from the assignment the input pipeline
+    made (``single_stage.pipeline_ground_truth``), or None when the batch has none."""
+    truth = single_stage.pipeline_ground_truth(batch, points.shape[0], num_classes)
+    if truth is None:
+        return None
+    positive = truth["positive"]
+    ltrb = boxes_ops.ltrb_encode(jnp.asarray(points)[None], truth["boxes"])
+    ltrb = jnp.where(positive[..., None], ltrb, 0.0)
+    return {
+        "labels": truth["labels"],
+        "box_targets": jnp.where(positive[..., None], truth["boxes"], 0.0),
+        "ltrb_targets": ltrb,
+        "centerness": jnp.where(positive, boxes_ops.centerness_target(ltrb), 0.0),
+        "positive": positive,
+        "ignore": truth["ignore"],
+    }
+
+
 def fcos_loss(
     outputs: dict[str, Array],
     batch: dict[str, Array],
@@ -141,7 +160,9 @@ def fcos_loss(
 
     Args:
       outputs: head outputs, 'cls_logits' [B, P, C], 'ltrb' [B, P, 4] px, 'centerness' [B, P].
-      batch: the standard batch ('image' [B, H, W, 3], 'boxes', 'labels', 'box_valid', 'ignore').
+      batch: the standard batch ('image' [B, H, W, 3], 'boxes', 'labels', 'box_valid', 'ignore');
+        with ``single_stage.MATCHED_SLOT`` [B, P] (assigned in the input pipeline) the targets
+        come from it and the assignment settings are not read.
       strides, regress_ranges ([L, 2] px), num_classes, center_sampling, center_radius, chunk_size:
         target assignment settings, see ``dfrdet_jax.ops.fcos_assign.fcos_targets``.
       focal_alpha, focal_gamma: focal loss settings.
@@ -152,22 +173,24 @@ def fcos_loss(
     points, level = points_ops.fcos_flat_points(
         single_stage.feature_sizes(batch["image"].shape[1:3], strides), strides
     )
-    targets = jax.vmap(
-        lambda boxes, labels, valid, ignore: fcos_assign.fcos_targets(
-            points,
-            level,
-            jnp.asarray(regress_ranges),
-            strides,
-            boxes,
-            labels,
-            valid,
-            ignore,
-            num_classes,
-            center_sampling=center_sampling,
-            center_radius=center_radius,
-            chunk_size=chunk_size,
-        )
-    )(batch["boxes"], batch["labels"], batch["box_valid"], batch["ignore"])
+    targets = _pipeline_targets_of_batch(batch, points, num_classes)
+    if targets is None:
+        targets = jax.vmap(
+            lambda boxes, labels, valid, ignore: fcos_assign.fcos_targets(
+                points,
+                level,
+                jnp.asarray(regress_ranges),
+                strides,
+                boxes,
+                labels,
+                valid,
+                ignore,
+                num_classes,
+                center_sampling=center_sampling,
+                center_radius=center_radius,
+                chunk_size=chunk_size,
+            )
+        )(batch["boxes"], batch["labels"], batch["box_valid"], batch["ignore"])
     positive = targets["positive"].astype(jnp.float32)
     num_positive = positive.sum()
     normaliser = jnp.maximum(num_positive, 1.0)
@@ -280,6 +303,25 @@ def _loss(config, outputs, batch):
     )
 
 
+def _pipeline_targets(config) -> single_stage.PipelineTargets | None:
+    """The points assigned in the input pipeline (``host_targets.PointAssigner`` at
+    config.data.image_size) when config.fcos.targets_in_pipeline, else None."""
+    f = config.fcos
+    if not f.targets_in_pipeline:
+        return None
+    size = config.data.image_size
+    strides = family.strides(config)
+    return single_stage.PipelineTargets(
+        host_targets.PointAssigner(
+            single_stage.feature_sizes((size, size), strides),
+            strides,
+            regress_ranges=np.asarray(f.regress_ranges),
+            center_sampling=f.center_sampling,
+            center_radius=f.center_radius,
+        )
+    )
+
+
 def _postprocess(config, outputs, batch):
     return fcos_postprocess(
         outputs,
@@ -304,6 +346,10 @@ def _validate(config) -> None:
 family.register(
     "fcos",
     family.DetectorFamily(
-        build_head=FCOSHead.from_config, loss=_loss, postprocess=_postprocess, validate=_validate
+        build_head=FCOSHead.from_config,
+        loss=_loss,
+        postprocess=_postprocess,
+        validate=_validate,
+        pipeline_targets=_pipeline_targets,
     ),
 )

@@ -25,7 +25,7 @@ from dfrdet_jax.models.common import REAL, BinarySpec
 from dfrdet_jax.models.heads import family, single_stage
 from dfrdet_jax.ops import anchors as anchors_ops
 from dfrdet_jax.ops import boxes as boxes_ops
-from dfrdet_jax.ops import host_matcher, matcher, nms
+from dfrdet_jax.ops import host_targets, matcher, nms
 
 Array = jax.Array
 BOX_LOSSES = ("smooth_l1", "giou")
@@ -106,31 +106,6 @@ def anchor_targets(
     )(batch["boxes"], batch["labels"], batch["box_valid"], batch["ignore"])
 
 
-def pipeline_match_targets(
-    batch: dict[str, Array], anchors: Array, num_classes: int
-) -> dict[str, Array]:
-    """``anchor_targets``' 'labels', 'box_targets', 'positive' and 'ignore' [B, A, ...] from
-    the assignment the input pipeline made (``host_matcher.AnchorMatcher`` codes in
-    batch['anchor_match'] int32 [B, A]: a box slot, BACKGROUND or IGNORED): two gathers
-    from the batch's boxes and labels instead of matching in the step."""
-    match = batch["anchor_match"]
-    if match.shape[1] != anchors.shape[0]:
-        raise ValueError(
-            f"batch['anchor_match'] holds {match.shape[1]} anchors, the head {anchors.shape[0]}: "
-            "the pipeline matched anchors of another image size or anchor setting"
-        )
-    positive = match >= 0
-    slot = jnp.maximum(match, 0)
-    labels = jnp.take_along_axis(batch["labels"], slot, axis=1)
-    boxes = jnp.take_along_axis(batch["boxes"].astype(jnp.float32), slot[..., None], axis=1)
-    return {
-        "labels": jnp.where(positive, labels, num_classes).astype(jnp.int32),
-        "box_targets": jnp.where(positive[..., None], boxes, anchors[None]),
-        "positive": positive,
-        "ignore": match == host_matcher.IGNORED,
-    }
-
-
 def retinanet_loss(
     outputs: dict[str, Array],
     batch: dict[str, Array],
@@ -154,8 +129,8 @@ def retinanet_loss(
     Args:
       outputs: head outputs, 'cls_logits' [B, A, C], 'deltas' [B, A, 4].
       batch: the standard batch ('boxes', 'labels', 'box_valid', 'ignore'); with
-        'anchor_match' [B, A] (made in the input pipeline, ``PipelineMatching``) the targets
-        come from it and the matching settings are not read.
+        ``single_stage.MATCHED_SLOT`` [B, A] (matched in the input pipeline) the targets come
+        from it and the matching settings are not read.
       anchors: float32 [A, 4] xyxy px (``anchors.anchor_grid`` of the batch's image size).
       positive_iou, negative_iou, low_quality_matches, ignore_iof, chunk_size: matching, see
         ``dfrdet_jax.ops.matcher.max_iou_targets``.
@@ -174,8 +149,11 @@ def retinanet_loss(
             f"retinanet_loss: {anchors.shape[0]} anchors for {outputs['deltas'].shape[1]} "
             "predictions; anchors must come from the same image size and anchor settings"
         )
-    if "anchor_match" in batch:
-        targets = pipeline_match_targets(batch, anchors, num_classes)
+    targets = single_stage.pipeline_ground_truth(batch, anchors.shape[0], num_classes)
+    if targets is not None:  # non-positive anchors target themselves, as anchor_targets'
+        targets["box_targets"] = jnp.where(
+            targets["positive"][..., None], targets.pop("boxes"), anchors
+        )
     else:
         targets = anchor_targets(
             batch,
@@ -276,36 +254,19 @@ def matching_settings(config) -> dict:
     }
 
 
-class PipelineMatching:
-    """The input pipeline's anchor matching: adds 'anchor_match' int32 [A] (the codes of
-    ``host_matcher.AnchorMatcher.match``) to a standard example of the configured image size,
-    from its boxes, validity and ignore flags. Picklable, for the pipeline's workers."""
-
-    def __init__(self, anchor_matcher: host_matcher.AnchorMatcher):
-        self.anchor_matcher = anchor_matcher
-
-    @classmethod
-    def from_config(cls, config) -> PipelineMatching:
-        """The anchors and matching of ``config.retinanet`` at config.data.image_size."""
-        size = config.data.image_size
-        strides = family.strides(config)
-        settings = matching_settings(config)
-        settings.pop("chunk_size")
-        feature_sizes = single_stage.feature_sizes((size, size), strides)
-        return cls(
-            host_matcher.AnchorMatcher(
-                feature_sizes, strides, **_anchor_settings(config), **settings
-            )
-        )
-
-    def __call__(self, example: dict) -> dict:
-        match = self.anchor_matcher.match(example["boxes"], example["box_valid"], example["ignore"])
-        return {**example, "anchor_match": match}
-
-
-def _pipeline_targets(config) -> PipelineMatching | None:
-    """``PipelineMatching`` when config.retinanet.match_in_pipeline, else None."""
-    return PipelineMatching.from_config(config) if config.retinanet.match_in_pipeline else None
+def _pipeline_targets(config) -> single_stage.PipelineTargets | None:
+    """The anchors matched in the input pipeline (``host_targets.AnchorMatcher`` at
+    config.data.image_size) when config.retinanet.targets_in_pipeline, else None."""
+    if not config.retinanet.targets_in_pipeline:
+        return None
+    size = config.data.image_size
+    strides = family.strides(config)
+    settings = matching_settings(config)
+    settings.pop("chunk_size")
+    feature_sizes = single_stage.feature_sizes((size, size), strides)
+    return single_stage.PipelineTargets(
+        host_targets.AnchorMatcher(feature_sizes, strides, **_anchor_settings(config), **settings)
+    )
 
 
 def _loss(config, outputs, batch):

@@ -1,7 +1,8 @@
 """What the single-stage heads share: feature-map sizes, conv towers and prediction convs, the
 two-tower body of FCOS and RetinaNet (``tower_head``), and the top-k + class-wise NMS
 post-processing of per-location scores (FCOS, RetinaNet, and Faster R-CNN's box head on its
-proposals). The RPN builds its one-conv tower from the same pieces.
+proposals), and the targets the input pipeline may assign for them (``PipelineTargets``). The
+RPN builds its one-conv tower from the same pieces.
 
 A tower is a stack of ``ConvUnit``s with GroupNorm, binary in 1-bit variants; prediction convs
 always stay real, as the paper keeps "the last layers" real.
@@ -18,11 +19,54 @@ import jax.numpy as jnp
 
 from dfrdet_jax.models.common import BinarySpec, ConvUnit
 from dfrdet_jax.ops import boxes as boxes_ops
-from dfrdet_jax.ops import nms
+from dfrdet_jax.ops import host_targets, nms
 
 Array = jax.Array
 # Initial foreground probability of a focal-loss classifier (Lin et al. 2017).
 PRIOR_PROB = 0.01
+# The batch entry of the pipeline's assignment: int32 [B, L], a box slot per location (anchor or
+# point), or host_targets.BACKGROUND / IGNORED.
+MATCHED_SLOT = "matched_slot"
+
+
+class PipelineTargets:
+    """A head's target assignment run in the input pipeline: adds ``MATCHED_SLOT`` int32 [L]
+    to a standard training example, from its boxes, validity and ignore flags, by ``assign``
+    (an ``ops.host_targets`` assigner for the configured image size). Picklable, for the
+    pipeline's worker processes."""
+
+    def __init__(self, assign: Callable[..., Any]):
+        self.assign = assign
+
+    def __call__(self, example: dict) -> dict:
+        slots = self.assign(example["boxes"], example["box_valid"], example["ignore"])
+        return {**example, MATCHED_SLOT: slots}
+
+
+def pipeline_ground_truth(batch: Mapping[str, Array], num_locations: int, num_classes: int):
+    """Each location's ground truth from the pipeline's assignment batch[MATCHED_SLOT] [B, L]
+    (two gathers from the batch's boxes and labels instead of assigning in the step), or None
+    when the batch has none. Returns dict of 'positive' bool [B, L], 'labels' int32 [B, L]
+    (``num_classes`` unless positive), 'boxes' float32 [B, L, 4] xyxy px (the assigned box;
+    slot 0's where not positive) and 'ignore' bool [B, L]. ValueError when L is not
+    ``num_locations`` (the pipeline assigned another image size or anchor setting)."""
+    if MATCHED_SLOT not in batch:
+        return None
+    slots = batch[MATCHED_SLOT]
+    if slots.shape[1] != num_locations:
+        raise ValueError(
+            f"batch[{MATCHED_SLOT!r}] holds {slots.shape[1]} locations, the head "
+            f"{num_locations}: the pipeline assigned another image size or anchor setting"
+        )
+    positive = slots >= 0
+    slot = jnp.maximum(slots, 0)
+    labels = jnp.take_along_axis(batch["labels"], slot, axis=1)
+    return {
+        "positive": positive,
+        "labels": jnp.where(positive, labels, num_classes).astype(jnp.int32),
+        "boxes": jnp.take_along_axis(batch["boxes"].astype(jnp.float32), slot[..., None], axis=1),
+        "ignore": slots == host_targets.IGNORED,
+    }
 
 
 def feature_sizes(image_hw: tuple[int, int], strides: Sequence[int]) -> list[tuple[int, int]]:
