@@ -41,7 +41,7 @@ class DetectorFamily:
         ``registry.apply_kwargs`` (ground truth and a 'sampling' PRNG key).
       pipeline_targets: (config) -> None, or a picklable function (example) -> example that the
         input pipeline runs on every training example to add targets the loss then reads
-        instead of computing them in the step (RetinaNet's anchor matching).
+        instead of computing them in the step (FCOS's and RetinaNet's target assignment).
     """
 
     build_head: Callable[[Config, int, BinarySpec, Any], nn.Module]
