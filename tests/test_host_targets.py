@@ -77,11 +77,11 @@ def test_a_box_whose_best_iou_is_within_the_tie_tolerance_makes_every_anchor_pos
     np.testing.assert_array_equal(sparse(boxes, valid, ignore), expected)
 
 
-def test_overlapping_pairs_hold_every_pair_that_overlaps():
+def test_grid_windows_hold_every_anchor_box_pair_that_overlaps():
     rng = np.random.default_rng(3)
     boxes, _, _, _ = _ground_truth(rng, 30, 30, 80)
     sparse = host_targets.AnchorMatcher(_feature_sizes(80), STRIDES, **ANCHORS, **SETTINGS)
-    box_of, anchor_of = sparse.overlapping_pairs(boxes)
+    box_of, anchor_of = sparse.windows.pairs(boxes)
     overlapping = np.asarray(pairwise_intersection(sparse.anchors, boxes)) > 0  # [A, N]
     listed = np.zeros_like(overlapping)
     listed[anchor_of, box_of] = True

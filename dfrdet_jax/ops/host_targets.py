@@ -115,11 +115,6 @@ class AnchorMatcher:
     def num_anchors(self) -> int:
         return self.anchors.shape[0]
 
-    def overlapping_pairs(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(box index, anchor index) int64 [P]: every pair that overlaps, and some that only
-        touch (``GridWindows.pairs``)."""
-        return self.windows.pairs(boxes)
-
     def __call__(
         self,
         boxes: np.ndarray,
