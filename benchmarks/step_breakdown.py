@@ -6,9 +6,10 @@ own: the backbone, the FPN, the head, target assignment with the detection losse
 head outputs), the reconstruction loss L_R of every binary layer, the DFR decoder with L_DFR,
 and the optimizer update; then the whole step (``steps.make_train_step``, one device). The sum
 of the parts against the whole shows what fusing them gains or costs. Memory is XLA's buffer
-assignment of each compiled part (arguments, outputs and temporaries). FCOS's and RetinaNet's
-targets are assigned as ``--matching`` says: in the input pipeline (as training does; made once,
-untimed, so 'targets + L_det' holds only the loss) or in the step.
+assignment of each compiled part (arguments, outputs and temporaries). Targets are assigned as
+``--matching`` says: in the input pipeline (as training does; made once, untimed, so 'targets +
+L_det' holds only the loss; Faster R-CNN matches its RPN anchors inside the head, which then
+only gathers them) or in the step.
 
     python benchmarks/step_breakdown.py --size 512 --batch 2 --variants real,bnn,dfr
     python benchmarks/step_breakdown.py --size 128 --width small --steps 3   # quick
@@ -209,7 +210,7 @@ def main(argv=None) -> None:
         "--matching",
         default="pipeline",
         choices=train_throughput.MATCHING,
-        help="where FCOS and RetinaNet assign their targets",
+        help="where FCOS, RetinaNet and the RPN assign their targets",
     )
     parser.add_argument("--variants", default="real,bnn,dfr")
     parser.add_argument("--size", type=int, default=512)

@@ -10,10 +10,11 @@ backbone on the same image size and batch for comparison.
 Box slots (``--slots``): 'bucketed' (what training does: each batch's box arrays cut to the
 smallest bucket of ``data.box_slots`` that holds them), 'padded' (every batch at --max_boxes
 slots) and 'real' (the fixed batch at exactly --boxes slots, pipeline off only: the cost of the
-real boxes alone). FCOS's and RetinaNet's target assignment (``--matching``): 'pipeline' (what
-training does: ``config.<family>.targets_in_pipeline``, each image's points or anchors assigned
-in the input pipeline, so the step reads the assignment; pipeline off: assigned once, outside
-the timed step) or 'step' (over every box slot, in the train step). With several families and
+real boxes alone). Target assignment (``--matching``; FCOS's points, RetinaNet's anchors, Faster
+R-CNN's RPN anchors): 'pipeline' (what training does: ``config.<family>.targets_in_pipeline``,
+each image's points or anchors assigned in the input pipeline, so the step reads the
+assignment; pipeline off: assigned once, outside the timed step) or 'step' (over every box
+slot, in the train step). With several families and
 slot settings the summary gives each family's step against FCOS's (same assignment setting) and
 each slot setting's step against 'real', all from one invocation.
 
@@ -65,7 +66,7 @@ def load_config(family: str, arg: str):
 # 'small' the demo's, 'tiny' the smoke test's (for the CPU test of gpu_check).
 WIDTHS = {"full": (64, 256, 4, 64), "small": (16, 32, 2, 16), "tiny": (8, 16, 1, 8)}
 FAMILIES = ("fcos", "retinanet", "faster_rcnn")
-PIPELINE_TARGETS = ("fcos", "retinanet")  # the families that can assign in the pipeline
+PIPELINE_TARGETS = ("fcos", "retinanet", "faster_rcnn")  # those that can assign in the pipeline
 SLOTS = ("bucketed", "padded", "real")
 MATCHING = ("pipeline", "step")
 
@@ -144,7 +145,7 @@ def configure(
 ):
     """The config of ``family`` (default: the first of --family) ``variant`` at the arguments'
     sizes; ``slots`` 'padded' turns the pipeline's box-slot buckets off, ``matching`` 'step'
-    the assignment of FCOS's or RetinaNet's targets in the pipeline."""
+    the assignment of the family's targets in the pipeline."""
     config = load_config(family or args.family.split(",")[0], f"synthetic,{variant}")
     if config.model.name in PIPELINE_TARGETS:
         config[config.model.name].targets_in_pipeline = matching == "pipeline"
@@ -177,7 +178,7 @@ def fixed_batch(config, args, slots: str) -> dict:
 
 def with_pipeline_targets(config, batch: dict) -> dict:
     """``batch`` (numpy) with the targets the training pipeline adds to each example for
-    ``config`` (``registry.pipeline_targets``: FCOS's and RetinaNet's), made here once,
+    ``config`` (``registry.pipeline_targets``: FCOS's, RetinaNet's, the RPN's), made here once,
     outside any timing; ``batch`` itself when there are none."""
     make_targets = registry.pipeline_targets(config)
     if make_targets is None:
@@ -245,7 +246,7 @@ def time_jax(family: str, variant: str, slots: str, matching: str | None, args) 
     (its FLOPs from XLA's cost analysis), then timed with the input 'off' (one batch already on
     the devices, every step) and/or 'on' (the grain pipeline read ahead by train's
     DevicePrefetcher, as training runs; 'real' slots: off only), one executable per box-slot
-    count for both. ``matching``: FCOS's and RetinaNet's (module docstring), else None. One result
+    count for both. ``matching``: see the module docstring; None for a family without it. One result
     per pipeline setting."""
     config = configure(variant, args, family, slots, matching or "pipeline")
     model = registry.build_model(config, num_classes=8)

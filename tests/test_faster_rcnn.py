@@ -152,8 +152,7 @@ def test_rpn_targets_draw_a_balanced_sample_of_matched_anchors():
     anchors = np.stack([xs, ys, xs + 8, ys + 8], -1).reshape(-1, 4)  # 256 anchors of 8 px
     boxes = np.array([[8, 8, 16, 16], [30, 30, 39, 40], [0, 0, 0, 0]], np.float32)
     valid = np.array([True, True, False])
-    targets = rpn.rpn_targets(
-        jax.random.key(0),
+    match = rpn.rpn_match(
         jnp.asarray(anchors),
         boxes,
         valid,
@@ -161,10 +160,15 @@ def test_rpn_targets_draw_a_balanced_sample_of_matched_anchors():
         positive_iou=0.7,
         negative_iou=0.3,
         ignore_iof=faster_rcnn.IGNORE_IOF,
+        chunk_size=None,
+    )
+    targets = rpn.rpn_targets(
+        jax.random.key(0),
+        jnp.asarray(anchors),
+        match,
         num_samples=16,
         positive_fraction=0.5,
         box_weights=faster_rcnn.RPN_BOX_WEIGHTS,
-        chunk_size=None,
     )
     weight, positive = np.asarray(targets["weight"]), np.asarray(targets["positive"])
     # Positives: the anchor equal to box 0 (IoU 1) and box 1's best anchor (IoU 56 / 98, a

@@ -87,14 +87,15 @@ def test_breakdown_of_retinanet_takes_its_anchor_matches_from_the_pipeline_or_th
         assert [r["part"] for r in rows][:4] == ["backbone", "FPN", "head", "targets + L_det"]
 
 
-def test_throughput_of_retinanet_takes_its_matches_from_the_pipeline(tmp_path):
+@pytest.mark.parametrize("family", ["retinanet", "faster_rcnn"])
+def test_throughput_takes_the_anchor_matches_from_the_pipeline(family, tmp_path):
     tt = _load("train_throughput")
     args = tt.parse_args(
-        ["--family=retinanet", "--size=64", "--batch=2", "--steps=1", "--width=tiny",
+        [f"--family={family}", "--size=64", "--batch=2", "--steps=1", "--width=tiny",
          "--max_boxes=256", "--boxes=4", "--workers=0", "--num_images=4", "--variants=real",
          f"--data_root={tmp_path}", "--matching=pipeline", "--pipeline=both"]
     )  # fmt: skip
-    rows = tt.time_jax("retinanet", "real", "bucketed", "pipeline", args)
+    rows = tt.time_jax(family, "real", "bucketed", "pipeline", args)
     assert [r["pipeline"] for r in rows] == ["off", "on"]
     assert {r["matching"] for r in rows} == {"pipeline"}
     assert all(r["images_per_second"] > 0 for r in rows)

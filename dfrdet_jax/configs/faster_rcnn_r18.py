@@ -64,6 +64,9 @@ def get_config(arg: str = "synthetic,dfr"):
     f.fc_width = 1024
     f.smooth_l1_beta = 0.0  # 0: L1, as mmdetection
     f.assign_chunk_size = 16384
+    # Match the RPN's anchors in the input pipeline (numpy, only the anchor x box pairs that
+    # overlap; ops.host_targets) instead of in the train step over every box slot.
+    f.targets_in_pipeline = True
 
     if demo:
         base_config.make_demo(config)

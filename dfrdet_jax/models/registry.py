@@ -24,6 +24,7 @@ from dfrdet_jax.models.detectors import Detector
 from dfrdet_jax.models.fpn import P6_SOURCES
 from dfrdet_jax.models.heads import faster_rcnn, fcos, retinanet  # noqa: F401  (registers them)
 from dfrdet_jax.models.heads.family import FAMILIES, DetectorFamily
+from dfrdet_jax.models.heads.single_stage import MATCHED_SLOT
 
 Array = jax.Array
 BINARY_PARTS = ("backbone", "neck", "head")
@@ -124,6 +125,8 @@ def apply_kwargs(config, batch: dict[str, Array], train: bool, rng: Array | None
     if not family(config).needs_targets:
         return {}
     keys = ("boxes", "labels", "box_valid", "ignore", "image_hw") if train else ("image_hw",)
+    if train and MATCHED_SLOT in batch:  # the RPN's anchors, matched in the input pipeline
+        keys += (MATCHED_SLOT,)
     kwargs: dict[str, Any] = {"targets": {k: batch[k] for k in keys}}
     if train:
         if rng is None:

@@ -1,5 +1,5 @@
 """Target assignment on the host (numpy), over only the location x box pairs that overlap:
-RetinaNet's max-IoU anchor matching (``AnchorMatcher``) and FCOS's point assignment
+RetinaNet's and the RPN's max-IoU anchor matching (``AnchorMatcher``) and FCOS's point assignment
 (``PointAssigner``), each the same assignment as its device twin in ``ops.matcher`` /
 ``ops.fcos_assign`` (tested against them).
 

@@ -40,8 +40,9 @@ class DetectorFamily:
       needs_targets: the model samples from the ground truth (two-stage), so it is applied with
         ``registry.apply_kwargs`` (ground truth and a 'sampling' PRNG key).
       pipeline_targets: (config) -> None, or a picklable function (example) -> example that the
-        input pipeline runs on every training example to add targets the loss then reads
-        instead of computing them in the step (FCOS's and RetinaNet's target assignment).
+        input pipeline runs on every training example to add targets the step then reads
+        instead of computing them (FCOS's and RetinaNet's target assignment, read by the loss;
+        the RPN's anchor matching, read by the head through ``registry.apply_kwargs``).
     """
 
     build_head: Callable[[Config, int, BinarySpec, Any], nn.Module]

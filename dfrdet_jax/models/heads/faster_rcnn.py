@@ -24,9 +24,9 @@ import ml_collections
 import numpy as np
 
 from dfrdet_jax.models.common import REAL, BinarySpec
-from dfrdet_jax.models.heads import family, roi_head, rpn
+from dfrdet_jax.models.heads import family, roi_head, rpn, single_stage
 from dfrdet_jax.ops import anchors as anchors_ops
-from dfrdet_jax.ops import matcher, nms, roi_align
+from dfrdet_jax.ops import host_targets, matcher, nms, roi_align
 
 Array = jax.Array
 # Delta coder weights of the RPN's anchors and of the box head's RoIs (as mmdetection, detectron2).
@@ -182,21 +182,15 @@ class FasterRCNNHead(nn.Module):
             rpn_key, roi_key = jax.random.split(self.make_rng("sampling"))
             gt = (targets["boxes"], targets["labels"], targets["box_valid"], targets["ignore"])
             outputs["rpn_targets"] = jax.vmap(
-                lambda key, boxes, valid, ignore: rpn.rpn_targets(
+                lambda key, match: rpn.rpn_targets(
                     key,
                     anchors,
-                    boxes,
-                    valid,
-                    ignore,
-                    positive_iou=self.rpn_positive_iou,
-                    negative_iou=self.rpn_negative_iou,
-                    ignore_iof=IGNORE_IOF,
+                    match,
                     num_samples=self.rpn_num_samples,
                     positive_fraction=self.rpn_positive_fraction,
                     box_weights=RPN_BOX_WEIGHTS,
-                    chunk_size=self.assign_chunk_size,
                 )
-            )(jax.random.split(rpn_key, batch), gt[0], gt[2], gt[3])
+            )(jax.random.split(rpn_key, batch), self._match_anchors(anchors, targets))
             sampled = jax.vmap(
                 lambda key, props, valid, boxes, labels, box_valid, ignore: roi_head.sample_rois(
                     key,
@@ -251,6 +245,26 @@ class FasterRCNNHead(nn.Module):
         )
         return outputs
 
+    def _match_anchors(self, anchors: Array, targets: dict[str, Array]) -> dict[str, Array]:
+        """The RPN's anchors [A, 4] matched to the batch's ground truth (``rpn.rpn_match``
+        with a leading batch axis): read from the input pipeline's assignment when
+        ``targets`` carries one (``single_stage.MATCHED_SLOT``), else matched here."""
+        match = single_stage.pipeline_ground_truth(targets, anchors.shape[0], 1)
+        if match is not None:
+            return {key: match[key] for key in ("positive", "ignore", "boxes")}
+        return jax.vmap(
+            lambda boxes, valid, ignore: rpn.rpn_match(
+                anchors,
+                boxes,
+                valid,
+                ignore,
+                positive_iou=self.rpn_positive_iou,
+                negative_iou=self.rpn_negative_iou,
+                ignore_iof=IGNORE_IOF,
+                chunk_size=self.assign_chunk_size,
+            )
+        )(targets["boxes"], targets["box_valid"], targets["ignore"])
+
     def anchors(self, feature_sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         return anchors_ops.anchor_grid(
             feature_sizes,
@@ -304,6 +318,30 @@ def _postprocess(config, outputs, batch):
     return faster_rcnn_postprocess(outputs, batch["image_hw"], **family.nms_settings(config))
 
 
+def _pipeline_targets(config) -> single_stage.PipelineTargets | None:
+    """The RPN's anchors matched in the input pipeline (``host_targets.AnchorMatcher`` at
+    config.data.image_size, the settings of ``rpn.rpn_match``) when
+    config.faster_rcnn.targets_in_pipeline, else None. The RoIs are matched in the step: they
+    are the RPN's proposals."""
+    f = config.faster_rcnn
+    if not f.targets_in_pipeline:
+        return None
+    size = config.data.image_size
+    strides = family.strides(config)
+    matcher_ = host_targets.AnchorMatcher(
+        single_stage.feature_sizes((size, size), strides),
+        strides,
+        octave_base_scale=f.rpn_octave_base_scale,
+        scales_per_octave=f.rpn_scales_per_octave,
+        aspect_ratios=tuple(f.rpn_aspect_ratios),
+        positive_iou=f.rpn_positive_iou,
+        negative_iou=f.rpn_negative_iou,
+        low_quality_matches=True,
+        ignore_iof=IGNORE_IOF,
+    )
+    return single_stage.PipelineTargets(matcher_)
+
+
 def _validate(config) -> None:
     f = config.faster_rcnn
     for stage in ("rpn", "roi"):
@@ -330,6 +368,7 @@ family.register(
         loss=_loss,
         postprocess=_postprocess,
         validate=_validate,
+        pipeline_targets=_pipeline_targets,
         needs_targets=True,
     ),
 )

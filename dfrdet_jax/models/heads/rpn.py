@@ -56,8 +56,7 @@ class RPNHead(nn.Module):
         }
 
 
-def rpn_targets(
-    key: Array,
+def rpn_match(
     anchors: Array,
     gt_boxes: Array,
     gt_valid: Array,
@@ -66,25 +65,16 @@ def rpn_targets(
     positive_iou: float,
     negative_iou: float,
     ignore_iof: float,
-    num_samples: int,
-    positive_fraction: float,
-    box_weights: Sequence[float],
     chunk_size: int | None,
 ) -> dict[str, Array]:
-    """Objectness and delta targets of one image's anchors, on a random balanced sample.
-
-    Anchors are matched as ``matcher.max_iou_targets`` (with low-quality matches; ``ignore_iof``
-    for ignore regions); ``num_samples`` of them are drawn, at most ``positive_fraction``
-    positive (``ops.sampling.balanced_sample``), their boxes encoded with ``box_weights``.
-    Returns {'objectness' float32 [A] (1 positive, 0 negative), 'weight' float32 [A] (1 for the
-    drawn anchors), 'positive' bool [A] (drawn positives), 'deltas' float32 [A, 4] (encoded
-    matched box; 0 where not positive)}.
-    """
-    labels = jnp.zeros(gt_boxes.shape[:1], jnp.int32)  # one class: "object"
+    """One image's anchors matched as ``matcher.max_iou_targets`` (one class, with low-quality
+    matches; ``ignore_iof`` for ignore regions); ``host_targets.AnchorMatcher`` gives the same
+    in the input pipeline. Returns {'positive' bool [A], 'ignore' bool [A], 'boxes' float32
+    [A, 4] (the matched box; the anchor itself where not positive)}."""
     match = matcher.max_iou_targets(
         anchors,
         gt_boxes,
-        labels,
+        jnp.zeros(gt_boxes.shape[:1], jnp.int32),  # one class: "object"
         gt_valid,
         gt_ignore,
         1,
@@ -94,6 +84,27 @@ def rpn_targets(
         ignore_iof=ignore_iof,
         chunk_size=chunk_size,
     )
+    return {"positive": match["positive"], "ignore": match["ignore"], "boxes": match["box_targets"]}
+
+
+def rpn_targets(
+    key: Array,
+    anchors: Array,
+    match: dict[str, Array],
+    *,
+    num_samples: int,
+    positive_fraction: float,
+    box_weights: Sequence[float],
+) -> dict[str, Array]:
+    """Objectness and delta targets of one image's anchors, on a random balanced sample.
+
+    ``match`` is the anchors' assignment ('positive', 'ignore' bool [A], 'boxes' [A, 4], as
+    ``rpn_match`` returns); ``num_samples`` anchors are drawn, at most ``positive_fraction``
+    positive (``ops.sampling.balanced_sample``), their boxes encoded with ``box_weights``.
+    Returns {'objectness' float32 [A] (1 positive, 0 negative), 'weight' float32 [A] (1 for the
+    drawn anchors), 'positive' bool [A] (drawn positives), 'deltas' float32 [A, 4] (encoded
+    matched box; 0 where not positive)}.
+    """
     negative = ~match["positive"] & ~match["ignore"]
     index, valid, is_positive = sampling.balanced_sample(
         key, match["positive"], negative, min(num_samples, anchors.shape[0]), positive_fraction
@@ -101,7 +112,9 @@ def rpn_targets(
     size = anchors.shape[0]
     weight = jnp.zeros((size,), jnp.float32).at[index].max(valid.astype(jnp.float32))
     drawn_positive = jnp.zeros((size,), bool).at[index].max(is_positive)
-    deltas = boxes_ops.delta_encode(anchors, match["box_targets"], box_weights)
+    # Not-positive anchors encode themselves, so that the deltas stay finite.
+    boxes = jnp.where(match["positive"][:, None], match["boxes"], anchors)
+    deltas = boxes_ops.delta_encode(anchors, boxes, box_weights)
     return {
         "objectness": drawn_positive.astype(jnp.float32),
         "weight": weight,
