@@ -166,7 +166,9 @@ def test_a_stored_config_of_an_older_version_gets_todays_defaults(load_config, c
     config.model.fpn_width = 24  # a stored value, not a default
     stored = json.loads(config.to_json_best_effort())
     del stored["data"]["verify_images"], stored["viz"]  # options a later version added
-    with caplog.at_level("INFO"):
+    # absl's own logger: its level follows --verbosity, which a test that unparses absl's
+    # flags resets to WARNING.
+    with caplog.at_level("INFO", logger="absl"):
         restored = checkpointing.config_from_json(stored)
     assert "lacks data.verify_images, viz" in caplog.text
     assert restored.data.verify_images is False and restored.viz == config.viz

@@ -62,7 +62,10 @@ def test_gradient_matches_finite_differences():
     logits, labels, weights = inputs()
     grad = jax.grad(lambda x: sigmoid_focal_loss(x, labels, weights))(logits)
     x = logits.astype(np.float64)
-    f = lambda z: (np_focal(z, labels).sum(1) * weights).sum()
+
+    def f(z):
+        return (np_focal(z, labels).sum(1) * weights).sum()
+
     h = 1e-6
     fd = np.zeros_like(x)
     for idx in np.ndindex(x.shape):
