@@ -28,6 +28,10 @@ then trains its rows, each for the same budget per seed. ``comparison`` (the def
 ``ablation``: the paper's Table 1 (levels decoded, loss terms, lambda; ``_ablation``).
 Any row of a grid at k times the budget's learning rate is the row ``<row>_lr<k>x``, named in
 ``--rows`` (``--rows bnn_lr16x,dfr_twostep_lr16x``): same start, same steps, same data.
+
+The markdown table gives each row's mean +- sample standard deviation over its seeds, each
+row's share of the real row's AP, each row's difference from its baseline with its standard
+error, and flags a seed whose AP is under half its row's median (a run that diverged).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ REAL_TOPOLOGY = (
 # (e.g. bnn_lr16x, dfr_twostep_lr16x): it sets this flag and keeps the row's start.
 LR_FLAG = "--config.optimizer.base_learning_rate"
 SCALED_ROW = re.compile(r"(?P<row>.+)_lr(?P<factor>[1-9][0-9]*)x")
+# A seed whose AP is under this fraction of its row's median is reported as collapsed.
+COLLAPSED_FRACTION = 0.5
 # ReActNet's first step: binary activations, real weights (no scale, hence no L_R).
 BINARY_ACTIVATIONS = (
     "--config.model.binary.weight_quantizer=none",
@@ -352,7 +358,8 @@ def run_grid(
 
 
 def summarize(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, Any]]:
-    """{row: {metric: {'mean', 'std', 'n', 'values'}}} (std with ddof=1; 0 for one seed)."""
+    """{row: {metric: {'mean', 'std', 'n', 'values', 'seeds'}}} (std with ddof=1; 0 for one
+    seed; values[i] is seed seeds[i]'s, in %)."""
     summary = {}
     for name, by_seed in results.items():
         row = {}
@@ -364,9 +371,21 @@ def summarize(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict
                 "std": std,
                 "n": len(values),
                 "values": values,
+                "seeds": sorted(by_seed),
             }
         summary[name] = row
     return summary
+
+
+def collapsed_seeds(row: dict[str, Any]) -> list[tuple[int, float, float]]:
+    """(seed, its AP, the row's median AP) of each seed of a summary row whose AP is under
+    ``COLLAPSED_FRACTION`` of the row's median: a run that diverged or stalled, which the
+    row's mean and spread include (rows of 3 seeds or more; none otherwise)."""
+    values, seeds = row["AP"]["values"], row["AP"]["seeds"]
+    if len(values) < 3:
+        return []
+    median = float(np.median(values))
+    return [(s, v, median) for s, v in zip(seeds, values) if v < COLLAPSED_FRACTION * median]
 
 
 def _difference(summary, a: str, b: str, metric: str = "AP") -> tuple[float, float] | None:
@@ -406,6 +425,13 @@ def markdown_table(detector: str, summary, command: str, runs: Sequence[Run]) ->
             else:
                 spread = f"standard error {diff[1]:.1f}"
             lines.append(f"- {a} - {b}, {metric}: {diff[0]:+.1f} ({spread})")
+    for name, row in summary.items():
+        for seed, ap, median in collapsed_seeds(row):
+            lines.append(
+                f"- **{name}, seed {seed}: AP {ap:.1f}, under {COLLAPSED_FRACTION:.0%} of the "
+                f"row's median {median:.1f}**: a run that diverged or stalled (see its train.log); "
+                "the row's mean and spread include it."
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -139,6 +139,13 @@ def test_summary_and_table_by_hand(tmp_path):
     assert "- dfr - bnn, AP: +4.0 (one seed: no standard error)" in experiments.markdown_table(
         "fcos", one_seed, "CMD", runs
     )
+    assert "collapsed" not in table and "diverged" not in table
+    # A seed far below its row's others is flagged (the mean still includes it).
+    collapsed = {**results, "dfr": {0: _metrics(0.45), 1: _metrics(0.44), 2: _metrics(0.17)}}
+    flagged = experiments.markdown_table("fcos", experiments.summarize(collapsed), "CMD", runs)
+    assert "| fcos dfr | 3 | 35.3 ± 15.9 |" in flagged
+    assert "- **dfr, seed 2: AP 17.0, under 50% of the row's median 44.0**" in flagged
+    assert flagged.count("diverged") == 1  # real's 50, 52, 54 are not flagged
     experiments.write_outputs("fcos", str(tmp_path), results, command="CMD", runs=runs)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["command"] == "CMD" and saved["summary"]["dfr"]["AP"]["n"] == 2
