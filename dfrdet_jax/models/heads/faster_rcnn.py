@@ -132,7 +132,8 @@ class FasterRCNNHead(nn.Module):
         self, levels: Sequence[Array], train: bool, targets: dict[str, Array] | None = None
     ) -> dict[str, Array]:
         """levels: [B, h_l, w_l, C] maps. targets: the batch's 'boxes', 'labels', 'box_valid',
-        'ignore' (training) and 'image_hw' (clipping; default the whole input).
+        'ignore' (training; 'matched_slot' too when the input pipeline matched the RPN's
+        anchors) and 'image_hw' (clipping; default the whole input).
 
         Returns 'rpn_logits' [B, A], 'rpn_deltas' [B, A, 4], 'roi_cls_logits' [B, R, C + 1],
         'roi_deltas' [B, R, C, 4]; training adds 'rpn_targets' and 'roi_targets' (dicts of
