@@ -327,11 +327,9 @@ def _pipeline_targets(config) -> single_stage.PipelineTargets | None:
     f = config.faster_rcnn
     if not f.targets_in_pipeline:
         return None
-    size = config.data.image_size
-    strides = family.strides(config)
-    matcher_ = host_targets.AnchorMatcher(
-        single_stage.feature_sizes((size, size), strides),
-        strides,
+    return single_stage.input_size_targets(
+        config,
+        host_targets.AnchorMatcher,
         octave_base_scale=f.rpn_octave_base_scale,
         scales_per_octave=f.rpn_scales_per_octave,
         aspect_ratios=tuple(f.rpn_aspect_ratios),
@@ -340,7 +338,6 @@ def _pipeline_targets(config) -> single_stage.PipelineTargets | None:
         low_quality_matches=True,
         ignore_iof=IGNORE_IOF,
     )
-    return single_stage.PipelineTargets(matcher_)
 
 
 def _validate(config) -> None:

@@ -309,16 +309,12 @@ def _pipeline_targets(config) -> single_stage.PipelineTargets | None:
     f = config.fcos
     if not f.targets_in_pipeline:
         return None
-    size = config.data.image_size
-    strides = family.strides(config)
-    return single_stage.PipelineTargets(
-        host_targets.PointAssigner(
-            single_stage.feature_sizes((size, size), strides),
-            strides,
-            regress_ranges=np.asarray(f.regress_ranges),
-            center_sampling=f.center_sampling,
-            center_radius=f.center_radius,
-        )
+    return single_stage.input_size_targets(
+        config,
+        host_targets.PointAssigner,
+        regress_ranges=np.asarray(f.regress_ranges),
+        center_sampling=f.center_sampling,
+        center_radius=f.center_radius,
     )
 
 

@@ -259,13 +259,10 @@ def _pipeline_targets(config) -> single_stage.PipelineTargets | None:
     config.data.image_size) when config.retinanet.targets_in_pipeline, else None."""
     if not config.retinanet.targets_in_pipeline:
         return None
-    size = config.data.image_size
-    strides = family.strides(config)
     settings = matching_settings(config)
     settings.pop("chunk_size")
-    feature_sizes = single_stage.feature_sizes((size, size), strides)
-    return single_stage.PipelineTargets(
-        host_targets.AnchorMatcher(feature_sizes, strides, **_anchor_settings(config), **settings)
+    return single_stage.input_size_targets(
+        config, host_targets.AnchorMatcher, **_anchor_settings(config), **settings
     )
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dfrdet_jax.models.common import BinarySpec, ConvUnit
+from dfrdet_jax.models.heads import family
 from dfrdet_jax.ops import boxes as boxes_ops
 from dfrdet_jax.ops import host_targets, nms
 
@@ -41,6 +42,14 @@ class PipelineTargets:
     def __call__(self, example: dict) -> dict:
         slots = self.assign(example["boxes"], example["box_valid"], example["ignore"])
         return {**example, MATCHED_SLOT: slots}
+
+
+def input_size_targets(config, assigner: Callable[..., Any], **settings) -> PipelineTargets:
+    """``PipelineTargets`` of ``assigner`` (an ``ops.host_targets`` class, built from the
+    feature-map sizes and strides of a config.data.image_size square input, and ``settings``)."""
+    size = config.data.image_size
+    strides = family.strides(config)
+    return PipelineTargets(assigner(feature_sizes((size, size), strides), strides, **settings))
 
 
 def pipeline_ground_truth(batch: Mapping[str, Array], num_locations: int, num_classes: int):
