@@ -172,6 +172,39 @@ def test_input_gradient_is_the_approx_sign_ste():
     np.testing.assert_allclose(np.asarray(gx[0]), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pad_value", [0.0, -1.0])
+@pytest.mark.parametrize("stride,pads", [(1, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1)))])
+def test_kernel_and_alpha_gradients_match_numpy(pad_value, stride, pads):
+    """For L = sum(y * G): dL/dw = alpha * (sign(x) padded (*)^T G) * [|w| <= 1] (the clipped
+    weight STE) and dL/dalpha = sum((sign(x) (*) sign(w)) * G), with the padding, zeros (inside
+    the conv) or another value (explicit), holding pad_value in both."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    layer = layers.BinaryConv(4, (3, 3), strides=stride, pad_value=pad_value)
+    params = layer.init(jax.random.key(3), jnp.asarray(x))["params"]
+    params = {**params, "kernel": params["kernel"] * 3}  # some weights past the STE's clip at 1
+    w, alpha = np.asarray(params["kernel"]), np.asarray(params["alpha"])
+    g = rng.normal(size=(2, 8 // stride, 8 // stride, 4)).astype(np.float32)
+    grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, jnp.asarray(x)) * g))(params)
+
+    xpad = np.pad(np_sign(x), [(0, 0), pads[0], pads[1], (0, 0)], constant_values=pad_value)
+    ho, wo = g.shape[1:3]
+    d_binary = np.zeros_like(w, np.float64)
+    for i in range(3):
+        for j in range(3):
+            patch = xpad[
+                :, i : i + (ho - 1) * stride + 1 : stride, j : j + (wo - 1) * stride + 1 : stride
+            ]
+            d_binary[i, j] = np.einsum("bhwc,bhwo->co", patch, g)
+    expected_kernel = d_binary * alpha * (np.abs(w) <= 1)
+    expected_alpha = (np_conv(np_sign(x), np_sign(w), stride, pads, pad_value=pad_value) * g).sum(
+        axis=(0, 1, 2)
+    )
+    assert 0 < (np.abs(w) > 1).mean() < 1
+    np.testing.assert_allclose(np.asarray(grads["kernel"]), expected_kernel, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grads["alpha"]), expected_alpha, rtol=1e-4, atol=1e-3)
+
+
 def test_reconstruction_loss_value_and_gradients():
     rng = np.random.default_rng(6)
     w = rng.normal(size=(3, 3, 4, 5)).astype(np.float32) * 0.1
