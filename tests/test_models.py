@@ -14,7 +14,7 @@ import pytest
 from dfrdet_jax import steps
 from dfrdet_jax.models import registry
 from dfrdet_jax.models.common import BinarySpec
-from dfrdet_jax.models.decoder import pixel_shuffle
+from dfrdet_jax.models.decoder import Deconv2x, pixel_shuffle
 from dfrdet_jax.models.detectors import Detector, normalize_images
 from dfrdet_jax.models.fpn import FPN, upsample_nearest_to
 from dfrdet_jax.models.heads import family, single_stage
@@ -126,6 +126,33 @@ def test_any_input_size_gives_ceil_sized_levels(hw):
     sizes = single_stage.feature_sizes(hw, model.strides)
     assert sizes[0] == (-(-hw[0] // 4), -(-hw[1] // 4)) and sizes[-1][0] == 1 + (hw[0] > 64)
     assert outputs["cls_logits"].shape[1] == sum(h * w for h, w in sizes)
+
+
+@pytest.mark.parametrize("hw", [(3, 5), (4, 4)])
+def test_deconv2x_is_flax_conv_transpose(hw):
+    """The decoder's 2x up-sampling is nn.ConvTranspose(features, (2, 2), strides=(2, 2)): the
+    same parameters from the same key, the same output and the same gradients (kernel, bias,
+    input), computed as a matmul instead of a dilated convolution."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, *hw, 6)).astype(np.float32))
+    ours, flax_deconv = Deconv2x(5), flax.linen.ConvTranspose(5, (2, 2), strides=(2, 2))
+    params = ours.init(jax.random.key(1), x)
+    reference = flax_deconv.init(jax.random.key(1), x)
+    assert _shapes(params) == _shapes(reference)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    params = jax.tree.map(lambda v: v + 0.1, params)  # a non-zero bias
+    weights = jnp.asarray(np.random.default_rng(4).normal(size=(2, 2 * hw[0], 2 * hw[1], 5)))
+
+    def objective(module):
+        return lambda p, x: jnp.sum(module.apply(p, x) * weights)
+
+    y, want = ours.apply(params, x), flax_deconv.apply(params, x)
+    assert y.shape == (2, 2 * hw[0], 2 * hw[1], 5)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+    got = jax.grad(objective(ours), argnums=(0, 1))(params, x)
+    expected = jax.grad(objective(flax_deconv), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
 def test_pixel_shuffle_matches_index_definition():

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import dtypes as flax_dtypes
 
 Array = jax.Array
 MERGE_STRIDE = 4  # the grid every level is merged on: P2's
@@ -40,6 +41,39 @@ def pixel_shuffle(x: Array, r: int) -> Array:
     x = x.reshape(b, h, w, c, r, r)
     x = x.transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, h * r, w * r, c)
+
+
+class Deconv2x(nn.Module):
+    """The 2x2 transposed convolution of stride 2: ``nn.ConvTranspose(features, (2, 2),
+    strides=(2, 2))`` with the same parameters, initialisation and output, computed as one
+    matmul and a depth-to-space rearrangement.
+
+    Its 2x2 windows do not overlap, so output pixel (2i + a, 2j + b) is input pixel (i, j) times
+    the kernel tap (1 - a, 1 - b) (flax's transposed convolution does not flip the kernel, and
+    its 'SAME' padding puts tap 1 on the even rows). Why not ``nn.ConvTranspose`` itself: XLA:CPU
+    computes its gradient as a dilated convolution in a slow generic path, 17.7 s for P2 at
+    512 px and batch 2 on one core against 8 ms for the forward pass; as a matmul both are
+    milliseconds.
+    """
+
+    features: int
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [B, h, w, C] -> [B, 2h, 2w, features]."""
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (2, 2, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = flax_dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        b, h, w, _ = x.shape
+        y = jnp.einsum("bhwc,ijco->bhiwjo", x, kernel[::-1, ::-1])
+        return y.reshape(b, 2 * h, 2 * w, self.features) + bias
 
 
 class ResidualBlock(nn.Module):
@@ -74,9 +108,7 @@ class DFRDecoder(nn.Module):
         grid = (-(-h // r), -(-w // r))
         merged = []
         for index, x in enumerate(levels):
-            x = nn.ConvTranspose(
-                self.width, (2, 2), strides=(2, 2), dtype=self.dtype, name=f"deconv{index}"
-            )(x)
+            x = Deconv2x(self.width, dtype=self.dtype, name=f"deconv{index}")(x)
             x = jax.image.resize(x, (x.shape[0], *grid, x.shape[-1]), method="bilinear")
             merged.append(x)
         x = nn.Conv(self.width, (1, 1), dtype=self.dtype, name="fuse")(jnp.concatenate(merged, -1))
