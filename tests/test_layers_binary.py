@@ -308,6 +308,36 @@ def test_total_reconstruction_loss_sums_every_layer():
     assert float(layers.total_reconstruction_loss({})) == 0.0
 
 
+class _SharedThrice(nn.Module):
+    """One binary layer applied to three inputs, as a head is over the pyramid levels."""
+
+    @nn.compact
+    def __call__(self, xs):
+        conv = layers.BinaryConv(4, (3, 3), name="shared")
+        return [conv(x) for x in xs]
+
+
+def test_a_layer_called_several_times_sows_one_reconstruction_loss():
+    """Eq. 3 sums L_R over layers: a layer applied three times counts its kernel once, in the
+    value and in the gradient (w - alpha * sign(w), not three times that)."""
+    xs = [jnp.full((1, 6 + 2 * i, 6 + 2 * i, 3), 0.5) for i in range(3)]
+    model = _SharedThrice()
+    params = model.init(jax.random.key(0), xs)["params"]
+
+    def l_r(p):
+        _, state = model.apply({"params": p}, xs, mutable=[layers.LOSSES_COLLECTION])
+        sown = state[layers.LOSSES_COLLECTION]["shared"][layers.RECONSTRUCTION_LOSS_NAME]
+        assert len(sown) == 1
+        return layers.total_reconstruction_loss(state[layers.LOSSES_COLLECTION])
+
+    w, alpha = np.asarray(params["shared"]["kernel"]), np.asarray(params["shared"]["alpha"])
+    value, grads = jax.value_and_grad(l_r)(params)
+    np.testing.assert_allclose(float(value), 0.5 * np.sum((w - alpha * np_sign(w)) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(grads["shared"]["kernel"]), w - alpha * np_sign(w), rtol=1e-5, atol=1e-7
+    )
+
+
 def test_unknown_names_raise_with_choices():
     x = jnp.ones((1, 4, 4, 2))
     with pytest.raises(ValueError, match=r"Unknown scale 'per_tensor'.*learned.*mean.*none"):

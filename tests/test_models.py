@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dfrdet_jax import layers as layers_lib
 from dfrdet_jax import steps
 from dfrdet_jax.models import registry
 from dfrdet_jax.models.common import BinarySpec
@@ -153,6 +154,33 @@ def test_deconv2x_is_flax_conv_transpose(hw):
     expected = jax.grad(objective(flax_deconv), argnums=(0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family_name", ["fcos", "retinanet", "faster_rcnn"])
+def test_shared_heads_count_each_binary_kernel_once_in_l_r(smoke_config, make_batch, family_name):
+    """The heads run once per pyramid level, yet the total L_R is Eq. 3's sum over layers:
+    0.5 * ||w - |alpha| * sign(w)||^2 of every learned-scale kernel in the parameters, once."""
+    config = smoke_config("bnn", family=family_name)
+    model = registry.build_model(config, num_classes=3)
+    batch = jax.tree.map(jnp.asarray, make_batch(batch_size=1, size=64))
+    images = normalize_images(batch["image"])
+    variables = model.init(jax.random.key(0), images, train=False)
+    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    extra = registry.apply_kwargs(config, batch, train=True, rng=jax.random.key(1))
+    _, state = model.apply(
+        variables, images, train=True, mutable=["batch_stats", "losses"], **extra
+    )
+    flat = flax.traverse_util.flatten_dict(variables["params"])
+    expected, layers_with_scale = 0.0, 0
+    for path, alpha in flat.items():
+        if path[-1] == "alpha":
+            w = np.asarray(flat[(*path[:-1], "kernel")], np.float64)
+            sign = np.where(w > 0, 1.0, -1.0)
+            expected += 0.5 * np.sum((w - np.abs(np.asarray(alpha)) * sign) ** 2)
+            layers_with_scale += 1
+    assert len(jax.tree.leaves(state["losses"])) == layers_with_scale > 0
+    total = float(layers_lib.total_reconstruction_loss(state["losses"]))
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
 
 
 def test_pixel_shuffle_matches_index_definition():

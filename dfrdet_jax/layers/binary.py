@@ -19,7 +19,8 @@ alone. The learned parameter p may still cross zero in training (nothing bounds 
 then scales by |p|, so its channel is never flipped (``_binarize_kernel`` says why |p| rather
 than a clamp).
 
-With a scale, each layer sows its reconstruction error (paper, Eq. 3)
+With a scale, each layer sows its reconstruction error (paper, Eq. 3), once however often
+it is called
 
     L_R(w, alpha) = 1/2 * || w - alpha o sign(w) ||_2^2
 
@@ -116,7 +117,15 @@ def _binarize_kernel(module: nn.Module, kernel: Array) -> tuple[Array, Array | N
     else:
         alpha = None
     if alpha is not None and module.is_mutable_collection(LOSSES_COLLECTION):
-        module.sow(LOSSES_COLLECTION, RECONSTRUCTION_LOSS_NAME, reconstruction_loss(kernel, alpha))
+        # Eq. 3 sums over layers, so a layer called several times (a head shared over the
+        # pyramid levels) keeps one L_R, its latest call's (the same every call), instead of
+        # one per call; the earlier calls' copies are then dead code.
+        module.sow(
+            LOSSES_COLLECTION,
+            RECONSTRUCTION_LOSS_NAME,
+            reconstruction_loss(kernel, alpha),
+            reduce_fn=lambda _, latest: (latest,),
+        )
     return quantize_weight(kernel), alpha
 
 
