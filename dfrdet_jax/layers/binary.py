@@ -19,8 +19,8 @@ alone. The learned parameter p may still cross zero in training (nothing bounds 
 then scales by |p|, so its channel is never flipped (``_binarize_kernel`` says why |p| rather
 than a clamp).
 
-With a scale, each layer sows its reconstruction error (paper, Eq. 3), once however often
-it is called
+With a scale, each layer sows its reconstruction error (paper, Eq. 3) once, however often it
+is called:
 
     L_R(w, alpha) = 1/2 * || w - alpha o sign(w) ||_2^2
 
