@@ -15,6 +15,12 @@ def np_sign(x):
     return np.where(x > 0, 1.0, -1.0).astype(np.float32)
 
 
+def np_reconstruction_loss(w, alpha):
+    """L_R = 1/2 ||w - alpha * sign(w)||^2 of one kernel, output channels last."""
+    w = np.asarray(w)
+    return 0.5 * np.sum((w - np.asarray(alpha) * np_sign(w)) ** 2)
+
+
 def np_conv(x, w, stride, pads, dilation=1, groups=1, pad_value=0.0):
     """Direct NHWC/HWIO convolution with explicit (low, high) pads filled with ``pad_value``."""
     x = np.pad(x, [(0, 0), pads[0], pads[1], (0, 0)], constant_values=pad_value)
@@ -292,15 +298,11 @@ def test_total_reconstruction_loss_sums_every_layer():
     assert float(layers.total_reconstruction_loss(state)) == total
     p = variables["params"]
 
-    def lr(kernel, alpha):
-        kernel = np.asarray(kernel)
-        return 0.5 * np.sum((kernel - np.asarray(alpha) * np_sign(kernel)) ** 2)
-
     dense_w = np.asarray(p["dense"]["kernel"])
     expected = (
-        lr(p["conv"]["kernel"], p["conv"]["alpha"])
-        + lr(p["inner"]["deep"]["kernel"], p["inner"]["deep"]["alpha"])
-        + lr(dense_w, np.abs(dense_w).mean(axis=0))
+        np_reconstruction_loss(p["conv"]["kernel"], p["conv"]["alpha"])
+        + np_reconstruction_loss(p["inner"]["deep"]["kernel"], p["inner"]["deep"]["alpha"])
+        + np_reconstruction_loss(dense_w, np.abs(dense_w).mean(axis=0))
     )
     np.testing.assert_allclose(total, expected, rtol=1e-5)
     assert total > 0
@@ -332,7 +334,7 @@ def test_a_layer_called_several_times_sows_one_reconstruction_loss():
 
     w, alpha = np.asarray(params["shared"]["kernel"]), np.asarray(params["shared"]["alpha"])
     value, grads = jax.value_and_grad(l_r)(params)
-    np.testing.assert_allclose(float(value), 0.5 * np.sum((w - alpha * np_sign(w)) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(float(value), np_reconstruction_loss(w, alpha), rtol=1e-5)
     np.testing.assert_allclose(
         np.asarray(grads["shared"]["kernel"]), w - alpha * np_sign(w), rtol=1e-5, atol=1e-7
     )

@@ -71,9 +71,8 @@ class Deconv2x(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = flax_dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        b, h, w, _ = x.shape
-        y = jnp.einsum("bhwc,ijco->bhiwjo", x, kernel[::-1, ::-1])
-        return y.reshape(b, 2 * h, 2 * w, self.features) + bias
+        taps = kernel[::-1, ::-1].transpose(2, 3, 0, 1)  # [C, features, 2, 2]: channel (o, a, b)
+        return pixel_shuffle(x @ taps.reshape(x.shape[-1], -1), 2) + bias
 
 
 class ResidualBlock(nn.Module):
