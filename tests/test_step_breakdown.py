@@ -1,7 +1,8 @@
-"""benchmarks/step_breakdown.py, xla_cpu_flags.py and matching_speed.py at tiny sizes on the
-CPU, so that they cannot rot: every part of a 1-bit + DFR step is compiled, timed and reported,
-an XLA setting the compiler rejects is a reported row, not a crash, and the matching benchmark
-times every slot count and names the operations its profile found."""
+"""benchmarks/step_breakdown.py, xla_cpu_flags.py, matching_speed.py and conv_speed.py at tiny
+sizes on the CPU, so that they cannot rot: every part of a 1-bit + DFR step is compiled, timed
+and reported, an XLA setting the compiler rejects is a reported row, not a crash, the matching
+benchmark times every slot count and names the operations its profile found, and the conv
+benchmark times each implementation and checks its numbers against XLA's."""
 
 import importlib.util
 import math
@@ -101,3 +102,16 @@ def test_throughput_takes_the_anchor_matches_from_the_pipeline(family, tmp_path)
     assert all(r["images_per_second"] > 0 for r in rows)
     with pytest.raises(SystemExit):
         tt.parse_args(["--matching=pipeline,dense"])
+
+
+def test_conv_speed_times_each_implementation_and_checks_their_numbers(tmp_path, capsys):
+    bench = _load("conv_speed")
+    out = tmp_path / "rows.json"
+    bench.main(["--size=8", "--channels=8", "--batch=1", "--steps=1", f"--out={out}"])
+    rows = __import__("json").loads(out.read_text())["rows"]
+    assert len(rows) >= 2  # XLA's and this project's; torch's only where it is installed
+    for row in rows:
+        for key in ("forward_ms", "input_grad_ms", "kernel_grad_ms", "train_ms"):
+            assert row[key] > 0, row
+    assert all(row["max_relative_error"] < 1e-5 for row in rows[1:]), rows
+    assert "kernel gradient by taps" in capsys.readouterr().out

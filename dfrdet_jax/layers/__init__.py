@@ -22,10 +22,10 @@ from dfrdet_jax.layers.binary import (
     SCALE_MODES,
     BinaryConv,
     BinaryDense,
-    explicit_padding,
     reconstruction_loss,
     total_reconstruction_loss,
 )
+from dfrdet_jax.layers.conv import Conv, conv_general_dilated, explicit_padding
 from dfrdet_jax.layers.lsq import LSQConv, LSQDense, initial_input_step
 from dfrdet_jax.layers.quantizers import (
     BINARY_QUANTIZERS,
@@ -48,10 +48,12 @@ __all__ = [
     "SCALE_MODES",
     "BinaryConv",
     "BinaryDense",
+    "Conv",
     "LSQConv",
     "LSQDense",
     "LearnableBias",
     "RPReLU",
+    "conv_general_dilated",
     "explicit_padding",
     "get_binary_quantizer",
     "initial_input_step",

@@ -43,9 +43,14 @@ import jax.numpy as jnp
 from flax.linen import dtypes as flax_dtypes
 
 from dfrdet_jax.layers import quantizers
+from dfrdet_jax.layers.conv import (
+    PaddingLike,
+    channels_last_dimension_numbers,
+    conv_general_dilated,
+    explicit_padding,
+)
 
 Array = jax.Array
-PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
 SCALE_MODES = ("learned", "mean", "none")
 LOSSES_COLLECTION = "losses"
@@ -153,42 +158,6 @@ def _as_tuple(value: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
     return value
 
 
-def explicit_padding(
-    padding: PaddingLike,
-    input_size: Sequence[int],
-    kernel_size: Sequence[int],
-    strides: Sequence[int],
-    dilation: Sequence[int],
-) -> list[tuple[int, int]]:
-    """Resolves a padding spec into explicit (low, high) pads per spatial dimension.
-
-    'SAME' matches XLA/flax: output size ceil(n / stride), extra padding on the high side.
-    An int p pads p on both sides; a sequence gives one int or one (low, high) pair per dimension.
-    """
-    n = len(kernel_size)
-    if isinstance(padding, str):
-        mode = padding.upper()
-        if mode == "VALID":
-            return [(0, 0)] * n
-        if mode != "SAME":
-            raise ValueError(
-                f"Unknown padding {padding!r}; valid choices: 'SAME', 'VALID', an int, "
-                "or per-dimension ints / (low, high) pairs"
-            )
-        pads = []
-        for size, k, s, d in zip(input_size, kernel_size, strides, dilation):
-            out = -(-size // s)
-            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-            pads.append((total // 2, total - total // 2))
-        return pads
-    if isinstance(padding, int):
-        return [(padding, padding)] * n
-    padding = list(padding)
-    if len(padding) != n:
-        raise ValueError(f"padding must have {n} entries for a {n}-d convolution, got {padding}")
-    return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-
-
 class BinaryConv(nn.Module):
     """N-d 1-bit convolution, channels last (NHWC for 2-d): out = alpha * (q_a(x) (*) sign(w)).
 
@@ -263,14 +232,13 @@ class BinaryConv(nn.Module):
         if self.pad_value != 0:
             x = jnp.pad(x, [(0, 0), *pads, (0, 0)], constant_values=self.pad_value)
             conv_pads = "VALID"
-        spatial = "DHW"[-n:]
-        y = jax.lax.conv_general_dilated(
+        y = conv_general_dilated(
             x,
             binary_kernel,
             window_strides=strides,
             padding=conv_pads,
             rhs_dilation=dilation,
-            dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+            dimension_numbers=channels_last_dimension_numbers(x.ndim),
             feature_group_count=groups,
         )
         return _scale_and_bias(y, alpha, bias)

@@ -25,7 +25,13 @@ import jax.numpy as jnp
 from flax.linen import dtypes as flax_dtypes
 
 from dfrdet_jax.layers import quantizers
-from dfrdet_jax.layers.binary import PaddingLike, _as_tuple, explicit_padding
+from dfrdet_jax.layers.binary import _as_tuple
+from dfrdet_jax.layers.conv import (
+    PaddingLike,
+    channels_last_dimension_numbers,
+    conv_general_dilated,
+    explicit_padding,
+)
 
 Array = jax.Array
 
@@ -103,13 +109,12 @@ class LSQConv(nn.Module):
         strides = _as_tuple(self.strides, n, "strides")
         pads = explicit_padding(self.padding, x.shape[1:-1], self.kernel_size, strides, (1,) * n)
         x, kernel = _lsq_operands(self, x, (*self.kernel_size, x.shape[-1], self.features))
-        spatial = "DHW"[-n:]
-        return jax.lax.conv_general_dilated(
+        return conv_general_dilated(
             x,
             kernel,
             window_strides=strides,
             padding=pads,
-            dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+            dimension_numbers=channels_last_dimension_numbers(x.ndim),
         )
 
 

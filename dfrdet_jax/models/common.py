@@ -123,7 +123,7 @@ class ConvUnit(nn.Module):
         k = (self.kernel_size, self.kernel_size)
         pads = same_size_padding(self.kernel_size)
         if not self.binary.enabled:
-            y = nn.Conv(
+            y = layers.Conv(
                 self.features,
                 k,
                 self.strides,
@@ -166,7 +166,7 @@ class ConvUnit(nn.Module):
         if self.strides > 1:
             s = self.strides
             x = nn.avg_pool(x, (s, s), (s, s), padding="SAME", count_include_pad=False)
-        x = nn.Conv(
+        x = layers.Conv(
             self.features,
             (1, 1),
             padding="VALID",

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes as flax_dtypes
 
+from dfrdet_jax import layers
+
 Array = jax.Array
 MERGE_STRIDE = 4  # the grid every level is merged on: P2's
 
@@ -81,8 +83,8 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        y = nn.relu(nn.Conv(self.width, (3, 3), dtype=self.dtype, name="conv1")(x))
-        return x + nn.Conv(self.width, (3, 3), dtype=self.dtype, name="conv2")(y)
+        y = nn.relu(layers.Conv(self.width, (3, 3), dtype=self.dtype, name="conv1")(x))
+        return x + layers.Conv(self.width, (3, 3), dtype=self.dtype, name="conv2")(y)
 
 
 class DFRDecoder(nn.Module):
@@ -110,8 +112,10 @@ class DFRDecoder(nn.Module):
             x = Deconv2x(self.width, dtype=self.dtype, name=f"deconv{index}")(x)
             x = jax.image.resize(x, (x.shape[0], *grid, x.shape[-1]), method="bilinear")
             merged.append(x)
-        x = nn.Conv(self.width, (1, 1), dtype=self.dtype, name="fuse")(jnp.concatenate(merged, -1))
+        x = layers.Conv(self.width, (1, 1), dtype=self.dtype, name="fuse")(
+            jnp.concatenate(merged, -1)
+        )
         for index in range(self.num_blocks):
             x = ResidualBlock(self.width, self.dtype, name=f"block{index}")(x)
-        x = nn.Conv(self.out_channels * r * r, (1, 1), dtype=self.dtype, name="project")(x)
+        x = layers.Conv(self.out_channels * r * r, (1, 1), dtype=self.dtype, name="project")(x)
         return pixel_shuffle(x, r)[:, :h, :w].astype(jnp.float32)

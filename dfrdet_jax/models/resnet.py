@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from dfrdet_jax import layers
 from dfrdet_jax.models.common import REAL, BinarySpec, ConvUnit, apply_norm
 
 Array = jax.Array
@@ -45,7 +46,7 @@ class BasicBlock(nn.Module):
             y, train
         )
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = nn.Conv(
+            x = layers.Conv(
                 self.features,
                 (1, 1),
                 self.strides,
@@ -82,7 +83,7 @@ class ResNet(nn.Module):
             raise ValueError(
                 f"Unknown ResNet depth {self.depth}; valid choices: {sorted(STAGE_BLOCKS)}"
             )
-        x = nn.Conv(
+        x = layers.Conv(
             self.width,
             (7, 7),
             2,

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfrdet_jax import layers
 from dfrdet_jax.models.common import BinarySpec, ConvUnit
 from dfrdet_jax.models.heads import family
 from dfrdet_jax.ops import boxes as boxes_ops
@@ -96,13 +97,13 @@ def conv_tower(
 
 def prediction_conv(
     features: int, name: str, dtype: Any, prior_prob: float | None = None
-) -> nn.Conv:
+) -> layers.Conv:
     """A real 3x3 prediction conv, weights ~ N(0, 0.01); with ``prior_prob`` its bias starts at
     the logit of that probability (the focal-loss classifier initialisation)."""
     bias_init = nn.initializers.zeros
     if prior_prob is not None:
         bias_init = nn.initializers.constant(-math.log((1 - prior_prob) / prior_prob))
-    return nn.Conv(
+    return layers.Conv(
         features,
         (3, 3),
         padding="SAME",

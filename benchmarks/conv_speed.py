@@ -1,0 +1,231 @@
+"""One convolution on the CPU: XLA's, this project's, and torch's (oneDNN), with gradients.
+
+The CPU train step's time sits in the head (benchmarks/README.md, "Where the step goes"), whose
+work is 3x3, 256-channel convolutions over P2. This script times one such layer alone, on the
+same data, in one process (so one run's ratios share its load), three ways: XLA's convolution
+and its own gradients (``jax.lax.conv_general_dilated``), the project's
+(``layers.conv_general_dilated``: XLA's forward and input gradient, the kernel gradient as one
+matmul per tap on CPU), and torch's ``conv2d`` where torch is installed. Each is timed forward
+alone, and forward with the input gradient, the kernel gradient and both, as a train step runs
+them; the rows after the first report their largest difference from XLA's numbers.
+
+    python benchmarks/conv_speed.py                         # the head's P2 conv at 512 px
+    python benchmarks/conv_speed.py --size 200 --steps 3    # ... at 800 px
+    taskset -c 0 python benchmarks/conv_speed.py            # one core (torch follows the mask)
+
+torch is optional (a scratch environment with `pip install torch`). Prints a markdown table (ms
+per call, GFLOP/s) and, with --out, writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfrdet_jax import layers
+
+
+def conv_flops(batch: int, size: int, channels: int, kernel: int) -> float:
+    """Multiply-adds x 2 of one stride-1, same-size conv: [batch, size, size, channels] ->
+    [batch, size, size, channels] with a kernel x kernel window."""
+    return 2.0 * batch * size * size * channels * channels * kernel * kernel
+
+
+def _median_ms(fn: Callable[[], object], steps: int) -> float:
+    """Median wall time of ``steps`` calls of ``fn`` (which must block until done), after one
+    untimed call."""
+    fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def make_inputs(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [B, H, W, C], kernel [k, k, C, C] (HWIO) and an output cotangent [B, H, W, C], float32."""
+    rng = np.random.default_rng(0)
+    shape = (args.batch, args.size, args.size, args.channels)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    kernel = rng.standard_normal(
+        (args.kernel, args.kernel, args.channels, args.channels), dtype=np.float32
+    )
+    kernel /= np.float32(np.sqrt(args.kernel * args.kernel * args.channels))
+    cotangent = rng.standard_normal(shape, dtype=np.float32)
+    return x, kernel, cotangent
+
+
+def make_conv(conv_general_dilated):
+    """A stride-1 conv through ``conv_general_dilated`` with zero padding k // 2 on every side
+    (torchvision's), NHWC / HWIO."""
+
+    def conv(x, kernel):
+        pad = kernel.shape[0] // 2
+        return conv_general_dilated(
+            x, kernel, (1, 1), [(pad, pad), (pad, pad)],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )  # fmt: skip
+
+    return conv
+
+
+def time_jax(label: str, conv, x, kernel, cotangent, steps: int) -> tuple[dict, np.ndarray, tuple]:
+    """ms of ``conv``'s forward, and of the forward with the input gradient, the kernel gradient
+    and both (as a train step runs it, and as torch's autograd times it); its output and
+    gradients."""
+    args = tuple(map(jnp.asarray, (x, kernel, cotangent)))
+    forward = jax.jit(conv)
+
+    def with_gradients(*which):
+        def run(x, kernel, cotangent):
+            out, vjp = jax.vjp(conv, x, kernel)
+            grads = vjp(cotangent)
+            return out, *(grads[i] for i in which)  # XLA drops a gradient not returned
+
+        return jax.jit(run)
+
+    def timed(fn):
+        return _median_ms(lambda: jax.block_until_ready(fn(*args)), steps)
+
+    train = with_gradients(0, 1)
+    row = {
+        "framework": label,
+        "forward_ms": _median_ms(lambda: forward(*args[:2]).block_until_ready(), steps),
+        "input_grad_ms": timed(with_gradients(0)),
+        "kernel_grad_ms": timed(with_gradients(1)),
+        "train_ms": timed(train),
+    }
+    out, *grads = jax.tree.map(np.asarray, train(*args))
+    return row, out, tuple(grads)
+
+
+def time_torch(x, kernel, cotangent, steps: int) -> tuple[dict, np.ndarray, tuple] | None:
+    """The same with torch's conv2d in channels-last memory (oneDNN's layout); None without
+    torch. Outputs and gradients come back as NHWC / HWIO numpy arrays."""
+    try:
+        import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return None
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    pad = kernel.shape[0] // 2
+    channels_last = torch.channels_last
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=channels_last)
+    tw = torch.from_numpy(kernel).permute(3, 2, 0, 1).contiguous(memory_format=channels_last)
+    tg = torch.from_numpy(cotangent).permute(0, 3, 1, 2).contiguous(memory_format=channels_last)
+    tx.requires_grad_(True)
+    tw.requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            return torch.nn.functional.conv2d(tx, tw, padding=pad)
+
+    def grad_of(*inputs):
+        def backward():
+            tx.grad = tw.grad = None
+            torch.autograd.backward(
+                torch.nn.functional.conv2d(tx, tw, padding=pad), tg, inputs=list(inputs)
+            )
+            return tx.grad, tw.grad
+
+        return backward
+
+    train = grad_of(tx, tw)
+    row = {
+        "framework": f"torch {torch.__version__}: conv2d, channels-last (oneDNN)",
+        "forward_ms": _median_ms(forward, steps),
+        "input_grad_ms": _median_ms(grad_of(tx), steps),
+        "kernel_grad_ms": _median_ms(grad_of(tw), steps),
+        "train_ms": _median_ms(train, steps),
+    }
+    dx, dw = train()
+    grads = (dx.permute(0, 2, 3, 1).numpy(), dw.detach().permute(2, 3, 1, 0).numpy())
+    return row, forward().permute(0, 2, 3, 1).numpy(), grads
+
+
+def _max_relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def compare(args) -> list[dict]:
+    """One row per implementation, with GFLOP/s; every row after the first also holds its
+    largest difference from the first's output and gradients, relative to their largest
+    magnitude."""
+    x, kernel, cotangent = make_inputs(args)
+    flops = conv_flops(args.batch, args.size, args.channels, args.kernel)
+    results = [
+        time_jax(f"jax {jax.__version__}: jax.lax.conv_general_dilated (XLA)",
+                 make_conv(jax.lax.conv_general_dilated), x, kernel, cotangent, args.steps),
+        time_jax("dfrdet_jax.layers.conv_general_dilated (kernel gradient by taps on CPU)",
+                 make_conv(layers.conv_general_dilated), x, kernel, cotangent, args.steps),
+    ]  # fmt: skip
+    torch_result = time_torch(x, kernel, cotangent, args.steps)
+    if torch_result is not None:
+        results.append(torch_result)
+    (xla_row, xla_out, xla_grads), rows = results[0], [r[0] for r in results]
+    for row, out, grads in results[1:]:
+        row["max_relative_error"] = max(
+            _max_relative_error(a, b)
+            for a, b in zip((out, *grads), (xla_out, *xla_grads), strict=True)
+        )
+    for row in rows:
+        row["forward_gflops"] = flops / row["forward_ms"] / 1e6
+        row["train_gflops"] = 3 * flops / row["train_ms"] / 1e6  # forward + two gradient convs
+        row["forward_vs_xla"] = xla_row["forward_ms"] / row["forward_ms"]
+        row["train_vs_xla"] = xla_row["train_ms"] / row["train_ms"]
+    return rows
+
+
+def markdown(rows: list[dict], args) -> str:
+    title = (
+        f"{args.kernel}x{args.kernel} conv, [{args.batch}, {args.size}, {args.size}, "
+        f"{args.channels}] -> {args.channels} channels, float32, {len(os.sched_getaffinity(0))} "
+        f"cores, median of {args.steps} calls"
+    )
+    lines = [
+        title,
+        "",
+        "| framework | forward ms | forward + input gradient ms | forward + kernel gradient ms "
+        "| forward + both ms | GFLOP/s (forward / all) | speed vs XLA (forward / all) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['framework']} | {r['forward_ms']:,.1f} | {r['input_grad_ms']:,.1f} | "
+            f"{r['kernel_grad_ms']:,.1f} | {r['train_ms']:,.1f} | {r['forward_gflops']:.0f} / "
+            f"{r['train_gflops']:.0f} | {r['forward_vs_xla']:.2f}x / {r['train_vs_xla']:.2f}x |"
+        )
+    lines.append("")
+    for r in rows[1:]:
+        lines.append(
+            f"{r['framework']} against XLA's (output and both gradients): max relative error "
+            f"{r['max_relative_error']:.1e}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128, help="map side (P2 of a 512 px image)")
+    parser.add_argument("--channels", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--kernel", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed calls (median)")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    rows = compare(args)
+    print(markdown(rows, args))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

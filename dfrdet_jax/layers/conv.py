@@ -1,0 +1,231 @@
+"""Convolution whose kernel gradient XLA:CPU computes at matrix-product speed.
+
+XLA:CPU computes a convolution's kernel gradient (the input correlated with the output
+cotangent, summed over batch and space) several times slower than the forward convolution or the
+input gradient of the same size: for the head's 3x3, 256-channel conv over P2 of a 512 px image
+(batch 2), 1,979 ms against 315 and 349 ms (``benchmarks/conv_speed.py``). That gradient is a sum
+over the kernel's taps of one matrix product each,
+
+    dK[tap] = x_tap^T @ g     x_tap: the input window the tap reads [B * H_out * W_out, C_in]
+                              g:     the output cotangent           [B * H_out * W_out, C_out]
+
+which XLA:CPU runs at matmul speed. ``conv_general_dilated`` takes ``jax.lax``'s signature (flax's
+``nn.Conv`` accepts it, see ``Conv``) and computes the forward pass and the input gradient with
+XLA's convolution; on CPU the kernel gradient is the sum above, on every other platform XLA's own.
+Forms the sum does not cover (channels-first layouts, feature or batch groups, input dilation)
+are ``jax.lax.conv_general_dilated`` unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
+
+
+def explicit_padding(
+    padding: PaddingLike,
+    input_size: Sequence[int],
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    dilation: Sequence[int],
+) -> list[tuple[int, int]]:
+    """Resolves a padding spec into explicit (low, high) pads per spatial dimension.
+
+    'SAME' matches XLA/flax: output size ceil(n / stride), extra padding on the high side.
+    An int p pads p on both sides; a sequence gives one int or one (low, high) pair per dimension.
+    """
+    n = len(kernel_size)
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return [(0, 0)] * n
+        if mode != "SAME":
+            raise ValueError(
+                f"Unknown padding {padding!r}; valid choices: 'SAME', 'VALID', an int, "
+                "or per-dimension ints / (low, high) pairs"
+            )
+        pads = []
+        for size, k, s, d in zip(input_size, kernel_size, strides, dilation):
+            out = -(-size // s)
+            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        return pads
+    if isinstance(padding, int):
+        return [(padding, padding)] * n
+    padding = list(padding)
+    if len(padding) != n:
+        raise ValueError(f"padding must have {n} entries for a {n}-d convolution, got {padding}")
+    return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+
+
+def channels_last_dimension_numbers(ndim: int) -> tuple[str, str, str]:
+    """('NHWC', 'HWIO', 'NHWC') and its 1-d / 3-d forms, for inputs of ``ndim`` dimensions."""
+    spatial = "DHW"[-(ndim - 2) :]
+    return f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"
+
+
+def _xla_conv(x, kernel, pads, dilation, precision, strides=None):
+    """XLA's channels-last convolution (stride 1 unless ``strides`` says otherwise)."""
+    return lax.conv_general_dilated(
+        x, kernel, strides or (1,) * (x.ndim - 2), pads, rhs_dilation=dilation,
+        dimension_numbers=channels_last_dimension_numbers(x.ndim), precision=precision,
+    )  # fmt: skip
+
+
+def kernel_gradient_by_taps(
+    x: Array,
+    cotangent: Array,
+    kernel_shape: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+    dilation: Sequence[int],
+    precision: Any = None,
+) -> Array:
+    """The kernel gradient of a stride-1, channels-last convolution as one matmul per tap.
+
+    Tap t of the kernel reads input pixel i for output pixel i - shift_t, so its gradient is
+    x^T @ (the cotangent moved by shift_t onto the input's grid, zero where no output reads).
+    The moved cotangents are windows of one padded copy of it, taken one tap at a time in a
+    loop, so that one window is alive at a time; moving a copy of the input instead would let
+    XLA:CPU make every copy in the forward pass and hold them all to the backward pass (it
+    computes a forward value's copies as soon as it can; see benchmarks/README.md).
+
+    Args:
+      x: the convolution's input [B, *spatial, C_in].
+      cotangent: the gradient of its output [B, *spatial_out, C_out].
+      kernel_shape: [*window, C_in, C_out].
+      pads: the convolution's (low, high) padding per spatial dimension (negative crops).
+      dilation: the kernel's dilation per spatial dimension.
+
+    Returns:
+      d(sum(output * cotangent)) / d kernel, [*window, C_in, C_out] in the dtype of ``x``,
+      accumulated in float32.
+    """
+    *window, c_in, c_out = kernel_shape
+    # shift_t per dimension = t * dilation - pad_low; the padded cotangent holds every window.
+    shifts = np.array(
+        [[t * d - lo for t, d, (lo, _) in zip(tap, dilation, pads)]
+         for tap in itertools.product(*(range(k) for k in window))]
+    )  # fmt: skip
+    size = np.array(x.shape[1:-1])
+    low = np.maximum(shifts.max(axis=0), 0)
+    high = np.maximum((size - shifts - np.array(cotangent.shape[1:-1])).max(axis=0), 0)
+    padded = lax.pad(
+        cotangent,
+        jnp.zeros((), cotangent.dtype),
+        [(0, 0, 0), *((int(lo), int(hi), 0) for lo, hi in zip(low, high)), (0, 0, 0)],
+    )
+    inputs = x.reshape(-1, c_in)
+
+    def tap_gradient(start):
+        window_of = lax.dynamic_slice(padded, (0, *start, 0), (*x.shape[:-1], c_out))
+        return lax.dot_general(
+            inputs, window_of.reshape(-1, c_out), (((0,), (0,)), ((), ())),
+            precision=precision, preferred_element_type=jnp.float32,
+        )  # fmt: skip
+
+    starts = jnp.asarray(low - shifts, jnp.int32)
+    # The loop's buffer starts as the first tap's gradient, not as zeros: XLA:CPU would make a
+    # zero buffer in the forward pass and hold it until the loop runs in the backward pass.
+    first = tap_gradient(starts[0])
+    taps = lax.fori_loop(
+        1,
+        len(shifts),
+        lambda t, taps: lax.dynamic_update_index_in_dim(taps, tap_gradient(starts[t]), t, 0),
+        jnp.broadcast_to(first, (len(shifts), *first.shape)),
+    )
+    return taps.reshape(kernel_shape).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_with_tap_gradient(x, kernel, pads, dilation, precision):
+    return _xla_conv(x, kernel, pads, dilation, precision)
+
+
+def _forward(x, kernel, pads, dilation, precision):
+    return _xla_conv(x, kernel, pads, dilation, precision), (x, kernel)
+
+
+def _backward(pads, dilation, precision, residuals, cotangent):
+    x, kernel = residuals
+
+    def conv(x, kernel):
+        return _xla_conv(x, kernel, pads, dilation, precision)
+
+    (input_grad,) = jax.vjp(lambda x: conv(x, kernel), x)[1](cotangent)
+
+    def by_taps(x, cotangent):
+        grad = kernel_gradient_by_taps(x, cotangent, kernel.shape, pads, dilation, precision)
+        return grad.astype(kernel.dtype)
+
+    def by_xla(x, cotangent):
+        return jax.vjp(lambda k: conv(x, k), kernel)[1](cotangent)[0]
+
+    kernel_grad = lax.platform_dependent(x, cotangent, cpu=by_taps, default=by_xla)
+    return input_grad, kernel_grad
+
+
+_conv_with_tap_gradient.defvjp(_forward, _backward)
+
+
+def _is_channels_last(dimension_numbers, lhs_shape, rhs_shape) -> bool:
+    if dimension_numbers is None:  # lax's default is channels-first
+        return False
+    expected = channels_last_dimension_numbers(len(lhs_shape))
+    return lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) == (
+        lax.conv_dimension_numbers(lhs_shape, rhs_shape, expected)
+    )
+
+
+def conv_general_dilated(
+    lhs: Array,
+    rhs: Array,
+    window_strides: Sequence[int],
+    padding: PaddingLike,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> Array:
+    """``jax.lax.conv_general_dilated`` with the kernel gradient computed by taps on CPU.
+
+    Same arguments and result. The tap form serves channels-last convolutions (NHWC / HWIO and
+    their 1-d and 3-d forms) with no groups, no input dilation and no ``preferred_element_type``;
+    anything else is ``jax.lax.conv_general_dilated`` itself.
+    """
+    n = lhs.ndim - 2
+    covered = (
+        all(s == 1 for s in window_strides)
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and preferred_element_type is None
+        and all(d == 1 for d in (lhs_dilation or (1,) * n))
+        and _is_channels_last(dimension_numbers, lhs.shape, rhs.shape)
+    )
+    if not covered:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type,
+        )  # fmt: skip
+    dilation = tuple(rhs_dilation or (1,) * n)
+    pads = explicit_padding(padding, lhs.shape[1:-1], rhs.shape[:-2], (1,) * n, dilation)
+    return _conv_with_tap_gradient(lhs, rhs, tuple(pads), dilation, precision)
+
+
+class Conv(nn.Conv):
+    """``flax.linen.Conv`` (same attributes and parameters) through ``conv_general_dilated``: on
+    CPU its kernel gradient is computed by taps."""
+
+    conv_general_dilated: Callable | None = conv_general_dilated
