@@ -1,6 +1,7 @@
 """layers/conv.py: the convolution whose kernel gradient is computed by taps on CPU computes what
 jax.lax.conv_general_dilated computes, output and both gradients, for every form it serves; a
-numpy loop checks the tap sum on its own; forms it does not serve are lax's own."""
+numpy loop checks the tap sum on its own; forms it does not serve, and convolutions below its
+size threshold, are lax's own."""
 
 import flax.linen as nn
 import jax
@@ -11,6 +12,12 @@ from jax import lax
 
 from dfrdet_jax import layers
 from dfrdet_jax.layers import conv as conv_lib
+
+
+@pytest.fixture(autouse=True)
+def taps_at_every_size(monkeypatch):
+    """The tests' convolutions are tiny: the tap sum serves them as it serves large ones."""
+    monkeypatch.setattr(conv_lib, "MIN_MULTIPLY_ADDS_PER_TAP", 1)
 
 
 def _dims(n):
@@ -156,3 +163,14 @@ def test_bfloat16_kernel_gradient_keeps_the_dtype():
     )
     assert ours.dtype == jnp.bfloat16
     np.testing.assert_allclose(ours.astype(jnp.float32), reference, rtol=1e-2, atol=5e-2)
+
+
+def test_below_the_size_threshold_it_is_lax(monkeypatch):
+    x, k = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
+    kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=_dims(2))
+    per_tap = 2 * 8 * 8 * 4 * 6
+    assert conv_lib.multiply_adds_per_tap(x.shape, k.shape, [(1, 1), (1, 1)], (1, 1)) == per_tap
+    monkeypatch.setattr(conv_lib, "MIN_MULTIPLY_ADDS_PER_TAP", per_tap + 1)
+    assert not _uses_taps(lambda x, k: conv_lib.conv_general_dilated(x, k, **kw), x, k)
+    monkeypatch.setattr(conv_lib, "MIN_MULTIPLY_ADDS_PER_TAP", per_tap)
+    assert _uses_taps(lambda x, k: conv_lib.conv_general_dilated(x, k, **kw), x, k)

@@ -1,25 +1,29 @@
 """Convolution whose kernel gradient XLA:CPU computes at matrix-product speed.
 
-XLA:CPU computes a convolution's kernel gradient (the input correlated with the output
-cotangent, summed over batch and space) several times slower than the forward convolution or the
-input gradient of the same size: for the head's 3x3, 256-channel conv over P2 of a 512 px image
-(batch 2), 1,979 ms against 315 and 349 ms (``benchmarks/conv_speed.py``). That gradient is a sum
-over the kernel's taps of one matrix product each,
+XLA:CPU computes a large convolution's kernel gradient (the input correlated with the output
+cotangent, summed over batch and space) several times slower than its forward pass or its input
+gradient: for the head's 3x3, 256-channel conv over P2 of a 512 px image (batch 2), forward and
+kernel gradient take 1,354 ms where forward and input gradient take 288 and the forward alone
+144 (``benchmarks/conv_speed.py``, 2-core CPU). That gradient is a sum over the kernel's taps of
+one matrix product each,
 
-    dK[tap] = x_tap^T @ g     x_tap: the input window the tap reads [B * H_out * W_out, C_in]
-                              g:     the output cotangent           [B * H_out * W_out, C_out]
+    dK[tap] = x^T @ g_tap     x:     the input                                [B * H * W, C_in]
+                              g_tap: the output cotangent moved to the pixels [B * H * W, C_out]
+                                     the tap reads (zero elsewhere)
 
-which XLA:CPU runs at matmul speed. ``conv_general_dilated`` takes ``jax.lax``'s signature (flax's
-``nn.Conv`` accepts it, see ``Conv``) and computes the forward pass and the input gradient with
-XLA's convolution; on CPU the kernel gradient is the sum above, on every other platform XLA's own.
-Forms the sum does not cover (channels-first layouts, feature or batch groups, input dilation)
-are ``jax.lax.conv_general_dilated`` unchanged.
+which XLA:CPU runs at matmul speed (383 ms for forward and kernel gradient above).
+``conv_general_dilated`` takes ``jax.lax``'s signature (flax's ``nn.Conv`` accepts it, see
+``Conv``) and computes the forward pass and the input gradient with XLA's convolution; on CPU,
+for large enough stride-1 convolutions, the kernel gradient is the sum above; everywhere else
+(other platforms, small or strided convolutions, channels-first layouts, groups, input
+dilation) it is ``jax.lax.conv_general_dilated`` unchanged.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -30,6 +34,14 @@ from jax import lax
 
 Array = jax.Array
 PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
+
+# The tap sum pays off only for large convolutions: it reads the input once per tap, and its
+# matmuls are memory-bound when the channels are few. Measured on this project's 2-core CPU
+# (``python benchmarks/conv_speed.py --sweep``), XLA's own kernel gradient was as fast or faster
+# below about 2^27 multiply-adds per tap (batch x output pixels x C_in x C_out: e.g. 32
+# channels at 128 px, or 256 channels on a 16 x 16 map at batch 8), and the taps 1.6-3.2x
+# faster from 2^28 up (e.g. 256 channels on P2 or P3 of a 512 px image at batch 2).
+MIN_MULTIPLY_ADDS_PER_TAP = 2**28
 
 
 def explicit_padding(
@@ -201,11 +213,13 @@ def conv_general_dilated(
 ) -> Array:
     """``jax.lax.conv_general_dilated`` with the kernel gradient computed by taps on CPU.
 
-    Same arguments and result. The tap form serves channels-last convolutions (NHWC / HWIO and
-    their 1-d and 3-d forms) with no groups, no input dilation and no ``preferred_element_type``;
-    anything else is ``jax.lax.conv_general_dilated`` itself.
+    Same arguments and result. The tap form serves stride-1, channels-last convolutions (NHWC /
+    HWIO and their 1-d and 3-d forms) with no groups, no input dilation, no
+    ``preferred_element_type`` and at least ``MIN_MULTIPLY_ADDS_PER_TAP``; anything else is
+    ``jax.lax.conv_general_dilated`` itself.
     """
     n = lhs.ndim - 2
+    dilation = tuple(rhs_dilation or (1,) * n)
     covered = (
         all(s == 1 for s in window_strides)
         and feature_group_count == 1
@@ -214,18 +228,30 @@ def conv_general_dilated(
         and all(d == 1 for d in (lhs_dilation or (1,) * n))
         and _is_channels_last(dimension_numbers, lhs.shape, rhs.shape)
     )
-    if not covered:
-        return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type,
-        )  # fmt: skip
-    dilation = tuple(rhs_dilation or (1,) * n)
-    pads = explicit_padding(padding, lhs.shape[1:-1], rhs.shape[:-2], (1,) * n, dilation)
-    return _conv_with_tap_gradient(lhs, rhs, tuple(pads), dilation, precision)
+    if covered:
+        pads = explicit_padding(padding, lhs.shape[1:-1], rhs.shape[:-2], (1,) * n, dilation)
+        if multiply_adds_per_tap(lhs.shape, rhs.shape, pads, dilation) >= (
+            MIN_MULTIPLY_ADDS_PER_TAP
+        ):
+            return _conv_with_tap_gradient(lhs, rhs, tuple(pads), dilation, precision)
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type,
+    )  # fmt: skip
+
+
+def multiply_adds_per_tap(lhs_shape, rhs_shape, pads, dilation) -> int:
+    """batch x output pixels x C_in x C_out of a stride-1, channels-last convolution: the size
+    of each tap's matmul in the kernel gradient."""
+    out_pixels = math.prod(
+        size + lo + hi - (k - 1) * d
+        for size, k, (lo, hi), d in zip(lhs_shape[1:-1], rhs_shape[:-2], pads, dilation)
+    )
+    return lhs_shape[0] * out_pixels * rhs_shape[-2] * rhs_shape[-1]
 
 
 class Conv(nn.Conv):
     """``flax.linen.Conv`` (same attributes and parameters) through ``conv_general_dilated``: on
-    CPU its kernel gradient is computed by taps."""
+    CPU a large one's kernel gradient is computed by taps."""
 
     conv_general_dilated: Callable | None = conv_general_dilated
