@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfrdet_jax import layers
+from dfrdet_jax.layers import conv as conv_lib
 
 
 def conv_flops(batch: int, size: int, channels: int, kernel: int) -> float:
@@ -183,6 +184,66 @@ def compare(args) -> list[dict]:
     return rows
 
 
+# (batch, map side, channels) of the sweep: the demo's and the full widths' convs at 128-800 px.
+SWEEP = (
+    (8, 64, 16), (8, 32, 32), (8, 32, 64), (8, 16, 128), (8, 16, 256), (2, 32, 128),
+    (2, 64, 64), (8, 64, 64), (2, 64, 128), (8, 32, 128), (4, 32, 256), (2, 64, 256),
+    (2, 128, 128), (2, 128, 256), (2, 200, 256),
+)  # fmt: skip
+
+
+def _taps_at_any_size(*args, **kwargs):
+    """``layers.conv_general_dilated`` with its size threshold off while it traces."""
+    threshold = conv_lib.MIN_MULTIPLY_ADDS_PER_TAP
+    conv_lib.MIN_MULTIPLY_ADDS_PER_TAP = 0
+    try:
+        return conv_lib.conv_general_dilated(*args, **kwargs)
+    finally:
+        conv_lib.MIN_MULTIPLY_ADDS_PER_TAP = threshold
+
+
+def sweep(steps: int) -> list[dict]:
+    """The kernel gradient of a 3x3 conv, XLA's against the tap sum (forced at every size), over
+    ``SWEEP``: where the tap sum pays off (``layers.conv.MIN_MULTIPLY_ADDS_PER_TAP``)."""
+    rows = []
+    for batch, size, channels in SWEEP:
+        args = argparse.Namespace(batch=batch, size=size, channels=channels, kernel=3)
+        x, kernel, cotangent = map(jnp.asarray, make_inputs(args))
+        times = {}
+        for name, conv in (
+            ("xla", make_conv(jax.lax.conv_general_dilated)),
+            ("taps", make_conv(_taps_at_any_size)),
+        ):
+            run = jax.jit(lambda x, k, g, conv=conv: jax.vjp(conv, x, k)[1](g)[1])
+            times[name] = _median_ms(
+                lambda run=run: run(x, kernel, cotangent).block_until_ready(), steps
+            )
+        per_tap = batch * size * size * channels * channels
+        rows.append(
+            {"batch": batch, "size": size, "channels": channels, "multiply_adds_per_tap": per_tap,
+             "xla_ms": times["xla"], "taps_ms": times["taps"],
+             "taps_speedup": times["xla"] / times["taps"],
+             "uses_taps": per_tap >= conv_lib.MIN_MULTIPLY_ADDS_PER_TAP}
+        )  # fmt: skip
+    return rows
+
+
+def sweep_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| batch x side x channels | multiply-adds per tap | XLA ms | taps ms | taps speed-up "
+        "| served by taps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} x {r['size']} x {r['channels']} | 2^"
+            f"{np.log2(r['multiply_adds_per_tap']):.1f} | {r['xla_ms']:,.1f} | "
+            f"{r['taps_ms']:,.1f} | {r['taps_speedup']:.2f}x | "
+            f"{'yes' if r['uses_taps'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict], args) -> str:
     title = (
         f"{args.kernel}x{args.kernel} conv, [{args.batch}, {args.size}, {args.size}, "
@@ -218,10 +279,17 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--kernel", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="timed calls (median)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="the tap sum's kernel gradient against XLA's, by size"
+    )
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
-    rows = compare(args)
-    print(markdown(rows, args))
+    if args.sweep:
+        rows = sweep(args.steps)
+        print(sweep_markdown(rows))
+    else:
+        rows = compare(args)
+        print(markdown(rows, args))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)

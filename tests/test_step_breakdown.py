@@ -115,3 +115,14 @@ def test_conv_speed_times_each_implementation_and_checks_their_numbers(tmp_path,
             assert row[key] > 0, row
     assert all(row["max_relative_error"] < 1e-5 for row in rows[1:]), rows
     assert "kernel gradient by taps" in capsys.readouterr().out
+
+
+def test_conv_speed_sweep_marks_the_sizes_the_tap_sum_serves(monkeypatch, capsys):
+    bench = _load("conv_speed")
+    monkeypatch.setattr(bench, "SWEEP", ((1, 4, 8), (2, 8, 8)))
+    monkeypatch.setattr(bench.conv_lib, "MIN_MULTIPLY_ADDS_PER_TAP", 2 * 8 * 8 * 8 * 8)
+    bench.main(["--sweep", "--steps=1"])
+    assert bench.conv_lib.MIN_MULTIPLY_ADDS_PER_TAP == 2 * 8 * 8 * 8 * 8  # restored
+    table = capsys.readouterr().out
+    assert "| 1 x 4 x 8 | 2^10.0 |" in table and table.rstrip().endswith("| yes |"), table
+    assert "| no |" in table

@@ -36,11 +36,11 @@ Array = jax.Array
 PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
 # The tap sum pays off only for large convolutions: it reads the input once per tap, and its
-# matmuls are memory-bound when the channels are few. Measured on this project's 2-core CPU
-# (``python benchmarks/conv_speed.py --sweep``), XLA's own kernel gradient was as fast or faster
-# below about 2^27 multiply-adds per tap (batch x output pixels x C_in x C_out: e.g. 32
-# channels at 128 px, or 256 channels on a 16 x 16 map at batch 8), and the taps 1.6-3.2x
-# faster from 2^28 up (e.g. 256 channels on P2 or P3 of a 512 px image at batch 2).
+# matmuls are memory-bound when the channels are few. On this project's 2-core CPU (``python
+# benchmarks/conv_speed.py --sweep``, results/conv_speed_sweep.json), XLA's own kernel gradient
+# was faster up to 2^25 multiply-adds per tap (batch x output pixels x C_in x C_out: every conv
+# of the demo networks), the two traded places around 2^27 (0.7-2.9x between runs), and the
+# taps were 2.7-4.5x faster from 2^28 up (e.g. 256 channels on P2 or P3 of a 512 px image).
 MIN_MULTIPLY_ADDS_PER_TAP = 2**28
 
 
