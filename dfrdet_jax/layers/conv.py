@@ -86,10 +86,10 @@ def channels_last_dimension_numbers(ndim: int) -> tuple[str, str, str]:
     return f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"
 
 
-def _xla_conv(x, kernel, pads, dilation, precision, strides=None):
-    """XLA's channels-last convolution (stride 1 unless ``strides`` says otherwise)."""
+def _xla_conv(x, kernel, pads, dilation, precision):
+    """XLA's stride-1, channels-last convolution."""
     return lax.conv_general_dilated(
-        x, kernel, strides or (1,) * (x.ndim - 2), pads, rhs_dilation=dilation,
+        x, kernel, (1,) * (x.ndim - 2), pads, rhs_dilation=dilation,
         dimension_numbers=channels_last_dimension_numbers(x.ndim), precision=precision,
     )  # fmt: skip
 
@@ -139,9 +139,9 @@ def kernel_gradient_by_taps(
     inputs = x.reshape(-1, c_in)
 
     def tap_gradient(start):
-        window_of = lax.dynamic_slice(padded, (0, *start, 0), (*x.shape[:-1], c_out))
+        moved = lax.dynamic_slice(padded, (0, *start, 0), (*x.shape[:-1], c_out))
         return lax.dot_general(
-            inputs, window_of.reshape(-1, c_out), (((0,), (0,)), ((), ())),
+            inputs, moved.reshape(-1, c_out), (((0,), (0,)), ((), ())),
             precision=precision, preferred_element_type=jnp.float32,
         )  # fmt: skip
 
