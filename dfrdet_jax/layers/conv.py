@@ -119,8 +119,8 @@ def kernel_gradient_by_taps(
       dilation: the kernel's dilation per spatial dimension.
 
     Returns:
-      d(sum(output * cotangent)) / d kernel, [*window, C_in, C_out] in the dtype of ``x``,
-      accumulated in float32.
+      d(sum(output * cotangent)) / d kernel, [*window, C_in, C_out], accumulated and returned
+      in float32.
     """
     *window, c_in, c_out = kernel_shape
     # shift_t per dimension = t * dilation - pad_low; the padded cotangent holds every window.
@@ -155,7 +155,7 @@ def kernel_gradient_by_taps(
         lambda t, taps: lax.dynamic_update_index_in_dim(taps, tap_gradient(starts[t]), t, 0),
         jnp.broadcast_to(first, (len(shifts), *first.shape)),
     )
-    return taps.reshape(kernel_shape).astype(x.dtype)
+    return taps.reshape(kernel_shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
