@@ -130,6 +130,11 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.dfr.mode = "decoupled"  # Eq. 10; or "full", "foreground", "background" (Table 1)
     config.dfr.decoder_width = 64
     config.dfr.decoder_blocks = 2
+    # The decoder's own base learning rate (0: the run's optimizer.base_learning_rate), scaled
+    # to the batch and following the run's schedule like it. The decoder is real-valued and has
+    # no normalisation: at the lr that 1-bit latent weights need, its residual block can blow
+    # up in one step (README, "A steady decoder").
+    config.dfr.base_learning_rate = 0.0
     # Distillation from a frozen real teacher (dfrdet_jax/distill.py): the workdir of a trained
     # run of this config's real variant; L += feature_weight * FPN imitation on ``levels``
     # (empty: all) + logit_weight * the KL of the per-class scores (dense heads only).

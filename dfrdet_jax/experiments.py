@@ -125,14 +125,18 @@ def _recipes(detector: str) -> list[Run]:
     ``bnn`` from the same start (the two-step start is trained from scratch, so that it too sees
     two budgets): no weight decay on latent weights, ReActNet's two steps, distillation from
     the real start or from the 1-bit topology's real start (the student's own start), a real
-    FPN (the paper's 1-bit sizes fit one), only the backbone binary (where the accuracy goes),
-    and the paper's LSQ 4-bit baseline."""
+    FPN (the paper's 1-bit sizes fit one), the DFR decoder kept at the budget's learning rate
+    (``_decoder_1x``), only the backbone binary (where the accuracy goes), and the paper's LSQ
+    4-bit baseline."""
     no_latent_decay = ("--config.optimizer.latent_weight_decay=False",)
     distill = ["--config.distill.feature_weight=1.0"]
     if detector != "faster_rcnn":  # its RoI logits cannot be matched (dfrdet_jax/distill.py)
         distill.append("--config.distill.logit_weight=1.0")
     topology, real_fpn = "start_topology", ("--config.model.binary_parts=('backbone','head')",)
     backbone_only = ("--config.model.binary_parts=('backbone',)",)
+    # The real-valued decoder at the budget's lr whatever the row's (``_lr16x`` scales the rest):
+    # at 16x its unnormalised residual block can blow up in one step (README, "A steady decoder").
+    decoder_1x = (f"--config.dfr.base_learning_rate={_demo_learning_rate(detector)}",)
     return [
         Run("real", "real", init_from="start_real"),
         Run("bnn", "bnn", init_from=topology),
@@ -170,6 +174,14 @@ def _recipes(detector: str) -> list[Run]:
         ),
         Run("bnn_real_fpn", "bnn", real_fpn, topology, baseline="bnn"),
         Run("dfr_real_fpn", "dfr", real_fpn, topology, baseline="bnn_real_fpn"),
+        Run("dfr_decoder_1x", "dfr", decoder_1x, topology, baseline="bnn"),
+        Run(
+            "dfr_real_fpn_decoder_1x",
+            "dfr",
+            (*real_fpn, *decoder_1x),
+            topology,
+            baseline="bnn_real_fpn",
+        ),
         Run("bnn_binary_backbone", "bnn", backbone_only, topology, baseline="bnn"),
         Run("dfr_binary_backbone", "dfr", backbone_only, topology, baseline="bnn_binary_backbone"),
         Run("lsq4", "lsq4", init_from=topology, baseline="bnn"),

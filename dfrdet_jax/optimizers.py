@@ -7,6 +7,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -82,12 +83,45 @@ OPTIMIZERS: dict[
 
 
 def check_optimizer(config: ml_collections.ConfigDict) -> None:
-    """ValueError for an unknown ``config.optimizer.name``, before anything is built."""
+    """ValueError for an unknown ``config.optimizer.name`` or a negative
+    ``config.dfr.base_learning_rate``, before anything is built."""
     if config.optimizer.name not in OPTIMIZERS:
         raise ValueError(
             f"Unknown config.optimizer.name {config.optimizer.name!r}; valid choices: "
             f"{list(OPTIMIZERS)}"
         )
+    if config.dfr.base_learning_rate < 0:
+        raise ValueError(
+            f"config.dfr.base_learning_rate must be >= 0 (0: the run's), got "
+            f"{config.dfr.base_learning_rate}"
+        )
+
+
+# The top-level parameter collection of the DFR decoder (models/detectors.py names it).
+DECODER = "decoder"
+
+
+def decoder_learning_rate_factor(config: ml_collections.ConfigDict) -> float:
+    """The DFR decoder's learning rate as a multiple of the run's: ``config.dfr.base_learning_rate``
+    over ``config.optimizer.base_learning_rate`` (1 when the former is 0)."""
+    decoder_lr = config.dfr.base_learning_rate
+    return decoder_lr / config.optimizer.base_learning_rate if decoder_lr > 0 else 1.0
+
+
+def scale_subtree(name: str, factor: float) -> optax.GradientTransformation:
+    """Multiplies the updates under the top-level key ``name`` by ``factor``; stateless.
+
+    After the update rule, which ends in ``-lr * (...)`` for both rules here (AdamW's decoupled
+    decay included), this is that subtree's learning rate times ``factor``."""
+
+    def update(updates, state, params=None):
+        del params
+        if name not in updates:
+            return updates, state
+        scaled = jax.tree.map(lambda u: u * jnp.asarray(factor, u.dtype), updates[name])
+        return {**updates, name: scaled}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(
@@ -100,7 +134,8 @@ def make_optimizer(
     decay applies to kernels only (``weight_decay_mask``), and not to ``latent_kernels`` (the
     parameter paths of the 1-bit layers' latent weights) when
     ``config.optimizer.latent_weight_decay`` is False, as ReActNet's second step and Bi-Real
-    train them."""
+    train them. The DFR decoder's updates are scaled by ``decoder_learning_rate_factor`` (a
+    transform added only when it is not 1, so the optimizer state of other runs is unchanged)."""
     check_optimizer(config)
     opt = config.optimizer
     learning_rate = make_learning_rate(config, total_steps)
@@ -111,4 +146,8 @@ def make_optimizer(
     )
     exclude = frozenset() if opt.latent_weight_decay else frozenset(latent_kernels)
     mask = functools.partial(weight_decay_mask, exclude=exclude)
-    return optax.chain(clip, *OPTIMIZERS[opt.name](opt, learning_rate, mask))
+    transforms = [clip, *OPTIMIZERS[opt.name](opt, learning_rate, mask)]
+    decoder_factor = decoder_learning_rate_factor(config)
+    if decoder_factor != 1.0:
+        transforms.append(scale_subtree(DECODER, decoder_factor))
+    return optax.chain(*transforms)

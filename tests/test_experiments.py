@@ -173,3 +173,19 @@ def test_any_row_at_a_scaled_learning_rate():
         experiments.grid("fcos", "recipes", ["start_binact_lr2x"])
     with pytest.raises(ValueError, match=r"has no rows \['bnn_lr0x', 'nothing_lr2x'\]"):
         experiments.grid("fcos", "recipes", ["bnn_lr0x", "nothing_lr2x"])
+
+
+def test_decoder_rows_keep_the_decoder_at_the_budgets_learning_rate():
+    demo_lr = experiments._demo_learning_rate("fcos")  # pylint: disable=protected-access
+    run = experiments.grid("fcos", "recipes", ["dfr_real_fpn_decoder_1x_lr16x"])[-1]
+    assert run.overrides == (
+        "--config.model.binary_parts=('backbone','head')",
+        f"--config.dfr.base_learning_rate={demo_lr}",
+        f"{experiments.LR_FLAG}={16 * demo_lr}",
+    )
+    assert run.variant == "dfr" and run.init_from == "start_topology"
+    assert run.baseline == "bnn_real_fpn_lr16x"
+    plain = experiments.grid("fcos", "recipes", ["dfr_decoder_1x"])[-1]
+    assert plain.baseline == "bnn" and plain.overrides == (
+        f"--config.dfr.base_learning_rate={demo_lr}",
+    )

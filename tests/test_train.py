@@ -143,6 +143,36 @@ def test_latent_weight_decay_switch(smoke_config, latent_weight_decay):
     assert not moved["backbone/stage2_block1/unit1/conv/alpha"]
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_decoder_learning_rate_scales_only_the_decoders_updates(smoke_config, name):
+    """dfr.base_learning_rate = base / 4: the decoder's first update (gradient and weight decay
+    alike) is a quarter of the run's, every other parameter's is unchanged."""
+    config = smoke_config("dfr")
+    config.optimizer.name = name
+    model = registry.build_model(config, num_classes=3)
+    state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 10)
+    assert optimizers.DECODER in state.params  # the subtree the factor applies to
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), state.params)
+    plain, _ = state.tx.update(grads, state.tx.init(state.params), state.params)
+    config.dfr.base_learning_rate = config.optimizer.base_learning_rate / 4
+    tx = optimizers.make_optimizer(config, total_steps=10)
+    scaled, _ = tx.update(grads, tx.init(state.params), state.params)
+    plain, scaled = flatten_dict(plain, sep="/"), flatten_dict(scaled, sep="/")
+    assert any(np.any(np.asarray(u) != 0) for u in plain.values())
+    for path, update in plain.items():
+        factor = 0.25 if path.startswith(optimizers.DECODER + "/") else 1.0
+        np.testing.assert_allclose(
+            np.asarray(scaled[path]), factor * np.asarray(update), rtol=1e-6, err_msg=path
+        )
+
+
+def test_negative_decoder_learning_rate_is_a_clear_error(load_config):
+    config = load_config("synthetic,dfr")
+    config.dfr.base_learning_rate = -1e-3
+    with pytest.raises(ValueError, match=r"config.dfr.base_learning_rate must be >= 0"):
+        optimizers.check_optimizer(config)
+
+
 def test_unknown_optimizer_is_a_clear_error(load_config):
     config = load_config("synthetic,real")
     config.optimizer.name = "lamb"
