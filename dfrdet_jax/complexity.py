@@ -126,10 +126,13 @@ def trace_layers(model: nn.Module, image_hw: tuple[int, int], **call_kwargs: Any
         module = context.module
         if context.method_name == "__call__" and isinstance(module, _COUNTED_LAYERS):
             kernel = module.get_variable("params", "kernel")
-            # Per output element: the kernel's fan-in (kh * kw * c_in / groups, or c_in). The
-            # trace holds one image, so every output element is that image's, whatever the
-            # leading axis holds: the batch, or the box head's RoIs (its MACs scale with them).
-            macs = out.size * (kernel.size // kernel.shape[-1])
+            # The trace holds one image, so every element is that image's, whatever the leading
+            # axis holds: the batch, or the box head's RoIs (its MACs scale with them).
+            if isinstance(module, nn.ConvTranspose):
+                # Every input pixel meets every tap: in pixels x kh * kw * c_in * c_out.
+                macs = args[0].size // args[0].shape[-1] * kernel.size
+            else:  # per output element, the fan-in (kh * kw * c_in / groups, or c_in)
+                macs = out.size * (kernel.size // kernel.shape[-1])
             if isinstance(module, _KBIT_LAYERS):
                 kbit_kernels[(*module.path, "kernel")] = module.bits
                 kbit_macs[module.bits] = kbit_macs.get(module.bits, 0) + macs

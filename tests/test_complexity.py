@@ -49,6 +49,13 @@ def test_counts_match_a_hand_count():
     assert got.ops == pytest.approx(got.real_macs + 3456 / 64)
 
 
+def test_a_transposed_conv_counts_its_input_pixels_times_its_kernel():
+    """A 2x2 stride-2 transposed conv writes each output pixel from one tap: 5x5 input pixels x
+    2*2*3*4 weights, not the 10x10x4 outputs x a conv's fan-in (four times as many)."""
+    got = complexity.count(nn.ConvTranspose(4, (2, 2), strides=(2, 2), use_bias=False), (5, 5))
+    assert got.real_macs == 5 * 5 * (2 * 2 * 3 * 4)
+
+
 @pytest.mark.parametrize("family", ["fcos", "retinanet", "faster_rcnn"])
 def test_detector_variants_and_the_decoder_is_not_counted(smoke_config, tmp_path, family):
     counts = {}
