@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import train_throughput  # noqa: E402  (benchmarks/ is the script's folder)
 
 from dfrdet_jax import layers
 from dfrdet_jax.layers import conv as conv_lib
@@ -37,18 +36,6 @@ def conv_flops(batch: int, size: int, channels: int, kernel: int) -> float:
     """Multiply-adds x 2 of one stride-1, same-size conv: [batch, size, size, channels] ->
     [batch, size, size, channels] with a kernel x kernel window."""
     return 2.0 * batch * size * size * channels * channels * kernel * kernel
-
-
-def _median_ms(fn: Callable[[], object], steps: int) -> float:
-    """Median wall time of ``steps`` calls of ``fn`` (which must block until done), after one
-    untimed call."""
-    fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
 
 
 def make_inputs(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,7 +59,7 @@ def make_conv(conv_general_dilated):
         pad = kernel.shape[0] // 2
         return conv_general_dilated(
             x, kernel, (1, 1), [(pad, pad), (pad, pad)],
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            dimension_numbers=conv_lib.channels_last_dimension_numbers(x.ndim),
         )  # fmt: skip
 
     return conv
@@ -94,12 +81,12 @@ def time_jax(label: str, conv, x, kernel, cotangent, steps: int) -> tuple[dict, 
         return jax.jit(run)
 
     def timed(fn):
-        return _median_ms(lambda: jax.block_until_ready(fn(*args)), steps)
+        return train_throughput.median_ms(lambda: fn(*args), steps)
 
     train = with_gradients(0, 1)
     row = {
         "framework": label,
-        "forward_ms": _median_ms(lambda: forward(*args[:2]).block_until_ready(), steps),
+        "forward_ms": train_throughput.median_ms(lambda: forward(*args[:2]), steps),
         "input_grad_ms": timed(with_gradients(0)),
         "kernel_grad_ms": timed(with_gradients(1)),
         "train_ms": timed(train),
@@ -141,10 +128,10 @@ def time_torch(x, kernel, cotangent, steps: int) -> tuple[dict, np.ndarray, tupl
     train = grad_of(tx, tw)
     row = {
         "framework": f"torch {torch.__version__}: conv2d, channels-last (oneDNN)",
-        "forward_ms": _median_ms(forward, steps),
-        "input_grad_ms": _median_ms(grad_of(tx), steps),
-        "kernel_grad_ms": _median_ms(grad_of(tw), steps),
-        "train_ms": _median_ms(train, steps),
+        "forward_ms": train_throughput.median_ms(forward, steps),
+        "input_grad_ms": train_throughput.median_ms(grad_of(tx), steps),
+        "kernel_grad_ms": train_throughput.median_ms(grad_of(tw), steps),
+        "train_ms": train_throughput.median_ms(train, steps),
     }
     dx, dw = train()
     grads = (dx.permute(0, 2, 3, 1).numpy(), dw.detach().permute(2, 3, 1, 0).numpy())
@@ -215,8 +202,8 @@ def sweep(steps: int) -> list[dict]:
             ("taps", make_conv(_taps_at_any_size)),
         ):
             run = jax.jit(lambda x, k, g, conv=conv: jax.vjp(conv, x, k)[1](g)[1])
-            times[name] = _median_ms(
-                lambda run=run: run(x, kernel, cotangent).block_until_ready(), steps
+            times[name] = train_throughput.median_ms(
+                lambda run=run: run(x, kernel, cotangent), steps
             )
         per_tap = batch * size * size * channels * channels
         rows.append(

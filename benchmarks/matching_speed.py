@@ -23,7 +23,6 @@ import collections
 import glob
 import json
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -50,16 +49,6 @@ def pipeline_match(config, size: int):
         return [per_example(example)[single_stage.MATCHED_SLOT] for example in examples]
 
     return match
-
-
-def median_ms(fn, arg, calls: int) -> float:
-    jax.block_until_ready(fn(arg))
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(arg))
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
 
 
 def top_operations(fn, arg, calls: int, top: int) -> dict[str, float]:
@@ -106,7 +95,7 @@ def main(argv=None) -> list[dict]:
         )
         batch = {k: batch[k] for k in ("boxes", "labels", "box_valid", "ignore")}
         match = make_match(config, anchors, num_classes=8)
-        ms = median_ms(match, batch, args.calls)
+        ms = train_throughput.median_ms(lambda: match(batch), args.calls)
         row = {
             "size": args.size,
             "batch": args.batch,
@@ -115,7 +104,9 @@ def main(argv=None) -> list[dict]:
             "real_boxes": min(args.boxes, slots),
             "ms": round(ms, 2),
             "ns_per_pair": round(1e6 * ms / (args.batch * anchors.shape[0] * slots), 2),
-            "pipeline_ms": round(median_ms(in_pipeline, batch, args.calls), 2),
+            "pipeline_ms": round(
+                train_throughput.median_ms(lambda: in_pipeline(batch), args.calls), 2
+            ),
             "device": jax.devices()[0].device_kind,
         }
         if args.profile:

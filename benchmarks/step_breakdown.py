@@ -87,14 +87,8 @@ def _timed(fn, args, num_steps: int) -> dict:
     memory_gb = train_throughput.step_memory_gb(compiled)
     if not num_steps:
         return {"ms": float("nan"), "compile_s": compile_s, "memory_gb": memory_gb}
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(num_steps):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
     return {
-        "ms": 1000 * float(np.median(times)),
+        "ms": train_throughput.median_ms(lambda: compiled(*args), num_steps),
         "compile_s": compile_s,
         "memory_gb": memory_gb,
     }

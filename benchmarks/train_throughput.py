@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -52,6 +53,18 @@ from dfrdet_jax.data import box_slots
 from dfrdet_jax.models import registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def median_ms(call: Callable[[], object], num_calls: int) -> float:
+    """Median wall time in ms of ``num_calls`` calls of ``call``, each blocked until its
+    outputs are ready, after one untimed call (compilation, caches)."""
+    jax.block_until_ready(call())
+    times = []
+    for _ in range(num_calls):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
 
 
 def load_config(family: str, arg: str):
