@@ -398,13 +398,28 @@ class Checkpointer:
         )
         return restored_state, restored["data"] if "data" in restored else None
 
-    def restore_variables(self, which: str = "latest") -> tuple[int, dict[str, Any]]:
+    def restore_variables(
+        self, which: str = "latest", step: int | None = None
+    ) -> tuple[int, dict[str, Any]]:
         """(step, {'params': ..., 'batch_stats': ...}) of the newest readable ``which``
         checkpoint, as numpy in the saved structure (no target: any model's checkpoint reads,
-        e.g. to start a 1-bit run from a real one)."""
-        found = self._newest_readable(
-            which, lambda step: ocp.args.Composite(state=ocp.args.StandardRestore())
-        )
+        e.g. to start a 1-bit run from a real one). ``step``: that checkpoint instead
+        (FileNotFoundError naming the steps there when it is absent)."""
+
+        def restore_args(step):
+            del step
+            return ocp.args.Composite(state=ocp.args.StandardRestore())
+
+        if step is None:
+            found = self._newest_readable(which, restore_args)
+        else:
+            manager = self._manager(which)
+            if step not in manager.all_steps():
+                raise FileNotFoundError(
+                    f"No {which} checkpoint {step} in {manager.directory}; its steps: "
+                    f"{sorted(manager.all_steps())}"
+                )
+            found = step, manager.restore(step, args=restore_args(step))
         if found is None:
             raise FileNotFoundError(
                 f"No readable {which} checkpoint in {self._manager(which).directory}"

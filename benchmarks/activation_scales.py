@@ -1,0 +1,129 @@
+"""The size of a run's features, checkpoint by checkpoint: the RMS, mean |x| and largest |x| of
+every FPN level, of each DFR decoder stage's output and of the reconstruction, from the forward
+pass (inference mode: BatchNorm's running statistics) on the batches of a split.
+
+It finds where a run blew up (the first module whose output jumps between two checkpoints) and
+compares the features of two runs (which levels DFR changes):
+
+    python benchmarks/activation_scales.py --workdir runs/replay --steps 528,529
+    python benchmarks/activation_scales.py --workdir WORKDIR --batches 8 --out scales.json
+
+The run's config is read from its workdir; ``--steps`` are checkpoints under its
+``checkpoints/`` (default: the latest). Prints a markdown table; ``--out`` writes the rows as
+JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfrdet_jax import checkpointing
+from dfrdet_jax import data as data_lib
+from dfrdet_jax.models import registry
+from dfrdet_jax.models.detectors import normalize_images
+
+NECK, DECODER = "neck", "decoder"  # the detectors' module names (models/detectors.py)
+
+
+def _tracked(module, method_name: str) -> bool:
+    """The FPN's output and each of the decoder's direct submodules' outputs."""
+    path = module.path
+    return method_name == "__call__" and (
+        path == (NECK,) or (len(path) == 2 and path[0] == DECODER)
+    )
+
+
+def feature_outputs(config, model, variables, batch) -> dict[str, jax.Array]:
+    """{name: output} of one batch: 'P2'.. of the FPN, 'decoder/<stage>' and 'reconstruction'
+    (the last two only for a config with a DFR decoder)."""
+    reconstruct = bool(config.dfr.levels)
+    outputs, state = model.apply(
+        variables,
+        normalize_images(jnp.asarray(batch["image"])),
+        train=False,
+        reconstruct=reconstruct,
+        capture_intermediates=_tracked,
+        mutable=["intermediates"],
+        **registry.apply_kwargs(config, batch, train=False, rng=jax.random.key(0)),
+    )
+    captured = state["intermediates"]
+    found = dict(captured[NECK]["__call__"][0])
+    if reconstruct:
+        for stage, calls in captured[DECODER].items():
+            found[f"{DECODER}/{stage}"] = calls["__call__"][0]
+        found["reconstruction"] = outputs["reconstruction"]
+    return found
+
+
+def scales(config, model, variables, batches) -> dict[str, dict[str, float]]:
+    """{output name: {'rms', 'mean_abs', 'max_abs'}} over every element of ``batches``."""
+    sums: dict[str, np.ndarray] = {}  # name -> [sum x^2, sum |x|, max |x|, count]
+    for batch in batches:
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        for name, x in feature_outputs(config, model, variables, batch).items():
+            x = np.asarray(x, np.float64)
+            part = np.array([np.sum(x * x), np.sum(np.abs(x)), np.max(np.abs(x)), x.size])
+            if name in sums:
+                total = sums[name]
+                sums[name] = np.array([*(total[:2] + part[:2]), max(total[2], part[2]),
+                                       total[3] + part[3]])  # fmt: skip
+            else:
+                sums[name] = part
+    if not sums:
+        raise ValueError("no batches: the split is empty or --batches is 0")
+    return {
+        name: {"rms": float(np.sqrt(s[0] / s[3])), "mean_abs": float(s[1] / s[3]),
+               "max_abs": float(s[2])}
+        for name, s in sums.items()
+    }  # fmt: skip
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| step | output | RMS | mean abs | max abs |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['step']} | {r['output']} | {r['rms']:.4g} | {r['mean_abs']:.4g} | "
+        f"{r['max_abs']:.4g} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="a run's workdir")
+    parser.add_argument(
+        "--steps", default="", help="comma-separated checkpoint steps; '': the latest"
+    )
+    parser.add_argument("--split", default="train", help="the split whose batches are used")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    config = checkpointing.stored_config(args.workdir)
+    dataset = data_lib.build_dataset(
+        config.data, args.split, train=False, batch_size=config.train.batch_size, seed=config.seed
+    )
+    batches = list(itertools.islice(iter(dataset.loader), args.batches))
+    model = registry.build_model(config, num_classes=dataset.num_classes)
+    checkpoints = checkpointing.Checkpointer(args.workdir, read_only=True)
+    wanted = [int(s) for s in args.steps.split(",") if s.strip()] or [None]
+    rows = []
+    for step in wanted:
+        step, variables = checkpoints.restore_variables("latest", step)
+        for name, values in scales(config, model, variables, batches).items():
+            rows.append({"step": step, "output": name, **values})
+    print(f"{args.workdir}, {len(batches)} batches of {args.split}:")
+    print(markdown(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
