@@ -16,15 +16,13 @@ JSON.
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 
 import jax
 import jax.numpy as jnp
+import loss_gradients  # noqa: E402  (benchmarks/ is the script's folder)
 import numpy as np
 
 from dfrdet_jax import checkpointing
-from dfrdet_jax import data as data_lib
 from dfrdet_jax.models import registry
 from dfrdet_jax.models.detectors import normalize_images
 
@@ -100,15 +98,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--steps", default="", help="comma-separated checkpoint steps; '': the latest"
     )
-    parser.add_argument("--split", default="train", help="the split whose batches are used")
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    loss_gradients.add_batch_arguments(parser)
     args = parser.parse_args(argv)
     config = checkpointing.stored_config(args.workdir)
-    dataset = data_lib.build_dataset(
-        config.data, args.split, train=False, batch_size=config.train.batch_size, seed=config.seed
-    )
-    batches = list(itertools.islice(iter(dataset.loader), args.batches))
+    batches, dataset = loss_gradients.first_batches(config, args.split, args.batches)
     model = registry.build_model(config, num_classes=dataset.num_classes)
     checkpoints = checkpointing.Checkpointer(args.workdir, read_only=True)
     wanted = [int(s) for s in args.steps.split(",") if s.strip()] or [None]
@@ -119,9 +112,7 @@ def main(argv=None) -> list[dict]:
             rows.append({"step": step, "output": name, **values})
     print(f"{args.workdir}, {len(batches)} batches of {args.split}:")
     print(markdown(rows))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    loss_gradients.write_rows(rows, args.out)
     return rows
 
 

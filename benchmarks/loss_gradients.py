@@ -130,13 +130,34 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """--split and --batches, the batches a run is measured on, and --out for the JSON rows."""
+    parser.add_argument("--split", default="train", help="the split whose batches are used")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+
+
+def first_batches(config, split: str, count: int):
+    """(the first ``count`` batches of ``split`` at the run's batch size, without augmentation,
+    the dataset)."""
+    dataset = data_lib.build_dataset(
+        config.data, split, train=False, batch_size=config.train.batch_size, seed=config.seed
+    )
+    return list(itertools.islice(iter(dataset.loader), count)), dataset
+
+
+def write_rows(rows: list[dict], path: str | None) -> None:
+    """``rows`` as JSON at ``path`` (nothing when None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="a trained run's workdir")
     parser.add_argument("--checkpoint", default="best", choices=("best", "latest"))
-    parser.add_argument("--split", default="train", help="the split whose batches are used")
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    add_batch_arguments(parser)
     args = parser.parse_args(argv)
     config = checkpointing.stored_config(args.workdir)
     config.eval.checkpoint = args.checkpoint
@@ -144,18 +165,13 @@ def main(argv=None) -> list[dict]:
     image_hw = (config.data.image_size, config.data.image_size)
     replicated = sharding.replicated_sharding(mesh)
     teacher = distill.load_teacher(config, info.num_classes, image_hw, replicated)
-    dataset = data_lib.build_dataset(
-        config.data, args.split, train=False, batch_size=config.train.batch_size, seed=config.seed
-    )
-    batches = itertools.islice(iter(dataset.loader), args.batches)
+    batches, _ = first_batches(config, args.split, args.batches)
     gradients = term_gradients(config, model, state.params, state.batch_stats, batches, teacher)
     rows = gradient_table(gradients)
     print(f"{args.workdir} ({args.checkpoint} checkpoint, step {int(state.step)}), "
           f"{args.batches} batches of {args.split}:")  # fmt: skip
     print(markdown(rows))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(rows, args.out)
     return rows
 
 

@@ -1,9 +1,11 @@
 """The smoke config and hand-made batches as plain functions: conftest.py hands them to the tests
 as fixtures, and the scripts tests run as subprocesses (resume_config.py,
-multiprocess_worker.py), which cannot take fixtures, import them from here."""
+multiprocess_worker.py), which cannot take fixtures, import them from here. Also the loader of
+the benchmark scripts the tests run."""
 
 import importlib.util
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -14,13 +16,28 @@ from dfrdet_jax.models import registry
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _load_module(name: str, path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass in it looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_config(arg, family="fcos"):
     """get_config(arg) of configs/<family>_r18.py."""
     name = f"{family}_r18"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return _load_module(name, ROOT / "configs" / f"{name}.py").get_config(arg)
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module; its imports of the folder's other scripts (e.g.
+    train_throughput) resolve as when it runs as a script."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return _load_module(name, ROOT / "benchmarks" / f"{name}.py")
+    finally:
+        sys.path.pop(0)
 
 
 def smoke_config(variant, family="fcos", batch_size=2):

@@ -1,7 +1,6 @@
 """benchmarks/activation_scales.py: the size of every FPN level and DFR decoder stage, checked
 against numpy over the concatenated batches, and run on a saved run's chosen checkpoints."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -17,17 +16,9 @@ from dfrdet_jax.models import registry
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _script():
-    path = ROOT / "benchmarks" / "activation_scales.py"
-    spec = importlib.util.spec_from_file_location("activation_scales", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("variant", ["bnn", "dfr"])
 def test_scales_are_numpys_over_every_batch(variant):
-    script = _script()
+    script = smoke.load_benchmark("activation_scales")
     config = smoke.smoke_config(variant)
     model = registry.build_model(config, num_classes=3)
     state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 10)
@@ -56,7 +47,7 @@ def test_main_reads_the_chosen_checkpoints(tmp_path, capsys):
     workdir, out = tmp_path / "run", tmp_path / "rows.json"
     smoke.save_run(workdir, config, [2], num_classes=num_classes)
     smoke.save_run(workdir, config, [3], num_classes=num_classes, shift=0.05)
-    script = _script()
+    script = smoke.load_benchmark("activation_scales")
     rows = script.main([f"--workdir={workdir}", "--steps=2,3", "--batches=1", f"--out={out}"])
     assert json.loads(out.read_text()) == rows
     by_step = {s: {r["output"]: r["rms"] for r in rows if r["step"] == s} for s in (2, 3)}

@@ -1,23 +1,16 @@
 """benchmarks/gpu_check.py: the whole check at tiny sizes on the CPU (so that it cannot rot before
 a GPU runs it), its per-part time limits and failures, and the report's arithmetic."""
 
-import importlib.util
 import json
 import pathlib
 import sys
 
+import smoke
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load_gpu_check()
+gpu_check = smoke.load_benchmark("gpu_check")
 
 
 def test_tiny_check_on_cpu_reports_every_part(tmp_path):

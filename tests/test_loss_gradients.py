@@ -3,7 +3,6 @@ against the whole loss's gradient (the terms must add up to it), against where e
 reach (L_DFR never the head, L_det never the decoder), against numpy norms and cosines worked by
 hand, and run on a saved run's workdir."""
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -20,16 +19,8 @@ from dfrdet_jax.models import registry
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _script():
-    path = ROOT / "benchmarks" / "loss_gradients.py"
-    spec = importlib.util.spec_from_file_location("loss_gradients", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_term_gradients_add_up_and_reach_only_their_parts():
-    script = _script()
+    script = smoke.load_benchmark("loss_gradients")
     config = smoke.smoke_config("dfr")
     config.loss.dfr_weight = 0.5
     model = registry.build_model(config, num_classes=3)
@@ -54,7 +45,7 @@ def test_term_gradients_add_up_and_reach_only_their_parts():
 
 
 def test_table_norms_ratios_and_cosines_by_hand():
-    script = _script()
+    script = smoke.load_benchmark("loss_gradients")
     gradients = {
         "loss_det": {"fpn": {"w": np.array([3.0, 4.0])}, "decoder": {"w": np.zeros(1)}},
         "loss_dfr": {"fpn": {"w": np.array([0.0, -1.0])}, "decoder": {"w": np.ones(1)}},
@@ -82,7 +73,7 @@ def test_main_reads_a_saved_run(tmp_path, capsys):
     workdir, out = tmp_path / "run", tmp_path / "rows.json"
     smoke.save_run(workdir, config, [3], num_classes=num_classes)
     args = [f"--workdir={workdir}", "--checkpoint=latest", "--batches=1", f"--out={out}"]
-    rows = _script().main(args)
+    rows = smoke.load_benchmark("loss_gradients").main(args)
     assert json.loads(out.read_text()) == rows
     groups = {r["group"] for r in rows}
     assert {"backbone", "neck", "head", "decoder"} <= groups
@@ -90,7 +81,7 @@ def test_main_reads_a_saved_run(tmp_path, capsys):
 
 
 def test_every_weighted_term_is_named_with_its_weight(smoke_config):
-    script = _script()
+    script = smoke.load_benchmark("loss_gradients")
     config = smoke_config("dfr")
     config.distill.feature_weight, config.distill.logit_weight = 0.5, 2.0
     metrics = dict.fromkeys(

@@ -4,30 +4,18 @@ and reported, an XLA setting the compiler rejects is a reported row, not a crash
 benchmark times every slot count and names the operations its profile found, and the conv
 benchmark times each implementation and checks its numbers against XLA's."""
 
-import importlib.util
 import math
 import pathlib
-import sys
 
 import numpy as np
 import pytest
+import smoke
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import train_throughput
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.pop(0)
-    return module
-
-
 def test_breakdown_times_every_part_of_the_dfr_step(tmp_path, capsys):
-    breakdown = _load("step_breakdown")
+    breakdown = smoke.load_benchmark("step_breakdown")
     out = tmp_path / "rows.json"
     breakdown.main(
         ["--variants=dfr", "--size=64", "--width=tiny", "--steps=1", "--max_boxes=16",
@@ -48,7 +36,7 @@ def test_breakdown_times_every_part_of_the_dfr_step(tmp_path, capsys):
 
 
 def test_flags_benchmark_reports_a_rejected_setting(monkeypatch):
-    flags = _load("xla_cpu_flags")
+    flags = smoke.load_benchmark("xla_cpu_flags")
     monkeypatch.setitem(flags.SETTINGS, "bogus", "--xla_cpu_no_such_option=1")
     args = type("Args", (), dict(size=64, batch=1, steps=1, variants="real", width="tiny"))
     (row,) = flags.run_setting("bogus", args)
@@ -58,7 +46,7 @@ def test_flags_benchmark_reports_a_rejected_setting(monkeypatch):
 
 
 def test_matching_benchmark_times_each_slot_count_and_profiles_it(capsys):
-    bench = _load("matching_speed")
+    bench = smoke.load_benchmark("matching_speed")
     rows = bench.main(["--size=64", "--batch=2", "--boxes=5", "--slots=4,16", "--calls=1",
                        "--profile", "--top=3"])  # fmt: skip
     assert [(r["slots"], r["real_boxes"]) for r in rows] == [(4, 4), (16, 5)]
@@ -71,7 +59,7 @@ def test_matching_benchmark_times_each_slot_count_and_profiles_it(capsys):
 
 
 def test_breakdown_of_retinanet_takes_its_anchor_matches_from_the_pipeline_or_the_step(tmp_path):
-    breakdown = _load("step_breakdown")
+    breakdown = smoke.load_benchmark("step_breakdown")
     tt = breakdown.train_throughput
     args = tt.parse_args(["--family=retinanet", "--size=64", "--batch=2", "--max_boxes=16"])
     batch = tt.random_batch(np.random.default_rng(0), 2, 64, 4, 16)
@@ -90,7 +78,7 @@ def test_breakdown_of_retinanet_takes_its_anchor_matches_from_the_pipeline_or_th
 
 @pytest.mark.parametrize("family", ["retinanet", "faster_rcnn"])
 def test_throughput_takes_the_anchor_matches_from_the_pipeline(family, tmp_path):
-    tt = _load("train_throughput")
+    tt = smoke.load_benchmark("train_throughput")
     args = tt.parse_args(
         [f"--family={family}", "--size=64", "--batch=2", "--steps=1", "--width=tiny",
          "--max_boxes=256", "--boxes=4", "--workers=0", "--num_images=4", "--variants=real",
@@ -105,7 +93,7 @@ def test_throughput_takes_the_anchor_matches_from_the_pipeline(family, tmp_path)
 
 
 def test_conv_speed_times_each_implementation_and_checks_their_numbers(tmp_path, capsys):
-    bench = _load("conv_speed")
+    bench = smoke.load_benchmark("conv_speed")
     out = tmp_path / "rows.json"
     bench.main(["--size=8", "--channels=8", "--batch=1", "--steps=1", f"--out={out}"])
     rows = __import__("json").loads(out.read_text())["rows"]
@@ -118,7 +106,7 @@ def test_conv_speed_times_each_implementation_and_checks_their_numbers(tmp_path,
 
 
 def test_conv_speed_sweep_marks_the_sizes_the_tap_sum_serves(monkeypatch, capsys):
-    bench = _load("conv_speed")
+    bench = smoke.load_benchmark("conv_speed")
     monkeypatch.setattr(bench, "SWEEP", ((1, 4, 8), (2, 8, 8)))
     monkeypatch.setattr(bench.conv_lib, "MIN_MULTIPLY_ADDS_PER_TAP", 2 * 8 * 8 * 8 * 8)
     bench.main(["--sweep", "--steps=1"])
