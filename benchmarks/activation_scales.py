@@ -24,9 +24,7 @@ import numpy as np
 
 from dfrdet_jax import checkpointing
 from dfrdet_jax.models import registry
-from dfrdet_jax.models.detectors import normalize_images
-
-NECK, DECODER = "neck", "decoder"  # the detectors' module names (models/detectors.py)
+from dfrdet_jax.models.detectors import DECODER, NECK, normalize_images
 
 
 def _tracked(module, method_name: str) -> bool:

@@ -13,6 +13,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from dfrdet_jax.models import detectors
+
 
 def global_learning_rate(config: ml_collections.ConfigDict) -> float:
     """The paper's lr (0.005 at batch 2) scaled linearly to the configured global batch."""
@@ -97,10 +99,6 @@ def check_optimizer(config: ml_collections.ConfigDict) -> None:
         )
 
 
-# The top-level parameter collection of the DFR decoder (models/detectors.py names it).
-DECODER = "decoder"
-
-
 def decoder_learning_rate_factor(config: ml_collections.ConfigDict) -> float:
     """The DFR decoder's learning rate as a multiple of the run's: ``config.dfr.base_learning_rate``
     over ``config.optimizer.base_learning_rate`` (1 when the former is 0)."""
@@ -149,5 +147,5 @@ def make_optimizer(
     transforms = [clip, *OPTIMIZERS[opt.name](opt, learning_rate, mask)]
     decoder_factor = decoder_learning_rate_factor(config)
     if decoder_factor != 1.0:
-        transforms.append(scale_subtree(DECODER, decoder_factor))
+        transforms.append(scale_subtree(detectors.DECODER, decoder_factor))
     return optax.chain(*transforms)

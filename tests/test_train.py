@@ -12,7 +12,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from dfrdet_jax import base_config, optimizers, run_utils, sharding, steps
-from dfrdet_jax.models import registry
+from dfrdet_jax.models import detectors, registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def test_decoder_learning_rate_scales_only_the_decoders_updates(smoke_config, na
     config.optimizer.name = name
     model = registry.build_model(config, num_classes=3)
     state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 10)
-    assert optimizers.DECODER in state.params  # the subtree the factor applies to
+    assert detectors.DECODER in state.params  # the subtree the factor applies to
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), state.params)
     plain, _ = state.tx.update(grads, state.tx.init(state.params), state.params)
     config.dfr.base_learning_rate = config.optimizer.base_learning_rate / 4
@@ -160,7 +160,7 @@ def test_decoder_learning_rate_scales_only_the_decoders_updates(smoke_config, na
     plain, scaled = flatten_dict(plain, sep="/"), flatten_dict(scaled, sep="/")
     assert any(np.any(np.asarray(u) != 0) for u in plain.values())
     for path, update in plain.items():
-        factor = 0.25 if path.startswith(optimizers.DECODER + "/") else 1.0
+        factor = 0.25 if path.startswith(detectors.DECODER + "/") else 1.0
         np.testing.assert_allclose(
             np.asarray(scaled[path]), factor * np.asarray(update), rtol=1e-6, err_msg=path
         )

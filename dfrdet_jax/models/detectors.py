@@ -26,6 +26,9 @@ Array = jax.Array
 # ImageNet statistics in 0-255 pixel units (RGB).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+# The parameter (and module) names of the FPN and of the training-only DFR decoder: the
+# optimizer gives the decoder its own learning rate by this name.
+NECK, DECODER = "neck", "decoder"
 
 
 def normalize_images(images: Array, dtype: Any = jnp.float32) -> Array:
@@ -103,7 +106,7 @@ class Detector(nn.Module):
             self.p6_source,
             self.neck_binary,
             self.dtype,
-            name="neck",
+            name=NECK,
         )(stages, train)
         levels = [pyramid[f"P{level}"] for level in range(self.min_level, self.max_level + 1)]
         outputs = {}
@@ -123,7 +126,7 @@ class Detector(nn.Module):
                     f"{self.min_level}..{self.max_level}"
                 )
             outputs["reconstruction"] = DFRDecoder(
-                self.decoder_width, self.decoder_blocks, dtype=self.dtype, name="decoder"
+                self.decoder_width, self.decoder_blocks, dtype=self.dtype, name=DECODER
             )([pyramid[f"P{v}"] for v in self.decoder_levels], images.shape[1:3])
         return outputs
 
