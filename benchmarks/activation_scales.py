@@ -38,10 +38,11 @@ def _tracked(module, method_name: str) -> bool:
 def feature_outputs(config, model, variables, batch) -> dict[str, jax.Array]:
     """{name: output} of one batch: 'P2'.. of the FPN, 'decoder/<stage>' and 'reconstruction'
     (the last two only for a config with a DFR decoder)."""
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
     reconstruct = bool(config.dfr.levels)
     outputs, state = model.apply(
         variables,
-        normalize_images(jnp.asarray(batch["image"])),
+        normalize_images(batch["image"]),
         train=False,
         reconstruct=reconstruct,
         capture_intermediates=_tracked,
@@ -59,25 +60,24 @@ def feature_outputs(config, model, variables, batch) -> dict[str, jax.Array]:
 
 def scales(config, model, variables, batches) -> dict[str, dict[str, float]]:
     """{output name: {'rms', 'mean_abs', 'max_abs'}} over every element of ``batches``."""
-    sums: dict[str, np.ndarray] = {}  # name -> [sum x^2, sum |x|, max |x|, count]
+    parts: dict[str, list[tuple[float, float, float, int]]] = {}
     for batch in batches:
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
         for name, x in feature_outputs(config, model, variables, batch).items():
-            x = np.asarray(x, np.float64)
-            part = np.array([np.sum(x * x), np.sum(np.abs(x)), np.max(np.abs(x)), x.size])
-            if name in sums:
-                total = sums[name]
-                sums[name] = np.array([*(total[:2] + part[:2]), max(total[2], part[2]),
-                                       total[3] + part[3]])  # fmt: skip
-            else:
-                sums[name] = part
-    if not sums:
+            magnitude = np.abs(np.asarray(x, np.float64))
+            parts.setdefault(name, []).append(
+                (np.sum(magnitude**2), np.sum(magnitude), np.max(magnitude), magnitude.size)
+            )
+    if not parts:
         raise ValueError("no batches: the split is empty or --batches is 0")
-    return {
-        name: {"rms": float(np.sqrt(s[0] / s[3])), "mean_abs": float(s[1] / s[3]),
-               "max_abs": float(s[2])}
-        for name, s in sums.items()
-    }  # fmt: skip
+    found = {}
+    for name, rows in parts.items():
+        squares, absolutes, largest, count = np.array(rows).T
+        found[name] = {
+            "rms": float(np.sqrt(squares.sum() / count.sum())),
+            "mean_abs": float(absolutes.sum() / count.sum()),
+            "max_abs": float(largest.max()),
+        }
+    return found
 
 
 def markdown(rows: list[dict]) -> str:
