@@ -127,7 +127,9 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.dfr = ml_collections.ConfigDict()
     # FPN levels decoded: any subset of the pyramid (Table 1), all merged on the stride-4 grid.
     config.dfr.levels = (2, 3, 4) if variant == "dfr" else ()
-    config.dfr.mode = "decoupled"  # Eq. 10; or "full", "foreground", "background" (Table 1)
+    # L_DFR (losses/dfr.py): "decoupled" is Eq. 10; "full", "foreground", "background" are Table
+    # 1's; "zero" (a blank image everywhere) is a control without the image or the boxes.
+    config.dfr.mode = "decoupled"
     config.dfr.decoder_width = 64
     config.dfr.decoder_blocks = 2
     # The decoder's own base learning rate (0: the run's optimizer.base_learning_rate), scaled

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -223,6 +224,9 @@ def _ablation(detector: str) -> list[Run]:
         "dfr_full": ("--config.dfr.mode=full",),
         "dfr_foreground": ("--config.dfr.mode=foreground",),
         "dfr_background": ("--config.dfr.mode=background",),
+        # A control: the decoder asked for a blank image everywhere, so L_DFR carries neither
+        # the image nor the boxes and can only pull the decoded features' scale down.
+        "dfr_zero": ("--config.dfr.mode=zero",),
         # L_DFR is a per-pixel mean here (losses/dfr.py), about 0.3 against an L_det of about 1
         # at the demo budget, so the paper's lambda = 0.04 may be too weak to matter.
         "dfr_lambda_0.2": ("--config.loss.dfr_weight=0.2",),
@@ -317,7 +321,7 @@ def _main_command(
 
 
 def _run_logged(command: list[str], log_path: str, dry_run: bool) -> None:
-    print(" ".join(command), flush=True)
+    print(shlex.join(command), flush=True)  # quoted: it can be pasted into a shell
     if dry_run:
         return
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -520,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     budget = args.budget.split()
     os.makedirs(args.root, exist_ok=True)
     # The command that runs the grid: --dry_run, which only tabulates the finished runs, left out.
-    command = "python -m dfrdet_jax.experiments " + " ".join(
+    command = "python -m dfrdet_jax.experiments " + shlex.join(
         a for a in (sys.argv[1:] if argv is None else argv) if a != "--dry_run"
     )
     runs = grid(args.detector, args.grid, [r for r in args.rows.split(",") if r.strip()])

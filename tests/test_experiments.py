@@ -3,10 +3,14 @@
 
 import json
 import math
+import shlex
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from dfrdet_jax import experiments
+from dfrdet_jax.models import registry
 
 
 def _metrics(ap):
@@ -111,6 +115,22 @@ def test_rows_at_another_budget_read_the_starts_of_another_root(tmp_path, capsys
     assert not (tmp_path / "long" / "start_topology").exists()  # nothing trained under root
 
 
+def test_main_writes_a_command_that_a_shell_runs_as_given(tmp_path, capsys):
+    """The recorded grid command and each printed run command keep ``--budget``'s quoting."""
+    root = tmp_path / "runs"
+    for run, ap in (("start_topology", 0.3), ("bnn", 0.2)):
+        (root / run / "seed0").mkdir(parents=True)
+        (root / run / "seed0" / "eval_test_best_1200.json").write_text(json.dumps(_metrics(ap)))
+    budget = "--budget=--config.model.binary_parts=('backbone','head') --config.seed=3"
+    argv = ["--detector", "fcos", "--root", str(root), "--rows", "bnn,dfr", "--seeds", "0"]
+    experiments.main([*argv, budget, "--dry_run"])
+    recorded = json.loads((root / "results.json").read_text())["command"]
+    assert shlex.split(recorded) == ["python", "-m", "dfrdet_jax.experiments", *argv, budget]
+    printed = [c for c in capsys.readouterr().out.splitlines() if "--mode=train" in c]
+    assert len(printed) == 1 and "/dfr/seed0" in printed[0]  # bnn is done; dfr is not
+    assert "--config.model.binary_parts=('backbone','head')" in shlex.split(printed[0])
+
+
 def test_summary_and_table_by_hand(tmp_path):
     results = {
         "real": {0: _metrics(0.50), 1: _metrics(0.52), 2: _metrics(0.54)},
@@ -189,3 +209,24 @@ def test_decoder_rows_keep_the_decoder_at_the_budgets_learning_rate():
     assert plain.baseline == "bnn" and plain.overrides == (
         f"--config.dfr.base_learning_rate={demo_lr}",
     )
+
+
+@pytest.mark.parametrize("detector", experiments.DETECTORS)
+def test_every_row_parses_to_a_valid_config(detector):
+    """Each row's train command, parsed as ``main`` parses it, gives a config that the model
+    registry accepts: a flag typo or an unknown mode in a row fails here, not hours into a grid."""
+    for name in experiments.GRIDS:
+        for run in experiments.grid(detector, name):
+            command = experiments._main_command(  # pylint: disable=protected-access
+                detector, run, seed=1, root="/runs", budget=(), mode="train"
+            )
+            argv = ["main", *(arg for arg in command if arg.startswith("--config"))]
+            flag_values = flags.FlagValues()
+            # The override flags are defined from the argv given here, as main's from sys.argv.
+            config_flags.DEFINE_config_file(
+                "config", lock_config=True, flag_values=flag_values, sys_argv=argv
+            )
+            flag_values(argv)
+            config = flag_values.config
+            registry.validate_config(config)
+            assert config.seed == (0 if run.shared else 1), run.name

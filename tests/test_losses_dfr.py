@@ -70,6 +70,7 @@ def np_dfr(recon, target, fg, ign, mode):
             "full": abs(r - x),
             "foreground": m * abs(r - x),
             "background": (1 - m) * abs(r),
+            "zero": abs(r),
         }[mode]
         losses.append((err * keep).sum() / (keep.sum() * 3))
     return np.mean(losses)
@@ -86,7 +87,7 @@ def batch():
     return recon, target, fg, ign
 
 
-@pytest.mark.parametrize("mode", ["decoupled", "full", "foreground", "background"])
+@pytest.mark.parametrize("mode", ["decoupled", "full", "foreground", "background", "zero"])
 def test_loss_modes_match_numpy(mode):
     recon, target, fg, ign = batch()
     np.testing.assert_allclose(

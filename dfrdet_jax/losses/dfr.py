@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-MODES = ("decoupled", "full", "foreground", "background")
+MODES = ("decoupled", "full", "foreground", "background", "zero")
 
 
 def _coverage(boxes: jnp.ndarray, select: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
@@ -60,6 +60,8 @@ def dfr_loss(
       'full'       |phi(F) - X|          (Table 1 baseline ||phi(F) - X||_1)
       'foreground' M |phi(F) - X|        (||phi(F_f) - X_f||_1 only)
       'background' (1 - M) |phi(F)|      (||phi(F_b)||_1 only)
+      'zero'       |phi(F)|              (a control, not in the paper: a blank image asked for
+                                          everywhere, so no term carries the image or the boxes)
     Pixels of the ignore mask are left out of every term. Normalisation: the sum of an
     image is divided by (number of non-ignored pixels x channels), the same denominator in
     every mode, then images are averaged over the batch.
@@ -94,6 +96,7 @@ def dfr_loss(
         "full": jnp.abs(recon - target),
         "foreground": fg_error,
         "background": bg_error,
+        "zero": jnp.abs(recon),
     }[mode]
     per_image = (keep * error).sum(axis=(1, 2, 3))
     denominator = jnp.maximum(keep.sum(axis=(1, 2, 3)) * recon.shape[-1], 1.0)
