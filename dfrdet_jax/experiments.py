@@ -127,8 +127,8 @@ def _recipes(detector: str) -> list[Run]:
     two budgets): no weight decay on latent weights, ReActNet's two steps, distillation from
     the real start or from the 1-bit topology's real start (the student's own start), a real
     FPN (the paper's 1-bit sizes fit one), the DFR decoder kept at the budget's learning rate
-    (``_decoder_1x``), only the backbone binary (where the accuracy goes), and the paper's LSQ
-    4-bit baseline."""
+    (``_decoder_1x``), a real FPN normalised before the 1-bit head (``_head_norm``), only the
+    backbone binary (where the accuracy goes), and the paper's LSQ 4-bit baseline."""
     no_latent_decay = ("--config.optimizer.latent_weight_decay=False",)
     distill = ["--config.distill.feature_weight=1.0"]
     if detector != "faster_rcnn":  # its RoI logits cannot be matched (dfrdet_jax/distill.py)
@@ -183,10 +183,26 @@ def _recipes(detector: str) -> list[Run]:
             topology,
             baseline="bnn_real_fpn",
         ),
+        *_head_norm_rows(detector, real_fpn, decoder_1x),
         Run("bnn_binary_backbone", "bnn", backbone_only, topology, baseline="bnn"),
         Run("dfr_binary_backbone", "dfr", backbone_only, topology, baseline="bnn_binary_backbone"),
         Run("lsq4", "lsq4", init_from=topology, baseline="bnn"),
     ]
+
+
+def _head_norm_rows(
+    detector: str, real_fpn: tuple[str, ...], decoder_1x: tuple[str, ...]
+) -> list[Run]:
+    """FCOS's and RetinaNet's real-FPN rows with a GroupNorm on the levels before the 1-bit
+    head, whose first units' binary branches the real levels would drown (README, "A 1-bit
+    head on a real FPN"); Faster R-CNN has no such towers."""
+    if detector == "faster_rcnn":
+        return []
+    flags = (*real_fpn, "--config.model.head_input_norm=True")
+    bnn = Run("bnn_real_fpn_head_norm", "bnn", flags, "start_topology", baseline="bnn_real_fpn")
+    dfr_flags = (*flags, *decoder_1x)
+    dfr = Run("dfr_real_fpn_head_norm_decoder_1x", "dfr", dfr_flags, "start_topology", bnn.name)
+    return [bnn, dfr]
 
 
 def _scaled_learning_rate(run: Run, factor: int, detector: str) -> Run:

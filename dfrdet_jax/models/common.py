@@ -80,6 +80,11 @@ def same_size_padding(kernel_size: int) -> list[tuple[int, int]]:
     return [(kernel_size // 2, kernel_size // 2)] * 2
 
 
+def group_norm(channels: int, dtype: Any, name: str) -> nn.GroupNorm:
+    """GroupNorm of ``channels`` channels in 32 groups (fewer for narrow layers)."""
+    return nn.GroupNorm(num_groups=math.gcd(32, channels), dtype=dtype, name=name)
+
+
 def apply_norm(kind: str, x: Array, train: bool, dtype: Any, name: str) -> Array:
     """BatchNorm (running stats in 'batch_stats'), GroupNorm (32 groups, fewer for narrow
     layers), or nothing for 'none'; call inside a compact method."""
@@ -88,7 +93,7 @@ def apply_norm(kind: str, x: Array, train: bool, dtype: Any, name: str) -> Array
             use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
         )(x)
     if kind == "group":
-        return nn.GroupNorm(num_groups=math.gcd(32, x.shape[-1]), dtype=dtype, name=name)(x)
+        return group_norm(x.shape[-1], dtype, name)(x)
     if kind == "none":
         return x
     raise ValueError(f"Unknown norm {kind!r}; valid choices: {list(NORMS)}")

@@ -341,6 +341,11 @@ def _pipeline_targets(config) -> single_stage.PipelineTargets | None:
 
 
 def _validate(config) -> None:
+    if config.model.head_input_norm:
+        raise ValueError(
+            "config.model.head_input_norm is for FCOS and RetinaNet (their conv towers); "
+            "Faster R-CNN's RPN and RoI head have none"
+        )
     f = config.faster_rcnn
     for stage in ("rpn", "roi"):
         names = (f"{stage}_negative_iou", f"{stage}_positive_iou")

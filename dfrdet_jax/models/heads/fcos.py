@@ -65,6 +65,7 @@ class FCOSHead(nn.Module):
     prior_prob: initial foreground probability of the classifier.
     binary: binarization of the tower convs.
     dtype: computation dtype.
+    input_norm: a GroupNorm on every level before the towers (``single_stage.tower_head``).
     """
 
     num_classes: int
@@ -74,6 +75,7 @@ class FCOSHead(nn.Module):
     prior_prob: float = single_stage.PRIOR_PROB
     binary: BinarySpec = REAL
     dtype: Any = None
+    input_norm: bool = False
 
     @classmethod
     def from_config(
@@ -87,6 +89,7 @@ class FCOSHead(nn.Module):
             config.model.head_convs,
             binary=binary,
             dtype=dtype,
+            input_norm=config.model.head_input_norm,
         )
 
     @nn.compact
@@ -106,6 +109,7 @@ class FCOSHead(nn.Module):
             prior_prob=self.prior_prob,
             binary=self.binary,
             dtype=self.dtype,
+            input_norm=self.input_norm,
         )
         scales = self.param("level_scales", nn.initializers.ones, (len(self.strides),))
         ltrb = [

@@ -46,6 +46,7 @@ class RetinaNetHead(nn.Module):
     prior_prob: initial foreground probability of the classifier.
     binary: binarization of the tower convs.
     dtype: computation dtype.
+    input_norm: a GroupNorm on every level before the towers (``single_stage.tower_head``).
     """
 
     num_classes: int
@@ -55,6 +56,7 @@ class RetinaNetHead(nn.Module):
     prior_prob: float = single_stage.PRIOR_PROB
     binary: BinarySpec = REAL
     dtype: Any = None
+    input_norm: bool = False
 
     @classmethod
     def from_config(
@@ -70,6 +72,7 @@ class RetinaNetHead(nn.Module):
             config.model.head_convs,
             binary=binary,
             dtype=dtype,
+            input_norm=config.model.head_input_norm,
         )
 
     @nn.compact
@@ -87,6 +90,7 @@ class RetinaNetHead(nn.Module):
             prior_prob=self.prior_prob,
             binary=self.binary,
             dtype=self.dtype,
+            input_norm=self.input_norm,
         )
         outputs = {"cls_logits": outputs["cls_logits"], "deltas": outputs["bbox_pred"]}
         return {k: jnp.concatenate(v, axis=1).astype(jnp.float32) for k, v in outputs.items()}

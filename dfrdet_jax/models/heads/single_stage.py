@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dfrdet_jax import layers
-from dfrdet_jax.models.common import BinarySpec, ConvUnit
+from dfrdet_jax.models.common import BinarySpec, ConvUnit, group_norm
 from dfrdet_jax.models.heads import family
 from dfrdet_jax.ops import boxes as boxes_ops
 from dfrdet_jax.ops import host_targets, nms
@@ -133,6 +133,7 @@ def tower_head(
     prior_prob: float,
     binary: BinarySpec,
     dtype: Any,
+    input_norm: bool = False,
 ) -> dict[str, list[Array]]:
     """The body of FCOS and RetinaNet, shared over the levels; call inside a compact method (its
     submodules are named in the caller's scope).
@@ -141,6 +142,11 @@ def tower_head(
     ``num_convs`` units each; on the first the prediction conv 'cls_logits' (K * num_classes
     channels, bias at ``prior_prob``), on the second one prediction conv per ``box_outputs``
     entry (its name -> D, K * D channels), K = ``num_anchors`` per location.
+
+    With ``input_norm``, each level first goes through one GroupNorm ('input_norm') shared by
+    the levels: a 1-bit tower unit adds its binary branch, normalised to about unit
+    scale, to its input, so a real FPN's outputs (RMS about 14 at the demo budget) would
+    drown the first unit's branch (README, "A 1-bit head on a real FPN").
 
     Args:
       levels: one [B, h_l, w_l, C_in] map per level.
@@ -157,7 +163,10 @@ def tower_head(
         for name, depth in box_outputs.items()
     }
     outputs = {"cls_logits": [], **{name: [] for name in box_outputs}}
+    normalize = group_norm(levels[0].shape[-1], dtype, "input_norm") if input_norm else None
     for x in levels:
+        if normalize is not None:
+            x = normalize(x)
         batch = x.shape[0]
         c = run_tower(cls_tower, x, train)
         r = run_tower(reg_tower, x, train)
