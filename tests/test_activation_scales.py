@@ -1,5 +1,6 @@
-"""benchmarks/activation_scales.py: the size of every FPN level and DFR decoder stage, checked
-against numpy over the concatenated batches, and run on a saved run's chosen checkpoints."""
+"""benchmarks/activation_scales.py: the size of every FPN level, head tower branch and DFR
+decoder stage, checked against numpy over the concatenated batches, and run on a saved run's
+chosen checkpoints."""
 
 import json
 import pathlib
@@ -27,10 +28,13 @@ def test_scales_are_numpys_over_every_batch(variant):
     got = script.scales(config, model, variables, batches)
     levels = [f"P{v}" for v in range(config.model.min_level, config.model.max_level + 1)]
     decoder = ["decoder/deconv0", "decoder/fuse", "decoder/block0", "decoder/project"]
+    branches = ["head/cls_tower0/norm", "head/reg_tower0/norm"]
     if variant == "dfr":
-        assert set(levels + decoder + ["reconstruction"]) <= set(got)
+        assert set(levels + branches + decoder + ["reconstruction"]) <= set(got)
     else:
-        assert sorted(got) == sorted(levels)
+        assert sorted(got) == sorted(levels + branches)
+    for name in branches:  # GroupNorm's output at its initial scale 1, bias 0: unit RMS
+        assert got[name]["rms"] == pytest.approx(1.0, abs=0.01), name
     outputs = [script.feature_outputs(config, model, variables, b) for b in batches]
     for name, values in got.items():
         x = np.concatenate([np.asarray(o[name], np.float64).ravel() for o in outputs])
