@@ -170,6 +170,9 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.train.num_epochs = 12
     config.train.num_steps = -1  # > 0 overrides num_epochs
     config.train.log_every_steps = 50
+    # Warn when a logged loss part or the gradient norm exceeds this many times its running
+    # level (run_utils.SpikeWatch); 0: off.
+    config.train.spike_factor = 10.0
     config.train.eval_every_steps = -1  # -1: at the end of every epoch
     config.train.checkpoint_every_steps = 1000
     config.train.keep_checkpoints = 3

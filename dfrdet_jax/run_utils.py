@@ -1,5 +1,6 @@
 """What a training run needs around its steps: a metrics writer, a progress bar, a SIGTERM
-guard, the profiler's step window and the check that a step's loss is finite."""
+guard, the profiler's step window, the check that a step's loss is finite and the watch for a
+loss that jumps."""
 
 from __future__ import annotations
 
@@ -128,6 +129,52 @@ class PreemptionGuard:
         return False
 
 
+class SpikeWatch:
+    """Names a loss part or the gradient norm that jumps, as it happens: at each logged step,
+    a ``loss*`` or ``grad_norm`` value above ``factor`` times its running level (an
+    exponential mean, weight ``decay``, of its earlier logged values) is logged as a warning,
+    and becomes the new level, so a jump is warned about once.
+
+    A diverging module shows this way long before the loss is NaN: at 16x the lr an
+    unnormalised DFR decoder took L_DFR from 0.36 to 89 in 50 steps, and the detector never
+    recovered (README, "A steady decoder"). Training goes on; the warning names the checkpoints
+    to compare.
+    """
+
+    def __init__(self, workdir: str, factor: float, decay: float = 0.9):
+        self.workdir, self.factor, self.decay = workdir, factor, decay
+        self.levels: dict[str, float] = {}
+        self.last_step = 0
+
+    def check(self, step: int, summary: dict[str, Any]) -> list[str]:
+        """The names in ``summary`` (host scalars of ``step``) that jumped; warns for each."""
+        jumped = []
+        for name, value in summary.items():
+            if not (name.startswith("loss") or name == "grad_norm") or np.ndim(value) != 0:
+                continue
+            value, level = float(value), self.levels.get(name)
+            if self.factor > 0 and level is not None and level > 0 and value > self.factor * level:
+                jumped.append(name)
+                logging.warning(
+                    "Step %d: %s = %.4g is %.0fx its running level %.4g. To find the module "
+                    "that blew up: python benchmarks/activation_scales.py --workdir %s "
+                    "--steps <a checkpoint at or before step %d>,<one after>",
+                    step,
+                    name,
+                    value,
+                    value / level,
+                    level,
+                    self.workdir,
+                    self.last_step,
+                )
+            if level is None or name in jumped:  # a jump is the new level: warned once
+                self.levels[name] = value
+            else:
+                self.levels[name] = self.decay * level + (1 - self.decay) * value
+        self.last_step = step
+        return jumped
+
+
 def check_schedule(config: ml_collections.ConfigDict) -> None:
     """ValueError naming the field when the training schedule cannot run: logging and
     checkpoint intervals must be at least one step, and a run needs steps or epochs."""
@@ -135,6 +182,8 @@ def check_schedule(config: ml_collections.ConfigDict) -> None:
     for field in ("log_every_steps", "checkpoint_every_steps"):
         if t[field] < 1:
             raise ValueError(f"config.train.{field} must be at least 1 (steps), got {t[field]}")
+    if t.spike_factor < 0:
+        raise ValueError(f"config.train.spike_factor must be 0 (off) or more, got {t.spike_factor}")
     if t.num_steps <= 0 and t.num_epochs <= 0:
         raise ValueError(
             "config.train.num_steps or config.train.num_epochs must be positive, got "

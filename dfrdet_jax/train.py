@@ -133,6 +133,7 @@ def train_and_evaluate(
     )
     writer = run_utils.MetricsWriter(workdir)
     progress = run_utils.Progress(total_steps, start_step)
+    spikes = run_utils.SpikeWatch(workdir, config.train.spike_factor)
     profile_start, profile_stop = run_utils.profile_window(config)
     eval_metrics: dict[str, Any] = {}
     pending = None  # the previous step's metrics, read one step late so the host never stalls
@@ -175,6 +176,7 @@ def train_and_evaluate(
                     eta_minutes=(total_steps - done) / max(rate, 1e-9) / 60,
                 )
                 writer.write(done, summary, "train/")
+                spikes.check(done, summary)
                 timer, timed_steps = time.time(), 0
             if save_now:
                 checkpoints.save(done, state, input_state)

@@ -293,3 +293,31 @@ def test_non_finite_loss_names_the_step_and_images():
     with pytest.raises(FloatingPointError, match=r"at step 7 \(images \[11, 12\]\).*loss_cls"):
         run_utils.check_finite(7, metrics, np.array([11, 12]))
     run_utils.check_finite(8, {"loss": np.float32(2.0)}, None)
+
+
+def test_a_jumping_loss_part_is_named_as_it_happens(monkeypatch):
+    """The replayed divergence of README's "A steady decoder": L_DFR and the gradient norm jump
+    at the fourth logged step, while L_det stays; each jump is warned about once."""
+    warned = []
+    monkeypatch.setattr(run_utils.logging, "warning", lambda *args: warned.append(args))
+    watch = run_utils.SpikeWatch("runs/replay", factor=10.0)
+    logged = [  # (step, L_det, L_DFR, grad_norm), as the log shows them
+        (500, 0.50, 0.34, 0.7),
+        (525, 0.48, 0.36, 0.8),
+        (550, 0.49, 1.30, 1.1),
+        (575, 0.51, 65.3, 226.0),
+        (600, 0.52, 70.1, 30.0),
+    ]
+    jumped = [
+        watch.check(step, {"loss_det": d, "loss_dfr": r, "grad_norm": g, "learning_rate": 9.0})
+        for step, d, r, g in logged
+    ]
+    assert jumped == [[], [], [], ["loss_dfr", "grad_norm"], []]
+    # The running level before step 575, by hand: 0.9 * (0.9 * 0.34 + 0.1 * 0.36) + 0.1 * 1.3.
+    level = 0.9 * (0.9 * 0.34 + 0.1 * 0.36) + 0.1 * 1.3
+    step, name, value, ratio, before = warned[0][1:6]
+    assert (step, name, value) == (575, "loss_dfr", 65.3)
+    assert before == pytest.approx(level) and ratio == pytest.approx(65.3 / level)
+    assert warned[0][6:] == ("runs/replay", 550)  # the workdir and the last step logged before
+    off = run_utils.SpikeWatch("w", factor=0.0)
+    assert [off.check(s, {"loss_dfr": r}) for s, _, r, _ in logged] == [[]] * len(logged)

@@ -108,6 +108,7 @@ def test_what_evaluation_needs_is_checked_before_training(
         ("log_every_steps", 0, r"config.train.log_every_steps must be at least 1"),
         ("checkpoint_every_steps", -1, r"config.train.checkpoint_every_steps must be at least"),
         ("num_steps", 0, r"config.train.num_steps or config.train.num_epochs must be positive"),
+        ("spike_factor", -1.0, r"config.train.spike_factor must be 0 \(off\) or more"),
     ],
 )
 def test_a_schedule_that_cannot_run_is_named_before_training(
