@@ -201,7 +201,9 @@ def _head_norm_rows(
     flags = (*real_fpn, "--config.model.head_input_norm=True")
     bnn = Run("bnn_real_fpn_head_norm", "bnn", flags, "start_topology", baseline="bnn_real_fpn")
     dfr_flags = (*flags, *decoder_1x)
-    dfr = Run("dfr_real_fpn_head_norm_decoder_1x", "dfr", dfr_flags, "start_topology", bnn.name)
+    dfr = Run(
+        "dfr_real_fpn_head_norm_decoder_1x", "dfr", dfr_flags, "start_topology", baseline=bnn.name
+    )
     return [bnn, dfr]
 
 

@@ -214,9 +214,13 @@ def test_decoder_rows_keep_the_decoder_at_the_budgets_learning_rate():
 @pytest.mark.parametrize("detector", experiments.DETECTORS)
 def test_every_row_parses_to_a_valid_config(detector):
     """Each row's train command, parsed as ``main`` parses it, gives a config that the model
-    registry accepts: a flag typo or an unknown mode in a row fails here, not hours into a grid."""
+    registry accepts, only starts are shared and each baseline is a row: a flag typo, an unknown
+    mode or a misplaced field in a row fails here, not hours into a grid."""
     for name in experiments.GRIDS:
-        for run in experiments.grid(detector, name):
+        runs = experiments.grid(detector, name)
+        for run in runs:
+            assert run.shared == run.name.startswith("start_"), run.name  # only starts are shared
+            assert run.baseline in {None} | {r.name for r in runs}, run.name
             command = experiments._main_command(  # pylint: disable=protected-access
                 detector, run, seed=1, root="/runs", budget=(), mode="train"
             )
