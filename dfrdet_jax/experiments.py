@@ -56,6 +56,9 @@ from dfrdet_jax import configs
 
 DETECTORS = ("fcos", "retinanet", "faster_rcnn")
 TABLE_METRICS = ("AP", "AP50", "AP75", "AP_vt", "AP_t", "AP_s", "AP_m")
+# The best checkpoint's validation AP: what the checkpoint, and any setting of a row, is chosen
+# on (the table's other metrics are the test split's).
+VALIDATION_AP = "val_AP"
 # The 1-bit topology computed in real values: BinaryConv/BinaryDense without quantizers.
 REAL_TOPOLOGY = (
     "--config.model.binary.input_quantizer=none",
@@ -355,6 +358,18 @@ def test_metrics_path(workdir: str) -> str | None:
     return found[0] if found else None
 
 
+def validation_ap(workdir: str) -> float | None:
+    """The largest validation AP of ``workdir``'s evaluations (its metrics.jsonl), which is the
+    best checkpoint's; None when it logged none."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        values = [json.loads(line).get("eval/AP") for line in f if line.strip()]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
 def run_grid(
     detector: str,
     root: str,
@@ -386,18 +401,24 @@ def run_grid(
             done = test_metrics_path(workdir)
             if done is not None:
                 with open(done) as f:
-                    results.setdefault(run.name, {})[seed] = json.load(f)
+                    metrics = json.load(f)
+                validation = validation_ap(workdir)
+                if validation is not None:
+                    metrics[VALIDATION_AP] = validation
+                results.setdefault(run.name, {})[seed] = metrics
                 on_result(results)
     return results
 
 
 def summarize(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, Any]]:
     """{row: {metric: {'mean', 'std', 'n', 'values', 'seeds'}}} (std with ddof=1; 0 for one
-    seed; values[i] is seed seeds[i]'s, in %)."""
+    seed; values[i] is seed seeds[i]'s, in %), for ``TABLE_METRICS`` and, where every seed has
+    it, ``VALIDATION_AP``."""
     summary = {}
     for name, by_seed in results.items():
         row = {}
-        for metric in TABLE_METRICS:
+        validated = all(VALIDATION_AP in m for m in by_seed.values())
+        for metric in TABLE_METRICS + ((VALIDATION_AP,) if validated else ()):
             values = [100.0 * by_seed[s][metric] for s in sorted(by_seed)]
             std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
             row[metric] = {
@@ -432,14 +453,18 @@ def _difference(summary, a: str, b: str, metric: str = "AP") -> tuple[float, flo
 
 
 def markdown_table(detector: str, summary, command: str, runs: Sequence[Run]) -> str:
-    """The README's table: mean +- std over seeds of every AI-TOD metric (%), then the
+    """The README's table: mean +- std over seeds of every AI-TOD metric (%) on the test split
+    and of the validation AP the runs were selected on ('-' where a run logged none), then the
     comparisons the paper makes: each row's share of the real row's AP (when the table holds
     one real row, ``real`` or an lr row of it), and each row's difference from its ``baseline``
     with its standard error."""
-    head = "| row | seeds | " + " | ".join(TABLE_METRICS) + " |"
-    lines = [f"`{command}`", "", head, "|" + "---|" * (len(TABLE_METRICS) + 2)]
+    columns = TABLE_METRICS + (VALIDATION_AP,)
+    head = "| row | seeds | " + " | ".join(TABLE_METRICS) + " | validation AP |"
+    lines = [f"`{command}`", "", head, "|" + "---|" * (len(columns) + 2)]
     for name, row in summary.items():
-        cells = [f"{row[m]['mean']:.1f} ± {row[m]['std']:.1f}" for m in TABLE_METRICS]
+        cells = [
+            f"{row[m]['mean']:.1f} ± {row[m]['std']:.1f}" if m in row else "-" for m in columns
+        ]
         lines.append(f"| {detector} {name} | {row['AP']['n']} | " + " | ".join(cells) + " |")
     lines.append("")
     rows = [run for run in runs if not run.shared and run.name in summary]

@@ -131,6 +131,38 @@ def test_main_writes_a_command_that_a_shell_runs_as_given(tmp_path, capsys):
     assert "--config.model.binary_parts=('backbone','head')" in shlex.split(printed[0])
 
 
+def test_the_validation_ap_that_selected_each_run_is_tabulated(tmp_path):
+    """Each run's best validation AP (what its checkpoint and any setting of its row are chosen
+    on) comes from its metrics.jsonl into the results and the table, beside the test metrics."""
+    root = tmp_path / "runs"
+    logged = {  # seed -> the validation APs its evaluations logged (step 600, step 1200)
+        0: [0.40, 0.46],
+        1: [0.44, 0.42],
+    }
+    (root / "start_topology" / "seed0").mkdir(parents=True)
+    (root / "start_topology" / "seed0" / "eval_test_best_1200.json").write_text(
+        json.dumps(_metrics(0.3))
+    )
+    for seed, values in logged.items():
+        workdir = root / "bnn" / f"seed{seed}"
+        workdir.mkdir(parents=True)
+        (workdir / "eval_test_best_1200.json").write_text(json.dumps(_metrics(0.2)))
+        lines = [{"step": 50, "train/loss": 1.0}]
+        lines += [{"step": 600 * (i + 1), "eval/AP": v} for i, v in enumerate(values)]
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    runs = experiments.grid("fcos", "comparison", ["bnn"])
+    results = experiments.run_grid("fcos", str(root), [0, 1], [], True, runs=runs)
+    assert [results["bnn"][s][experiments.VALIDATION_AP] for s in (0, 1)] == [0.46, 0.44]
+    assert experiments.VALIDATION_AP not in results["start_topology"][0]  # none logged
+    summary = experiments.summarize(results)
+    assert summary["bnn"][experiments.VALIDATION_AP]["mean"] == pytest.approx(45.0)
+    assert experiments.VALIDATION_AP not in summary["start_topology"]
+    table = experiments.markdown_table("fcos", summary, "CMD", runs)
+    assert "| AP_m | validation AP |" in table
+    assert "| fcos bnn | 2 | 20.0 ± 0.0 |" in table and "| 45.0 ± 1.4 |" in table
+    assert "| fcos start_topology | 1 |" in table and table.count(" - |") == 1
+
+
 def test_summary_and_table_by_hand(tmp_path):
     results = {
         "real": {0: _metrics(0.50), 1: _metrics(0.52), 2: _metrics(0.54)},
