@@ -17,6 +17,14 @@ def _metrics(ap):
     return {m: ap for m in experiments.TABLE_METRICS}
 
 
+def _finished(workdir, ap):
+    """Fakes a finished run in ``workdir``: the test metrics (every one ``ap``) that the eval
+    mode writes; returns the workdir."""
+    workdir.mkdir(parents=True)
+    (workdir / "eval_test_best_1200.json").write_text(json.dumps(_metrics(ap)))
+    return workdir
+
+
 def test_grid_starts_first_and_rows_start_from_them():
     runs = experiments.grid("fcos")
     names = [r.name for r in runs]
@@ -64,9 +72,7 @@ def test_commands_and_resume(tmp_path, capsys):
     root = str(tmp_path)
     # Finished runs are read, not run again: fake the test metrics of two of them.
     for run, seed, ap in (("start_real", 0, 0.4), ("bnn", 1, 0.2)):
-        workdir = tmp_path / run / f"seed{seed}"
-        workdir.mkdir(parents=True)
-        (workdir / "eval_test_best_1200.json").write_text(json.dumps(_metrics(ap)))
+        _finished(tmp_path / run / f"seed{seed}", ap)
     results = experiments.run_grid("fcos", root, [0, 1], ["--config.train.num_steps=5"], True)
     assert results == {"start_real": {0: _metrics(0.4)}, "bnn": {1: _metrics(0.2)}}
     commands = capsys.readouterr().out.splitlines()
@@ -99,8 +105,7 @@ def test_rows_at_another_budget_read_the_starts_of_another_root(tmp_path, capsys
     with pytest.raises(FileNotFoundError, match=f"start_topology: {starts}/start_topology/seed0"):
         experiments.run_grid("fcos", root, [1], [], True, runs=runs, starts_root=str(starts))
     for run, ap in (("start_topology", 0.3), ("start_real", 0.4)):
-        (starts / run / "seed0").mkdir(parents=True)
-        (starts / run / "seed0" / "eval_test_best_1200.json").write_text(json.dumps(_metrics(ap)))
+        _finished(starts / run / "seed0", ap)
     capsys.readouterr()
     budget = ["--config.train.num_steps=4800"]
     results = experiments.run_grid(
@@ -119,8 +124,7 @@ def test_main_writes_a_command_that_a_shell_runs_as_given(tmp_path, capsys):
     """The recorded grid command and each printed run command keep ``--budget``'s quoting."""
     root = tmp_path / "runs"
     for run, ap in (("start_topology", 0.3), ("bnn", 0.2)):
-        (root / run / "seed0").mkdir(parents=True)
-        (root / run / "seed0" / "eval_test_best_1200.json").write_text(json.dumps(_metrics(ap)))
+        _finished(root / run / "seed0", ap)
     budget = "--budget=--config.model.binary_parts=('backbone','head') --config.seed=3"
     argv = ["--detector", "fcos", "--root", str(root), "--rows", "bnn,dfr", "--seeds", "0"]
     experiments.main([*argv, budget, "--dry_run"])
@@ -139,14 +143,9 @@ def test_the_validation_ap_that_selected_each_run_is_tabulated(tmp_path):
         0: [0.40, 0.46],
         1: [0.44, 0.42],
     }
-    (root / "start_topology" / "seed0").mkdir(parents=True)
-    (root / "start_topology" / "seed0" / "eval_test_best_1200.json").write_text(
-        json.dumps(_metrics(0.3))
-    )
+    _finished(root / "start_topology" / "seed0", 0.3)
     for seed, values in logged.items():
-        workdir = root / "bnn" / f"seed{seed}"
-        workdir.mkdir(parents=True)
-        (workdir / "eval_test_best_1200.json").write_text(json.dumps(_metrics(0.2)))
+        workdir = _finished(root / "bnn" / f"seed{seed}", 0.2)
         lines = [{"step": 50, "train/loss": 1.0}]
         lines += [{"step": 600 * (i + 1), "eval/AP": v} for i, v in enumerate(values)]
         (workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
