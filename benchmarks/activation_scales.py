@@ -1,6 +1,7 @@
 """The size of a run's features, checkpoint by checkpoint: the RMS, mean |x| and largest |x| of
 every FPN level, of each DFR decoder stage's output and of the reconstruction, and of the
-branch that each head tower's first unit adds to the FPN level it reads (FCOS, RetinaNet), from
+branch that the head's first units add to the FPN level they read (each tower's first unit in
+FCOS and RetinaNet, the RPN conv in Faster R-CNN), from
 the forward pass (inference mode: BatchNorm's running statistics) on the batches of a split.
 
 It finds where a run blew up (the first module whose output jumps between two checkpoints) and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 
+import flax
 import jax
 import jax.numpy as jnp
 import loss_gradients  # noqa: E402  (benchmarks/ is the script's folder)
@@ -27,31 +29,33 @@ from dfrdet_jax import checkpointing
 from dfrdet_jax.models import registry
 from dfrdet_jax.models.detectors import DECODER, NECK, normalize_images
 
-# The head's first unit of each conv tower (FCOS, RetinaNet): its normalised conv output, the
-# branch that a 1-bit unit adds to its input, the FPN level (models/common.py, ConvUnit).
-_HEAD, _FIRST_UNIT = "head", "tower0"
+# The head's units that read the FPN levels (FCOS's and RetinaNet's towers, Faster R-CNN's RPN):
+# their normalised conv output is the branch that a 1-bit unit adds to its input, the level
+# (models/common.py, ConvUnit).
+_HEAD, _FIRST_UNITS = "head", ("cls_tower0", "reg_tower0", "rpn_conv0")
 
 
 def _tracked(module, method_name: str) -> bool:
     """The FPN's output, each of the decoder's direct submodules' outputs and the norm of each
-    head tower's first unit."""
+    of the head's first units."""
     path = module.path
     return method_name == "__call__" and (
         path == (NECK,)
         or (len(path) == 2 and path[0] == DECODER)
         or (
-            len(path) == 3
+            len(path) >= 3
             and path[0] == _HEAD
-            and path[1].endswith(_FIRST_UNIT)
-            and path[2] == "norm"
+            and path[-2] in _FIRST_UNITS
+            and path[-1] == "norm"
         )
     )
 
 
 def feature_outputs(config, model, variables, batch) -> dict[str, jax.Array]:
-    """{name: output} of one batch: 'P2'.. of the FPN, 'head/<tower>0/norm' (every level's,
-    flattened into one; FCOS and RetinaNet), 'decoder/<stage>' and 'reconstruction' (the last
-    two only for a config with a DFR decoder)."""
+    """{name: output} of one batch: 'P2'.. of the FPN, 'head/<tower>0/norm' (FCOS, RetinaNet)
+    or 'head/rpn/rpn_conv0/norm' (Faster R-CNN; every level's, flattened into one),
+    'decoder/<stage>' and 'reconstruction' (the last two only for a config with a DFR
+    decoder)."""
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     reconstruct = bool(config.dfr.levels)
     outputs, state = model.apply(
@@ -65,10 +69,10 @@ def feature_outputs(config, model, variables, batch) -> dict[str, jax.Array]:
     )
     captured = state["intermediates"]
     found = dict(captured[NECK]["__call__"][0])
-    for unit, modules in captured.get(_HEAD, {}).items():
+    for path, calls in flax.traverse_util.flatten_dict(captured.get(_HEAD, {})).items():
         # One call per level, shared weights: the levels' outputs, flattened, as one.
-        calls = modules["norm"]["__call__"]
-        found[f"{_HEAD}/{unit}/norm"] = jnp.concatenate([c.reshape(-1) for c in calls])
+        name = "/".join((_HEAD, *path[:-1]))  # path ends with '__call__'
+        found[name] = jnp.concatenate([c.reshape(-1) for c in calls])
     if reconstruct:
         for stage, calls in captured[DECODER].items():
             found[f"{DECODER}/{stage}"] = calls["__call__"][0]

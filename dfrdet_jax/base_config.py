@@ -61,8 +61,9 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     # config.model.p6_source, how the FPN builds P6 ('p5', 'c5' or 'maxpool'; models/fpn.py),
     # is set by each family's config file to that family's convention.
     config.model.head_convs = 4
-    # FCOS and RetinaNet: a GroupNorm on each FPN level before the head's towers. A 1-bit tower
-    # on a real FPN needs it: the levels' scale would drown the first unit's binary branch.
+    # A GroupNorm on each FPN level before the head (FCOS's and RetinaNet's towers, Faster
+    # R-CNN's RPN and RoIAlign). A 1-bit head on a real FPN needs it: the levels' scale would
+    # drown its first unit's binary branch.
     config.model.head_input_norm = False
     config.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 parameters and optimizer state
     # Starting weights of a new run (dfrdet_jax/warm_start.py): a torchvision-layout ResNet

@@ -137,6 +137,7 @@ def _recipes(detector: str) -> list[Run]:
     if detector != "faster_rcnn":  # its RoI logits cannot be matched (dfrdet_jax/distill.py)
         distill.append("--config.distill.logit_weight=1.0")
     topology, real_fpn = "start_topology", ("--config.model.binary_parts=('backbone','head')",)
+    head_norm = (*real_fpn, "--config.model.head_input_norm=True")
     backbone_only = ("--config.model.binary_parts=('backbone',)",)
     # The real-valued decoder at the budget's lr whatever the row's (``_lr16x`` scales the rest):
     # at 16x its unnormalised residual block can blow up in one step (README, "A steady decoder").
@@ -186,28 +187,20 @@ def _recipes(detector: str) -> list[Run]:
             topology,
             baseline="bnn_real_fpn",
         ),
-        *_head_norm_rows(detector, real_fpn, decoder_1x),
+        # The real FPN's levels normalised before the 1-bit head, whose first units' binary
+        # branches they would drown (README, "A 1-bit head on a real FPN").
+        Run("bnn_real_fpn_head_norm", "bnn", head_norm, topology, baseline="bnn_real_fpn"),
+        Run(
+            "dfr_real_fpn_head_norm_decoder_1x",
+            "dfr",
+            (*head_norm, *decoder_1x),
+            topology,
+            baseline="bnn_real_fpn_head_norm",
+        ),
         Run("bnn_binary_backbone", "bnn", backbone_only, topology, baseline="bnn"),
         Run("dfr_binary_backbone", "dfr", backbone_only, topology, baseline="bnn_binary_backbone"),
         Run("lsq4", "lsq4", init_from=topology, baseline="bnn"),
     ]
-
-
-def _head_norm_rows(
-    detector: str, real_fpn: tuple[str, ...], decoder_1x: tuple[str, ...]
-) -> list[Run]:
-    """FCOS's and RetinaNet's real-FPN rows with a GroupNorm on the levels before the 1-bit
-    head, whose first units' binary branches the real levels would drown (README, "A 1-bit
-    head on a real FPN"); Faster R-CNN has no such towers."""
-    if detector == "faster_rcnn":
-        return []
-    flags = (*real_fpn, "--config.model.head_input_norm=True")
-    bnn = Run("bnn_real_fpn_head_norm", "bnn", flags, "start_topology", baseline="bnn_real_fpn")
-    dfr_flags = (*flags, *decoder_1x)
-    dfr = Run(
-        "dfr_real_fpn_head_norm_decoder_1x", "dfr", dfr_flags, "start_topology", baseline=bnn.name
-    )
-    return [bnn, dfr]
 
 
 def _scaled_learning_rate(run: Run, factor: int, detector: str) -> Run:

@@ -1,5 +1,5 @@
-"""benchmarks/activation_scales.py: the size of every FPN level, head tower branch and DFR
-decoder stage, checked against numpy over the concatenated batches, and run on a saved run's
+"""benchmarks/activation_scales.py: the size of every FPN level, head branch (FCOS's towers,
+Faster R-CNN's RPN) and DFR decoder stage, checked against numpy over the concatenated batches, and run on a saved run's
 chosen checkpoints."""
 
 import json
@@ -17,10 +17,17 @@ from dfrdet_jax.models import registry
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("variant", ["bnn", "dfr"])
-def test_scales_are_numpys_over_every_batch(variant):
+@pytest.mark.parametrize(
+    "variant, family, branches",
+    [
+        ("bnn", "fcos", ["head/cls_tower0/norm", "head/reg_tower0/norm"]),
+        ("dfr", "fcos", ["head/cls_tower0/norm", "head/reg_tower0/norm"]),
+        ("bnn", "faster_rcnn", ["head/rpn/rpn_conv0/norm"]),
+    ],
+)
+def test_scales_are_numpys_over_every_batch(variant, family, branches):
     script = smoke.load_benchmark("activation_scales")
-    config = smoke.smoke_config(variant)
+    config = smoke.smoke_config(variant, family)
     model = registry.build_model(config, num_classes=3)
     state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 10)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -28,7 +35,6 @@ def test_scales_are_numpys_over_every_batch(variant):
     got = script.scales(config, model, variables, batches)
     levels = [f"P{v}" for v in range(config.model.min_level, config.model.max_level + 1)]
     decoder = ["decoder/deconv0", "decoder/fuse", "decoder/block0", "decoder/project"]
-    branches = ["head/cls_tower0/norm", "head/reg_tower0/norm"]
     if variant == "dfr":
         assert set(levels + branches + decoder + ["reconstruction"]) <= set(got)
     else:

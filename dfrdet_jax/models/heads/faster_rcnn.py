@@ -60,6 +60,8 @@ class FasterRCNNHead(nn.Module):
     fc_width: width of the box head's two hidden layers.
     assign_chunk_size: anchors matched at a time (``matcher.max_iou_targets``).
     binary: binarization of the RPN conv and the two hidden box-head layers.
+    input_norm: a GroupNorm on every level before the RPN and RoIAlign
+      (``single_stage.normalized_levels``): the RPN conv is a 1-bit unit with a shortcut.
     dtype: computation dtype.
     """
 
@@ -89,6 +91,7 @@ class FasterRCNNHead(nn.Module):
     fc_width: int
     assign_chunk_size: int | None
     binary: BinarySpec = REAL
+    input_norm: bool = False
     dtype: Any = None
 
     @classmethod
@@ -124,6 +127,7 @@ class FasterRCNNHead(nn.Module):
             fc_width=f.fc_width,
             assign_chunk_size=f.assign_chunk_size,
             binary=binary,
+            input_norm=config.model.head_input_norm,
             dtype=dtype,
         )
 
@@ -141,6 +145,8 @@ class FasterRCNNHead(nn.Module):
         'proposal_valid' [B, R], R = the configured number of RoIs (training) / kept
         proposals (inference, ``rpn_post_nms_top_k_test``).
         """
+        if self.input_norm:
+            levels = single_stage.normalized_levels(levels, self.dtype)
         batch = levels[0].shape[0]
         input_hw = (levels[0].shape[1] * self.strides[0], levels[0].shape[2] * self.strides[0])
         targets = targets or {}
@@ -341,11 +347,6 @@ def _pipeline_targets(config) -> single_stage.PipelineTargets | None:
 
 
 def _validate(config) -> None:
-    if config.model.head_input_norm:
-        raise ValueError(
-            "config.model.head_input_norm is for FCOS and RetinaNet (their conv towers); "
-            "Faster R-CNN's RPN and RoI head have none"
-        )
     f = config.faster_rcnn
     for stage in ("rpn", "roi"):
         names = (f"{stage}_negative_iou", f"{stage}_positive_iou")

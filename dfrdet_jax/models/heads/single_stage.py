@@ -121,6 +121,15 @@ def run_tower(tower: list[ConvUnit], x: Array, train: bool) -> Array:
     return x
 
 
+def normalized_levels(levels: Sequence[Array], dtype: Any) -> list[Array]:
+    """Each [B, h_l, w_l, C] level through one GroupNorm ('input_norm') shared by the levels;
+    call inside a compact method. A 1-bit unit adds its binary branch, normalised to about
+    unit scale, to its input, so a real FPN's outputs (RMS about 14 at the demo budget) would
+    drown the first unit's branch (README, "A 1-bit head on a real FPN")."""
+    normalize = group_norm(levels[0].shape[-1], dtype, "input_norm")
+    return [normalize(x) for x in levels]
+
+
 def tower_head(
     levels: Sequence[Array],
     train: bool,
@@ -143,10 +152,7 @@ def tower_head(
     channels, bias at ``prior_prob``), on the second one prediction conv per ``box_outputs``
     entry (its name -> D, K * D channels), K = ``num_anchors`` per location.
 
-    With ``input_norm``, each level first goes through one GroupNorm ('input_norm') shared by
-    the levels: a 1-bit tower unit adds its binary branch, normalised to about unit
-    scale, to its input, so a real FPN's outputs (RMS about 14 at the demo budget) would
-    drown the first unit's branch (README, "A 1-bit head on a real FPN").
+    With ``input_norm``, the levels first go through ``normalized_levels``.
 
     Args:
       levels: one [B, h_l, w_l, C_in] map per level.
@@ -163,10 +169,9 @@ def tower_head(
         for name, depth in box_outputs.items()
     }
     outputs = {"cls_logits": [], **{name: [] for name in box_outputs}}
-    normalize = group_norm(levels[0].shape[-1], dtype, "input_norm") if input_norm else None
+    if input_norm:
+        levels = normalized_levels(levels, dtype)
     for x in levels:
-        if normalize is not None:
-            x = normalize(x)
         batch = x.shape[0]
         c = run_tower(cls_tower, x, train)
         r = run_tower(reg_tower, x, train)
