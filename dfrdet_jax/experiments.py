@@ -352,15 +352,17 @@ def test_metrics_path(workdir: str) -> str | None:
 
 
 def validation_ap(workdir: str) -> float | None:
-    """The largest validation AP of ``workdir``'s evaluations (its metrics.jsonl), which is the
-    best checkpoint's; None when it logged none."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    """The validation AP that ``workdir``'s metrics.jsonl logged at its best checkpoint's step
+    (the step in its test metrics' file name, ``test_metrics_path``): what chose the checkpoint
+    and any setting of its row. None before the test metrics, or when that step logged none."""
+    test_path, metrics_path = test_metrics_path(workdir), os.path.join(workdir, "metrics.jsonl")
+    if test_path is None or not os.path.exists(metrics_path):
         return None
-    with open(path) as f:
-        values = [json.loads(line).get("eval/AP") for line in f if line.strip()]
-    values = [v for v in values if v is not None]
-    return max(values) if values else None
+    step = int(os.path.basename(test_path).removesuffix(".json").rsplit("_", 1)[1])
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    values = [r["eval/AP"] for r in records if r.get("step") == step and "eval/AP" in r]
+    return values[-1] if values else None  # the last: a resumed run may log a step twice
 
 
 def run_grid(

@@ -1,6 +1,6 @@
 """benchmarks/activation_scales.py: the size of every FPN level, head branch (FCOS's towers,
-Faster R-CNN's RPN) and DFR decoder stage, checked against numpy over the concatenated batches, and run on a saved run's
-chosen checkpoints."""
+Faster R-CNN's RPN) and DFR decoder stage, checked against numpy over the concatenated
+batches, and run on a saved run's chosen checkpoints."""
 
 import json
 import pathlib

@@ -149,6 +149,8 @@ def test_the_validation_ap_that_selected_each_run_is_tabulated(tmp_path):
         lines = [{"step": 50, "train/loss": 1.0}]
         lines += [{"step": 600 * (i + 1), "eval/AP": v} for i, v in enumerate(values)]
         (workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        best = 600 * (1 + values.index(max(values)))  # the step that the test metrics score
+        (workdir / "eval_test_best_1200.json").rename(workdir / f"eval_test_best_{best}.json")
     runs = experiments.grid("fcos", "comparison", ["bnn"])
     results = experiments.run_grid("fcos", str(root), [0, 1], [], True, runs=runs)
     assert [results["bnn"][s][experiments.VALIDATION_AP] for s in (0, 1)] == [0.46, 0.44]
@@ -160,6 +162,23 @@ def test_the_validation_ap_that_selected_each_run_is_tabulated(tmp_path):
     assert "| AP_m | validation AP |" in table
     assert "| fcos bnn | 2 | 20.0 ± 0.0 |" in table and "| 45.0 ± 1.4 |" in table
     assert "| fcos start_topology | 1 |" in table and table.count(" - |") == 1
+
+
+def test_the_validation_ap_is_the_best_checkpoints_not_the_largest(tmp_path):
+    """A run that selects by another metric (TinyPerson's AP50_tiny) has its best checkpoint
+    where that metric peaked: the validation AP is the one logged at that checkpoint's step
+    (named by its test metrics' file), not the largest logged."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    lines = [
+        {"step": 600, "eval/AP": 0.50, "eval/AP50_tiny": 0.30},
+        {"step": 1200, "train/loss": 0.9},
+        {"step": 1200, "eval/AP": 0.45, "eval/AP50_tiny": 0.35},
+    ]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert experiments.validation_ap(str(workdir)) is None  # not tested yet
+    (workdir / "eval_test_best_1200.json").write_text(json.dumps(_metrics(0.4)))
+    assert experiments.validation_ap(str(workdir)) == 0.45
 
 
 def test_summary_and_table_by_hand(tmp_path):
