@@ -85,6 +85,12 @@ def train_and_evaluate(
     image_hw = (config.data.image_size, config.data.image_size)  # square padded batches
 
     model = registry.build_model(config, num_classes=train_data.num_classes)
+    if registry.head_drowned_by_real_levels(config):
+        logging.warning(
+            "The quantized head reads the real FPN's levels unnormalised, whose scale drowns its "
+            "first units' binary branches; --config.model.head_input_norm=True normalises them "
+            "(+5.0 AP for the 1-bit FCOS: README, 'A 1-bit head on a real FPN')"
+        )
     mesh = sharding.make_mesh()
     state = steps.create_train_state(
         config, model, jax.random.key(config.seed), image_hw, total_steps

@@ -494,6 +494,24 @@ def test_unknown_family_lists_the_registered_ones(monkeypatch):
     assert registry.family(config) is toy
 
 
+@pytest.mark.parametrize(
+    "parts, input_norm, drowned",
+    [
+        (("backbone", "head"), False, True),  # a real FPN under a 1-bit head: warned
+        (("backbone", "head"), True, False),
+        (("backbone", "neck", "head"), False, False),  # 1-bit levels: the branch weighs ~1
+        (("backbone",), False, False),  # a real head has no binary branch
+        ((), False, False),
+    ],
+)
+def test_a_1bit_head_on_unnormalised_real_levels_is_recognised(
+    load_config, parts, input_norm, drowned
+):
+    config = load_config("synthetic,bnn,demo")
+    config.model.binary_parts, config.model.head_input_norm = parts, input_norm
+    assert registry.head_drowned_by_real_levels(config) is drowned
+
+
 @pytest.mark.parametrize("family_name", ["fcos", "retinanet", "faster_rcnn"])
 def test_head_input_norm_makes_the_1bit_head_blind_to_the_levels_scale(load_config, family_name):
     """With ``head_input_norm`` one GroupNorm, shared by the levels, sees each level first, so
