@@ -18,6 +18,7 @@ JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import flax
 import jax
@@ -83,8 +84,9 @@ def feature_outputs(config, model, variables, batch) -> dict[str, jax.Array]:
 def scales(config, model, variables, batches) -> dict[str, dict[str, float]]:
     """{output name: {'rms', 'mean_abs', 'max_abs'}} over every element of ``batches``."""
     parts: dict[str, list[tuple[float, float, float, int]]] = {}
+    outputs_of = jax.jit(functools.partial(feature_outputs, config, model))  # one compile
     for batch in batches:
-        for name, x in feature_outputs(config, model, variables, batch).items():
+        for name, x in outputs_of(variables, batch).items():
             magnitude = np.abs(np.asarray(x, np.float64))
             parts.setdefault(name, []).append(
                 (np.sum(magnitude**2), np.sum(magnitude), np.max(magnitude), magnitude.size)
