@@ -43,12 +43,7 @@ def _tracked(module, method_name: str) -> bool:
     return method_name == "__call__" and (
         path == (NECK,)
         or (len(path) == 2 and path[0] == DECODER)
-        or (
-            len(path) >= 3
-            and path[0] == _HEAD
-            and path[-2] in _FIRST_UNITS
-            and path[-1] == "norm"
-        )
+        or (len(path) >= 3 and path[0] == _HEAD and path[-2] in _FIRST_UNITS and path[-1] == "norm")
     )
 
 
