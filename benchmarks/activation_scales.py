@@ -76,10 +76,16 @@ def feature_outputs(config, model, variables, batch) -> dict[str, jax.Array]:
     return found
 
 
+def compiled_feature_outputs(config, model):
+    """``feature_outputs`` of ``config``'s ``model``, compiled once: (variables, batch) ->
+    {name: output}."""
+    return jax.jit(functools.partial(feature_outputs, config, model))
+
+
 def scales(config, model, variables, batches) -> dict[str, dict[str, float]]:
     """{output name: {'rms', 'mean_abs', 'max_abs'}} over every element of ``batches``."""
     parts: dict[str, list[tuple[float, float, float, int]]] = {}
-    outputs_of = jax.jit(functools.partial(feature_outputs, config, model))  # one compile
+    outputs_of = compiled_feature_outputs(config, model)
     for batch in batches:
         for name, x in outputs_of(variables, batch).items():
             magnitude = np.abs(np.asarray(x, np.float64))
