@@ -61,6 +61,10 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     # config.model.p6_source, how the FPN builds P6 ('p5', 'c5' or 'maxpool'; models/fpn.py),
     # is set by each family's config file to that family's convention.
     config.model.head_convs = 4
+    # Channels of the head's conv towers (FCOS's and RetinaNet's towers, Faster R-CNN's RPN
+    # conv); 0: fpn_width. mmdetection's feat_channels. A wider 1-bit tower costs binary OPs
+    # (1/64 of real ones, as the paper counts) and its first unit a real 1x1 shortcut conv.
+    config.model.head_width = 0
     # A GroupNorm on each FPN level before the head (FCOS's and RetinaNet's towers, Faster
     # R-CNN's RPN and RoIAlign). A 1-bit head on a real FPN needs it: the levels' scale would
     # drown its first unit's binary branch.

@@ -534,3 +534,32 @@ def test_head_input_norm_makes_the_1bit_head_blind_to_the_levels_scale(load_conf
             for k in outputs
         )
         assert (moved < 1e-4) if input_norm else (moved > 1e-2), (input_norm, moved)
+
+
+@pytest.mark.parametrize("family_name", ["fcos", "retinanet", "faster_rcnn"])
+def test_head_width_sets_the_towers_channels(load_config, family_name):
+    """``head_width`` widens the towers (the RPN conv) past the FPN's 16 channels: the 1-bit
+    first unit maps 16 -> 24 with a real 1x1 shortcut conv, later units keep 24 and add their
+    input, and the prediction convs read 24; 0 keeps the FPN width, with no shortcut conv."""
+    config = load_config("synthetic,bnn,smoke", family_name)
+    config.model.head_convs = 2
+    levels = [jnp.ones((1, s, s, 16), jnp.float32) for s in (8, 4, 2)]
+    first = "rpn/rpn_conv0" if family_name == "faster_rcnn" else "cls_tower0"
+    for width, channels in ((0, 16), (24, 24)):
+        config.model.head_width = width
+        head = family.FAMILIES[family_name].build_head(config, 3, BINARY, None)
+        params = head.init(jax.random.key(0), levels, train=False)["params"]
+        flat = {"/".join(k): v.shape for k, v in flax.traverse_util.flatten_dict(params).items()}
+        assert flat[f"{first}/conv/kernel"] == (3, 3, 16, channels)
+        assert (f"{first}/shortcut_conv/kernel" in flat) is (width > 0)
+        if width:
+            assert flat[f"{first}/shortcut_conv/kernel"] == (1, 1, 16, 24)
+        if family_name != "faster_rcnn":
+            assert flat["cls_tower1/conv/kernel"] == (3, 3, channels, channels)
+            assert "cls_tower1/shortcut_conv/kernel" not in flat
+            assert flat["cls_logits/kernel"][2] == flat["bbox_pred/kernel"][2] == channels
+        else:
+            assert flat["rpn/rpn_logits/kernel"][2] == channels
+    config.model.head_width = -8
+    with pytest.raises(ValueError, match="head_width must be >= 0"):
+        registry.validate_config(config)

@@ -70,6 +70,11 @@ def strides(config: Config) -> tuple[int, ...]:
     return level_strides(config.model.min_level, config.model.max_level)
 
 
+def head_width(config: Config) -> int:
+    """Channels of the head's conv towers: config.model.head_width, or the FPN width when 0."""
+    return config.model.head_width or config.model.fpn_width
+
+
 def nms_settings(config: Config) -> dict[str, Any]:
     """``config.postprocess`` as the keyword arguments of the heads' post-processing."""
     p = config.postprocess

@@ -42,7 +42,7 @@ class FasterRCNNHead(nn.Module):
     ``config.faster_rcnn`` fields of the same names, see ``configs/faster_rcnn_r18.py``):
     num_classes: foreground classes.
     strides: stride of each input level, px (P2..P6: 4..64).
-    width: RPN conv channels (the FPN width).
+    width: RPN conv channels (``family.head_width``).
     rpn_octave_base_scale, rpn_scales_per_octave, rpn_aspect_ratios: the RPN's anchors (see
       ``ops.anchors.anchor_shapes``).
     rpn_positive_iou, rpn_negative_iou: the RPN's matching thresholds.
@@ -103,7 +103,7 @@ class FasterRCNNHead(nn.Module):
         return cls(
             num_classes,
             family.strides(config),
-            config.model.fpn_width,
+            family.head_width(config),
             rpn_octave_base_scale=f.rpn_octave_base_scale,
             rpn_scales_per_octave=f.rpn_scales_per_octave,
             rpn_aspect_ratios=tuple(f.rpn_aspect_ratios),

@@ -81,11 +81,11 @@ class FCOSHead(nn.Module):
     def from_config(
         cls, config: ml_collections.ConfigDict, num_classes: int, binary: BinarySpec, dtype: Any
     ) -> FCOSHead:
-        """The head of ``config.model`` (FPN width, convs per tower, levels)."""
+        """The head of ``config.model`` (tower width, convs per tower, levels)."""
         return cls(
             num_classes,
             family.strides(config),
-            config.model.fpn_width,
+            family.head_width(config),
             config.model.head_convs,
             binary=binary,
             dtype=dtype,

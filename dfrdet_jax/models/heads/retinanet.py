@@ -62,13 +62,13 @@ class RetinaNetHead(nn.Module):
     def from_config(
         cls, config: ml_collections.ConfigDict, num_classes: int, binary: BinarySpec, dtype: Any
     ) -> RetinaNetHead:
-        """The head of ``config.model`` (FPN width, convs per tower) with the anchors per cell of
+        """The head of ``config.model`` (tower width, convs per tower) with the anchors per cell of
         ``config.retinanet``."""
         r = config.retinanet
         return cls(
             num_classes,
             anchors_ops.anchors_per_cell(r.scales_per_octave, tuple(r.aspect_ratios)),
-            config.model.fpn_width,
+            family.head_width(config),
             config.model.head_convs,
             binary=binary,
             dtype=dtype,
