@@ -102,7 +102,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         binary_spec(config, config.model.binary_parts[0])  # validates quantizer and scale names
     if config.model.head_width < 0:
         raise ValueError(
-            f"config.model.head_width must be >= 0 (0: the FPN width), got {config.model.head_width}"
+            "config.model.head_width must be >= 0 (0: the FPN width), "
+            f"got {config.model.head_width}"
         )
     if config.model.p6_source not in P6_SOURCES:
         raise ValueError(
