@@ -548,8 +548,11 @@ def test_head_width_sets_the_towers_channels(load_config, family_name):
     for width, channels in ((0, 16), (24, 24)):
         config.model.head_width = width
         head = family.FAMILIES[family_name].build_head(config, 3, BINARY, None)
-        params = head.init(jax.random.key(0), levels, train=False)["params"]
-        flat = {"/".join(k): v.shape for k, v in flax.traverse_util.flatten_dict(params).items()}
+        shapes = jax.eval_shape(lambda: head.init(jax.random.key(0), levels, train=False))
+        flat = {
+            "/".join(k): v.shape
+            for k, v in flax.traverse_util.flatten_dict(shapes["params"]).items()
+        }
         assert flat[f"{first}/conv/kernel"] == (3, 3, 16, channels)
         assert (f"{first}/shortcut_conv/kernel" in flat) is (width > 0)
         if width:
