@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dfrdet_jax import checkpointing, steps
 from dfrdet_jax import layers as layers_lib
-from dfrdet_jax import steps
 from dfrdet_jax.models import registry
 from dfrdet_jax.models.common import BinarySpec
 from dfrdet_jax.models.decoder import Deconv2x, pixel_shuffle
@@ -549,10 +549,7 @@ def test_head_width_sets_the_towers_channels(load_config, family_name):
         config.model.head_width = width
         head = family.FAMILIES[family_name].build_head(config, 3, BINARY, None)
         shapes = jax.eval_shape(lambda: head.init(jax.random.key(0), levels, train=False))
-        flat = {
-            "/".join(k): v.shape
-            for k, v in flax.traverse_util.flatten_dict(shapes["params"]).items()
-        }
+        flat = checkpointing.tree_shapes(shapes["params"])
         assert flat[f"{first}/conv/kernel"] == (3, 3, 16, channels)
         assert (f"{first}/shortcut_conv/kernel" in flat) is (width > 0)
         if width:
