@@ -1,6 +1,8 @@
 """Distillation from a frozen real teacher: the two loss terms against numpy (values and
 gradients), the config checks, and a train step that distils from a saved real run."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,15 +122,15 @@ def test_train_step_distils_from_a_saved_real_run(smoke_config, make_batch, tmp_
     images = (jnp.asarray(batch["image"], jnp.float32) - jnp.asarray([123.675, 116.28, 103.53])) / (
         jnp.asarray([58.395, 57.12, 57.375])
     )
-    student = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        images,
-        train=True,
-        features=True,
-        mutable=["batch_stats", "losses"],
+    student_apply = functools.partial(
+        model.apply, train=True, features=True, mutable=["batch_stats", "losses"]
+    )
+    student = jax.jit(student_apply)(
+        {"params": state.params, "batch_stats": state.batch_stats}, images
     )[0]
-    teacher_out = teacher.model.apply(teacher.variables, images, train=False, features=True)
-    assert "features" not in teacher.model.apply(teacher.variables, images, train=False)
+    teacher_apply = jax.jit(teacher.model.apply, static_argnames=("train", "features"))
+    teacher_out = teacher_apply(teacher.variables, images, train=False, features=True)
+    assert "features" not in teacher_apply(teacher.variables, images, train=False)
     np.testing.assert_allclose(
         metrics["loss_distill_features"],
         distill_losses.feature_imitation(student["features"], teacher_out["features"]),
@@ -163,7 +165,9 @@ def test_a_teacher_of_the_1bit_topology_in_real_values(smoke_config, tmp_path):
     mesh = sharding.make_mesh()
     teacher = distill.load_teacher(config, 3, (64, 64), sharding.replicated_sharding(mesh))
     student = registry.build_model(config, num_classes=3)
-    student_params = student.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    student_params = jax.eval_shape(
+        lambda: student.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    )
     shared = set(student_params["params"]) - {"decoder"}
     assert set(teacher.variables["params"]) == shared  # the same topology, no decoder
     smoke.save_run(tmp_path / "quantized", smoke_config("bnn"), [4], num_classes=3)

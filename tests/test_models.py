@@ -164,12 +164,12 @@ def test_shared_heads_count_each_binary_kernel_once_in_l_r(smoke_config, make_ba
     model = registry.build_model(config, num_classes=3)
     batch = jax.tree.map(jnp.asarray, make_batch(batch_size=1, size=64))
     images = normalize_images(batch["image"])
-    variables = model.init(jax.random.key(0), images, train=False)
+    # Compiled whole: op by op, Faster R-CNN's proposals take seconds per op shape.
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), images)
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     extra = registry.apply_kwargs(config, batch, train=True, rng=jax.random.key(1))
-    _, state = model.apply(
-        variables, images, train=True, mutable=["batch_stats", "losses"], **extra
-    )
+    apply = functools.partial(model.apply, train=True, mutable=["batch_stats", "losses"])
+    _, state = jax.jit(apply)(variables, images, **extra)
     flat = flax.traverse_util.flatten_dict(variables["params"])
     expected, layers_with_scale = 0.0, 0
     for path, alpha in flat.items():
@@ -524,11 +524,12 @@ def test_head_input_norm_makes_the_1bit_head_blind_to_the_levels_scale(load_conf
     for input_norm in (True, False):
         config.model.head_input_norm = input_norm
         head = family.FAMILIES[family_name].build_head(config, 3, BINARY, None)
-        variables = head.init(jax.random.key(0), levels, train=False)
-        norms = [k for k in flax.traverse_util.flatten_dict(variables["params"]) if "norm" in k[0]]
-        assert norms == ([("input_norm", "scale"), ("input_norm", "bias")] if input_norm else [])
-        outputs = head.apply(variables, levels, train=False)
-        scaled = head.apply(variables, [7.0 * x for x in levels], train=False)
+        variables = jax.jit(functools.partial(head.init, train=False))(jax.random.key(0), levels)
+        norms = {k for k in flax.traverse_util.flatten_dict(variables["params"]) if "norm" in k[0]}
+        assert norms == ({("input_norm", "scale"), ("input_norm", "bias")} if input_norm else set())
+        apply = jax.jit(functools.partial(head.apply, train=False))
+        outputs = apply(variables, levels)
+        scaled = apply(variables, [7.0 * x for x in levels])
         moved = max(
             float(jnp.max(jnp.abs(jnp.float32(outputs[k]) - jnp.float32(scaled[k]))))
             for k in outputs

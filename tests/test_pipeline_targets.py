@@ -30,7 +30,9 @@ def _batches(config, tmp_path):
         config.data, "train", train=True, batch_size=2, seed=0, example_map=assign
     )
     from_pipeline = next(iter(dataset.loader))
-    hand_made = smoke.make_batch(size=config.data.image_size, num_boxes=6, max_boxes=9)
+    # The pipeline's slot count: one compiled step serves both batches.
+    slots = from_pipeline["boxes"].shape[1]
+    hand_made = smoke.make_batch(size=config.data.image_size, num_boxes=6, max_boxes=slots)
     hand_made["ignore"][0, 1] = True
     hand_made["boxes"][1, 0] = [50, 50, 90, 70]
     examples = [{k: v[i] for k, v in hand_made.items()} for i in range(2)]
@@ -108,9 +110,7 @@ def test_the_rpn_anchors_matched_in_the_pipeline_give_the_loss_and_gradients_of_
         )
     wrong = {**batches[1], KEY: batches[1][KEY][:, :7]}
     with pytest.raises(ValueError, match="'matched_slot'\\] holds 7 locations"):
-        steps.loss_and_metrics(
-            state.params, state.batch_stats, wrong, rng, model=model, config=config
-        )
+        loss_and_grads(state.params, state.batch_stats, wrong, rng)  # raised while tracing
     config.faster_rcnn.targets_in_pipeline = False
     assert registry.pipeline_targets(config) is None
 
