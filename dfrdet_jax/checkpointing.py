@@ -35,10 +35,11 @@ CHECKPOINT_KINDS = ("latest", "best")
 RUN_CONFIG = "config.json"
 DAMAGED_DIR = "checkpoints_damaged"
 # What a workdir's checkpoints are: the network's tensors and what they mean (variant, model,
-# dfr), the optimizer state's layout and the classes (the data set). Everything else (schedule,
-# loss weights, data paths and sizes, evaluation, logging) may change between the starts of one
-# run; model.pretrained only starts a new run and model.dtype only sets the compute precision.
-IDENTITY_FIELDS = ("variant", "model", "dfr", "optimizer.name", "data.name")
+# dfr, how FCOS reads its box outputs), the optimizer state's layout and the classes (the data
+# set). Everything else (schedule, loss weights, data paths and sizes, evaluation, logging) may
+# change between the starts of one run; model.pretrained only starts a new run and model.dtype
+# only sets the compute precision.
+IDENTITY_FIELDS = ("variant", "model", "dfr", "fcos.box_activation", "optimizer.name", "data.name")
 IDENTITY_EXCEPTIONS = ("model.pretrained", "model.dtype")
 
 

@@ -125,6 +125,7 @@ def test_config_json_of_another_config_is_an_error_naming_the_fields(tmp_path, s
     checkpointing.check_run_config(str(tmp_path), resumed)
     other = smoke_config("dfr")
     other.model.backbone_width = 16
+    other.fcos.box_activation = "exp"  # the same tensors, read otherwise
     with pytest.raises(checkpointing.WorkdirMismatchError) as error:
         checkpointing.check_run_config(str(tmp_path), other)
     message = str(error.value)
@@ -136,6 +137,7 @@ def test_config_json_of_another_config_is_an_error_naming_the_fields(tmp_path, s
         "variant: 'bnn' there, 'dfr' now",
         "model.backbone_width: 8 there, 16 now",
         "dfr.levels: [] there, [2, 3, 4] now",
+        "fcos.box_activation: 'relu' there, 'exp' now",
     ):
         assert field in message
     assert "train.num_steps" not in message

@@ -409,6 +409,34 @@ def test_fcos_score_mode_is_checked():
         )
 
 
+@pytest.mark.parametrize("activation", fcos_head.BOX_ACTIVATIONS)
+def test_fcos_box_distances_and_their_gradients_match_numpy(activation):
+    t = np.array([[-3.0, -0.5, 0.0, 0.7], [1.5, 2.0, 9.0, -20.0]], np.float32)
+    scale, stride = np.float32(1.3), 8
+    x = scale * t
+    if activation == "relu":
+        expected = np.maximum(x, 0) * stride
+        d_expected = np.where(x > 0, scale * stride, 0.0)  # no gradient below 0: a dead unit
+    else:
+        capped = np.minimum(x, fcos_head.EXP_BOX_MAX_EXPONENT)
+        expected = np.exp(capped) * stride
+        d_expected = np.where(x < fcos_head.EXP_BOX_MAX_EXPONENT, scale * expected, 0.0)
+    distances = fcos_head.box_distances(jnp.asarray(t), scale, stride, activation)
+    np.testing.assert_allclose(distances, expected, rtol=1e-6)
+    d_t = jax.grad(lambda t: fcos_head.box_distances(t, scale, stride, activation).sum())(t)
+    np.testing.assert_allclose(d_t, d_expected, rtol=1e-5)
+    assert np.all(np.isfinite(distances)) and np.all(distances >= 0)
+    if activation == "exp":  # every output below the cap keeps a gradient, negatives included
+        assert np.all(d_t[t < 0] > 0)
+
+
+def test_fcos_config_chooses_the_box_activation(smoke_config):
+    config = smoke_config("bnn")
+    assert registry.build_model(config, num_classes=3).head.box_activation == "relu"
+    config.fcos.box_activation = "exp"
+    assert registry.build_model(config, num_classes=3).head.box_activation == "exp"
+
+
 def test_upsample_nearest_to_an_odd_size_repeats_and_crops():
     x = np.arange(6, dtype=np.float32).reshape(1, 2, 3, 1)
     y = np.asarray(upsample_nearest_to(jnp.asarray(x), (3, 5)))

@@ -180,6 +180,7 @@ def test_weight_decay_only_on_kernels():
         ("dfr.levels", (2, 7), r"config.dfr.levels \[7\]"),
         ("fcos.regress_ranges", ((-1.0, 1e8),), r"1 ranges for 5 FPN levels"),
         ("fcos.score_mode", "sqrt", r"Unknown config.fcos.score_mode 'sqrt'.*'mmdet'"),
+        ("fcos.box_activation", "softplus", r"Unknown config.fcos.box_activation 'softplus'"),
         ("model.name", "retinanet", r"needs a config.retinanet section.*retinanet_r18.py"),
         ("retinanet.box_loss", "l2", r"Unknown config.retinanet.box_loss 'l2'"),
         ("retinanet.negative_iou", 0.6, r"negative_iou <= positive_iou"),

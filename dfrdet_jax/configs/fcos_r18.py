@@ -50,6 +50,9 @@ def get_config(arg: str = "synthetic,dfr"):
     # class score > config.postprocess.score_threshold and scores class x centerness (mmdetection,
     # the paper's codebase family); 'torchvision' thresholds and scores sqrt(class x centerness).
     config.fcos.score_mode = "mmdet"
+    # ltrb distances from the regression tower (models/heads/fcos.py, BOX_ACTIVATIONS):
+    # 'relu' (mmdetection's norm_on_bbox, torchvision) or 'exp' (the FCOS paper's; no dead units).
+    config.fcos.box_activation = "relu"
 
     if demo:
         base_config.make_demo(config)

@@ -2,7 +2,8 @@
 
 Per level l with stride s_l, for every feature-map location:
   class logits [C]      from the classification tower (bias initialised to the 0.01 prior);
-  ltrb distances [4]    relu(scale_l * t) * s_l in pixels, scale_l learned per level;
+  ltrb distances [4]    relu(scale_l * t) * s_l in pixels, scale_l learned per level
+                        (``exp`` in place of ``relu`` with ``config.fcos.box_activation``);
   centerness logit [1]  from the regression tower.
 Towers and prediction convs are ``single_stage.tower_head``'s (binary towers in 1-bit variants,
 real prediction convs).
@@ -55,6 +56,27 @@ Array = jax.Array
 # ``config.postprocess.pre_nms_top_k``, is taken over all levels.
 SCORE_MODES = ("mmdet", "torchvision")
 
+# How the regression tower's output t becomes the ltrb distances, in strides
+# (``config.fcos.box_activation``); the head multiplies them by the level's stride:
+#   'relu'  relu(scale * t): mmdetection's norm_on_bbox (FCOSHead.forward_single clamps at 0)
+#           and torchvision's FCOSRegressionHead. A distance whose output falls below 0 for
+#           every point gets no gradient and cannot recover (a dead unit).
+#   'exp'   exp(scale * t), the FCOS paper's exp(s_i x) (mmdetection without norm_on_bbox), here
+#           in strides: every output keeps a gradient. The exponent is capped at
+#           ``EXP_BOX_MAX_EXPONENT`` (e^8 strides is past any image) so that it cannot overflow.
+BOX_ACTIVATIONS = ("relu", "exp")
+EXP_BOX_MAX_EXPONENT = 8.0
+
+
+def box_distances(t: Array, scale: Array, stride: int, activation: str) -> Array:
+    """The regression tower's output t [..., 4] -> ltrb distances [..., 4] in pixels (float32),
+    as ``BOX_ACTIVATIONS`` says."""
+    _check_box_activation(activation)
+    x = scale * t.astype(jnp.float32)
+    if activation == "relu":
+        return nn.relu(x) * stride
+    return jnp.exp(jnp.minimum(x, EXP_BOX_MAX_EXPONENT)) * stride
+
 
 class FCOSHead(nn.Module):
     """Attributes:
@@ -66,6 +88,7 @@ class FCOSHead(nn.Module):
     binary: binarization of the tower convs.
     dtype: computation dtype.
     input_norm: a GroupNorm on every level before the towers (``single_stage.tower_head``).
+    box_activation: 'relu' or 'exp' (``BOX_ACTIVATIONS``).
     """
 
     num_classes: int
@@ -76,6 +99,7 @@ class FCOSHead(nn.Module):
     binary: BinarySpec = REAL
     dtype: Any = None
     input_norm: bool = False
+    box_activation: str = "relu"
 
     @classmethod
     def from_config(
@@ -90,6 +114,7 @@ class FCOSHead(nn.Module):
             binary=binary,
             dtype=dtype,
             input_norm=config.model.head_input_norm,
+            box_activation=config.fcos.box_activation,
         )
 
     @nn.compact
@@ -113,7 +138,7 @@ class FCOSHead(nn.Module):
         )
         scales = self.param("level_scales", nn.initializers.ones, (len(self.strides),))
         ltrb = [
-            nn.relu(scale * t.astype(jnp.float32)) * stride
+            box_distances(t, scale, stride, self.box_activation)
             for t, scale, stride in zip(outputs["bbox_pred"], scales, self.strides, strict=True)
         ]
         outputs = {
@@ -279,13 +304,31 @@ def fcos_postprocess(
     )
 
 
-def _check_score_mode(score_mode) -> None:
-    if score_mode not in SCORE_MODES:
+def _check_choice(field: str, value, choices: Sequence[str], meanings: str) -> None:
+    if value not in choices:
         raise ValueError(
-            f"Unknown config.fcos.score_mode {score_mode!r}; valid choices: {list(SCORE_MODES)} "
-            "('mmdet': class score > threshold, scored class x centerness; 'torchvision': "
-            "sqrt(class x centerness) > threshold, scored so)"
+            f"Unknown config.fcos.{field} {value!r}; valid choices: {list(choices)} ({meanings})"
         )
+
+
+def _check_score_mode(score_mode) -> None:
+    _check_choice(
+        "score_mode",
+        score_mode,
+        SCORE_MODES,
+        "'mmdet': class score > threshold, scored class x centerness; 'torchvision': "
+        "sqrt(class x centerness) > threshold, scored so",
+    )
+
+
+def _check_box_activation(activation) -> None:
+    _check_choice(
+        "box_activation",
+        activation,
+        BOX_ACTIVATIONS,
+        "'relu': relu(s t) x stride, mmdetection's and torchvision's; 'exp': exp(s t) x "
+        "stride, the FCOS paper's",
+    )
 
 
 # The 'fcos' family ------------------------------------------------------------------------------
@@ -335,6 +378,7 @@ def _postprocess(config, outputs, batch):
 
 def _validate(config) -> None:
     _check_score_mode(config.fcos.get("score_mode"))
+    _check_box_activation(config.fcos.get("box_activation"))
     levels = len(family.strides(config))
     if len(config.fcos.regress_ranges) != levels:
         raise ValueError(
