@@ -30,6 +30,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from dfrdet_jax import configs
+from dfrdet_jax.choices import check_choice
 
 CHECKPOINT_KINDS = ("latest", "best")
 RUN_CONFIG = "config.json"
@@ -286,8 +287,7 @@ class Checkpointer:
         return self._manager(which).latest_step()
 
     def _manager(self, which: str) -> ocp.CheckpointManager:
-        if which not in CHECKPOINT_KINDS:
-            raise ValueError(f"Unknown checkpoint {which!r}; valid choices: {CHECKPOINT_KINDS}")
+        check_choice("checkpoint", which, CHECKPOINT_KINDS)
         return self.manager if which == "latest" else self.best
 
     def _check_tensors(self, manager, step: int, expected: dict, run: str) -> None:

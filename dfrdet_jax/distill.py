@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dfrdet_jax import checkpointing
+from dfrdet_jax.choices import check_choice
 from dfrdet_jax.losses import distill as distill_losses
 from dfrdet_jax.models import registry
 
@@ -131,11 +132,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     outside = [level for level in levels(config) if level not in fpn]
     if outside:
         raise ValueError(f"config.distill.levels {outside} are not FPN levels {list(fpn)}")
-    if d.teacher_checkpoint not in checkpointing.CHECKPOINT_KINDS:
-        raise ValueError(
-            f"Unknown config.distill.teacher_checkpoint {d.teacher_checkpoint!r}; valid "
-            f"choices: {list(checkpointing.CHECKPOINT_KINDS)}"
-        )
+    check_choice(
+        "config.distill.teacher_checkpoint", d.teacher_checkpoint, checkpointing.CHECKPOINT_KINDS
+    )
     if not os.path.isdir(os.path.join(os.path.expanduser(d.teacher), "checkpoints")):
         raise FileNotFoundError(f"config.distill.teacher={d.teacher!r} has no checkpoints folder")
 

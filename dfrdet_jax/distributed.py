@@ -18,6 +18,8 @@ import jax
 import ml_collections
 from absl import logging
 
+from dfrdet_jax.choices import check_choice
+
 MODES = ("auto", "on", "off")
 
 
@@ -35,8 +37,7 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     """Initialises the multi-process runtime if asked; returns whether it did."""
     settings = config.get("distributed", ml_collections.ConfigDict({"mode": "auto"}))
     mode = settings.get("mode", "auto")
-    if mode not in MODES:
-        raise ValueError(f"config.distributed.mode must be one of {list(MODES)}, got {mode!r}")
+    check_choice("config.distributed.mode", mode, MODES)
     if mode == "off" or (mode == "auto" and not _environment_is_multiprocess()):
         return False
     kwargs = {

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from dfrdet_jax import configs
+from dfrdet_jax.choices import check_choice
 
 DETECTORS = ("fcos", "retinanet", "faster_rcnn")
 TABLE_METRICS = ("AP", "AP50", "AP75", "AP_vt", "AP_t", "AP_s", "AP_m")
@@ -267,10 +268,8 @@ GRIDS: dict[str, Callable[[str], list[Run]]] = {
 def grid(detector: str, name: str = "comparison", rows: Sequence[str] = ()) -> list[Run]:
     """The runs of ``detector``'s grid ``name``, each after the runs it needs; ``rows`` keeps
     only those rows (and what they need). See the module docstring."""
-    if detector not in DETECTORS:
-        raise ValueError(f"Unknown detector {detector!r}; valid choices: {list(DETECTORS)}")
-    if name not in GRIDS:
-        raise ValueError(f"Unknown grid {name!r}; valid choices: {sorted(GRIDS)}")
+    check_choice("detector", detector, DETECTORS)
+    check_choice("grid", name, sorted(GRIDS))
     runs = {run.name: run for run in _starts() + GRIDS[name](detector)}
     for row in rows:
         scaled = SCALED_ROW.fullmatch(row)

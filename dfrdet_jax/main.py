@@ -39,6 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dfrdet_jax import distributed
+from dfrdet_jax.choices import check_choice
 
 # mode -> (module, function); imported lazily so `--help` stays fast.
 MODES = {
@@ -78,8 +79,7 @@ def run(mode: str, config, workdir: str, **kwargs):
     """Runs ``mode`` with ``config`` in ``workdir``; returns what the mode's function returns:
     train (final state, last evaluation's metrics), eval metrics, the predict or export output
     folder, complexity counts."""
-    if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; valid choices: {sorted(MODES)}")
+    check_choice("mode", mode, sorted(MODES))
     module_name, function_name = MODES[mode]
     function = getattr(importlib.import_module(module_name), function_name)
     return function(config, workdir, **kwargs)

@@ -13,6 +13,7 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from dfrdet_jax.choices import check_choice
 from dfrdet_jax.models import detectors
 
 
@@ -87,11 +88,7 @@ OPTIMIZERS: dict[
 def check_optimizer(config: ml_collections.ConfigDict) -> None:
     """ValueError for an unknown ``config.optimizer.name`` or a negative
     ``config.dfr.base_learning_rate``, before anything is built."""
-    if config.optimizer.name not in OPTIMIZERS:
-        raise ValueError(
-            f"Unknown config.optimizer.name {config.optimizer.name!r}; valid choices: "
-            f"{list(OPTIMIZERS)}"
-        )
+    check_choice("config.optimizer.name", config.optimizer.name, OPTIMIZERS)
     if config.dfr.base_learning_rate < 0:
         raise ValueError(
             f"config.dfr.base_learning_rate must be >= 0 (0: the run's), got "

@@ -15,7 +15,9 @@ BUILT_IN = ("synthetic", "aitod", "tinyperson", "dota2")
 def test_built_in_sources_and_unknown_names():
     assert data.source_names() == BUILT_IN
     for lookup in (data.get_source, data.default_data_config):
-        with pytest.raises(ValueError, match=r"unknown data set 'coco'; expected one of \("):
+        with pytest.raises(
+            ValueError, match=r"Unknown data set 'coco'; valid choices: \['synthetic'"
+        ):
             lookup("coco")
     with pytest.raises(ValueError, match=r"dataset in \['synthetic', 'aitod', 'tinyperson', "):
         base_config.parse_arg("coco,dfr", "configs/fcos_r18.py")

@@ -1,7 +1,8 @@
 """The package's layers, read from every module's import statements with ``ast`` (nothing is
 imported): the 1-bit layers, ops and losses never reach up; data, evaluation and models stay
 below the top-level modules; only main.py imports the training loop; and the top-level modules
-and subpackages import each other without a cycle.
+and subpackages import each other without a cycle. The leaf modules (``choices``, the one error
+for a setting outside its choices) import nothing of the package, and any module may import them.
 
 A module named in a string literal (``importlib.import_module``, ``python -m``) counts as
 imported, so main.py's mode table and experiments.py's command lines are edges too.
@@ -14,10 +15,12 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = "dfrdet_jax"
-_BELOW_MODELS = {"layers", "ops", "losses"}
-# What each subpackage may import, by the name under dfrdet_jax; no top-level module is listed.
+LEAVES = {"choices"}
+_BELOW_MODELS = {"layers", "ops", "losses"} | LEAVES
+# What each subpackage may import, by the name under dfrdet_jax; of the top-level modules only
+# the leaves.
 ALLOWED = {
-    "layers": {"layers"},
+    "layers": {"layers"} | LEAVES,
     "ops": _BELOW_MODELS,
     "losses": _BELOW_MODELS,
     "models": _BELOW_MODELS | {"models"},
@@ -110,9 +113,13 @@ def test_subpackages_import_only_the_layers_below_them(package):
         for line, name in imports(path)
         if _unit(name) not in ALLOWED[package]
     ]
-    assert not wrong, f"{package}/ may import only {sorted(ALLOWED[package])}:\n" + "\n".join(
-        wrong
-    )
+    assert not wrong, f"{package}/ may import only {sorted(ALLOWED[package])}:\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize("leaf", sorted(LEAVES))
+def test_leaf_modules_import_nothing_of_the_package(leaf):
+    path = MODULES[f"{PACKAGE}.{leaf}"]
+    assert not imports(path), "\n".join(_where(path, line, name) for line, name in imports(path))
 
 
 def test_only_main_imports_the_training_loop():
@@ -135,6 +142,9 @@ def test_no_import_cycle_among_top_level_modules_and_subpackages():
                 edges.setdefault((a, b), _where(path, line, name))
     assert "train" in graph["main"] and "models" in graph["steps"]
     cycle = find_cycle(graph)
-    assert not cycle, "Import cycle " + " -> ".join(cycle) + ":\n" + "\n".join(
-        edges[a, b] for a, b in zip(cycle, cycle[1:])
+    assert not cycle, (
+        "Import cycle "
+        + " -> ".join(cycle)
+        + ":\n"
+        + "\n".join(edges[a, b] for a, b in zip(cycle, cycle[1:]))
     )

@@ -11,13 +11,14 @@ from typing import Any
 
 import ml_collections
 
+from dfrdet_jax.choices import check_choice
+
 NAMES = ("fcos_r18", "retinanet_r18", "faster_rcnn_r18")
 
 
 def path(name: str) -> str:
     """The file of config ``name`` (one of NAMES), for ``--config PATH:ARG``."""
-    if name not in NAMES:
-        raise ValueError(f"unknown config {name!r}; the package has {list(NAMES)}")
+    check_choice("config", name, NAMES)
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
 
 

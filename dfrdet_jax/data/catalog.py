@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import ml_collections
 from absl import logging
 
+from dfrdet_jax.choices import check_choice
 from dfrdet_jax.data.errors import SkipReport
 from dfrdet_jax.data.sources import coco, dota, synthetic
 
@@ -134,8 +135,7 @@ def source_names() -> tuple[str, ...]:
 
 def get_source(name: str) -> DataSource:
     """The data set registered as ``name``; ValueError listing the valid names otherwise."""
-    if name not in _SOURCES:
-        raise ValueError(f"unknown data set {name!r}; expected one of {source_names()}")
+    check_choice("data set", name, source_names())
     return _SOURCES[name]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dfrdet_jax.choices import check_choice
 from dfrdet_jax.evaluation import coco_tiny, dota, results, tinyperson
 
 PROTOCOLS = ("aitod", "tinyperson", "dota", "dota_aitod")
@@ -56,11 +57,9 @@ def evaluate(
     Raises:
       results.EvaluationInputError (a ValueError) for bad input, naming the offending record.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"Unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    check_choice("protocol", protocol, PROTOCOLS)
     backend = DEFAULT_BACKENDS[protocol] if backend is None else backend
-    if backend not in coco_tiny.BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}; choose one of {coco_tiny.BACKENDS}")
+    check_choice("evaluation backend", backend, coco_tiny.BACKENDS)
     gt_data, skipped = results.load_ground_truth(gt)
     dets = results.load_detections(detections, gt_data)
     if protocol == "aitod":

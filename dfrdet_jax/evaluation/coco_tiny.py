@@ -36,6 +36,7 @@ import io
 
 import numpy as np
 
+from dfrdet_jax.choices import unknown_choice
 from dfrdet_jax.evaluation import array_cocoeval, lrp, results
 
 BACKENDS = ("numpy", "faster_coco_eval", "pycocotools")
@@ -126,7 +127,7 @@ def _cocoeval_classes(backend: str):
         from faster_coco_eval import COCO, COCOeval_faster
 
         return COCO, COCOeval_faster
-    raise ValueError(f"Unknown evaluation backend {backend!r}; choose one of {BACKENDS}")
+    raise unknown_choice("evaluation backend", backend, BACKENDS)
 
 
 def run_cocoeval(

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes as flax_dtypes
 
+from dfrdet_jax.choices import check_choice
 from dfrdet_jax.layers import quantizers
 from dfrdet_jax.layers.conv import (
     PaddingLike,
@@ -91,18 +92,13 @@ def total_reconstruction_loss(losses: Any) -> Array:
     return total
 
 
-def _check_scale_mode(scale: str) -> None:
-    if scale not in SCALE_MODES:
-        raise ValueError(f"Unknown scale {scale!r}; valid choices: {list(SCALE_MODES)}")
-
-
 def _binarize_kernel(module: nn.Module, kernel: Array) -> tuple[Array, Array | None]:
     """sign(kernel) with the module's weight STE, and its per-output-channel scale (or None).
 
     Declares the ``alpha`` parameter for the ``learned`` mode and sows L_R. Without a weight
     quantizer the kernel stays real and unscaled (``scale`` does not apply).
     """
-    _check_scale_mode(module.scale)
+    check_choice("scale", module.scale, SCALE_MODES)
     quantize_weight = quantizers.get_binary_quantizer(module.weight_quantizer)
     if quantize_weight is None:  # real weights: no sign, hence no scale and no L_R
         return kernel, None

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dfrdet_jax.choices import unknown_choice
+
 Array = jax.Array
 PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
@@ -62,9 +64,11 @@ def explicit_padding(
         if mode == "VALID":
             return [(0, 0)] * n
         if mode != "SAME":
-            raise ValueError(
-                f"Unknown padding {padding!r}; valid choices: 'SAME', 'VALID', an int, "
-                "or per-dimension ints / (low, high) pairs"
+            raise unknown_choice(
+                "padding",
+                padding,
+                ("SAME", "VALID"),
+                "or an int, or per-dimension ints or (low, high) pairs",
             )
         pads = []
         for size, k, s, d in zip(input_size, kernel_size, strides, dilation):

@@ -23,6 +23,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from dfrdet_jax.choices import unknown_choice
+
 Array = jax.Array
 
 
@@ -82,7 +84,7 @@ def get_binary_quantizer(name: str | None) -> Callable[[Array], Array] | None:
         return BINARY_QUANTIZERS[name]
     except KeyError:
         valid = sorted(BINARY_QUANTIZERS) + ["none"]
-        raise ValueError(f"Unknown binary quantizer {name!r}; valid choices: {valid}") from None
+        raise unknown_choice("binary quantizer", name, valid) from None
 
 
 def round_ste(x: Array) -> Array:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from dfrdet_jax.choices import check_choice
+
 MODES = ("decoupled", "full", "foreground", "background", "zero")
 
 
@@ -75,8 +77,7 @@ def dfr_loss(
     Returns:
       scalar float32.
     """
-    if mode not in MODES:
-        raise ValueError(f"dfr_loss: mode must be one of {MODES}, got {mode!r}")
+    check_choice("dfr_loss mode", mode, MODES)
     if recon.shape != target.shape:
         raise ValueError(f"dfr_loss: recon {recon.shape} and target {target.shape} differ")
     if recon.ndim == 3:

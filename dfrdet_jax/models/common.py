@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 
 from dfrdet_jax import layers
+from dfrdet_jax.choices import check_choice, unknown_choice
 
 Array = jax.Array
 
@@ -57,14 +58,8 @@ class BinarySpec:
             raise ValueError(f"bits must be 1 (binary) or 2-8 (LSQ), got {self.bits!r}")
         layers.get_binary_quantizer(self.input_quantizer)
         layers.get_binary_quantizer(self.weight_quantizer)
-        if self.scale not in layers.SCALE_MODES:
-            raise ValueError(
-                f"Unknown scale {self.scale!r}; valid choices: {list(layers.SCALE_MODES)}"
-            )
-        if self.activation not in ("prelu", "rprelu"):
-            raise ValueError(
-                f"Unknown binary activation {self.activation!r}; valid: ['prelu', 'rprelu']"
-            )
+        check_choice("scale", self.scale, layers.SCALE_MODES)
+        check_choice("binary activation", self.activation, ("prelu", "rprelu"))
 
 
 REAL = BinarySpec(enabled=False)
@@ -96,7 +91,7 @@ def apply_norm(kind: str, x: Array, train: bool, dtype: Any, name: str) -> Array
         return group_norm(x.shape[-1], dtype, name)(x)
     if kind == "none":
         return x
-    raise ValueError(f"Unknown norm {kind!r}; valid choices: {list(NORMS)}")
+    raise unknown_choice("norm", kind, NORMS)
 
 
 class ConvUnit(nn.Module):
@@ -141,8 +136,8 @@ class ConvUnit(nn.Module):
             y = apply_norm(self.norm, y, train, self.dtype, "norm")
             if self.activation == "relu":
                 y = nn.relu(y)
-            elif self.activation != "none":
-                raise ValueError(f"Unknown activation {self.activation!r}; valid: ['relu', 'none']")
+            else:
+                check_choice("activation", self.activation, ("relu", "none"))
             return y
 
         spec = self.binary

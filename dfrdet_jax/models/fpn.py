@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfrdet_jax.choices import check_choice
 from dfrdet_jax.models.common import REAL, BinarySpec, ConvUnit
 
 Array = jax.Array
@@ -64,10 +65,7 @@ class FPN(nn.Module):
                 f"FPN levels must satisfy 2 <= min_level <= 5 and max_level >= min_level, "
                 f"got {self.min_level}..{self.max_level}"
             )
-        if self.p6_source not in P6_SOURCES:
-            raise ValueError(
-                f"Unknown FPN p6_source {self.p6_source!r}; valid choices: {list(P6_SOURCES)}"
-            )
+        check_choice("FPN p6_source", self.p6_source, P6_SOURCES)
         norm = "group" if self.binary.enabled else "none"
         unit = dict(binary=self.binary, norm=norm, activation="none", dtype=self.dtype)
         top = min(self.max_level, 5)

@@ -32,6 +32,7 @@ import numpy as np
 from flax import traverse_util
 
 from dfrdet_jax import layers
+from dfrdet_jax.choices import check_choice
 from dfrdet_jax.models.resnet import STAGE_BLOCKS
 
 SAFETENSORS_CONVERSION = (
@@ -144,8 +145,7 @@ def _norm_entries(torch_prefix: str, flax_path: str) -> list[tuple[str, str]]:
 def torchvision_resnet_names(depth: int, binary: bool) -> list[tuple[str, str]]:
     """(torchvision name, 'collection/flax/path') of every tensor of a ResNet-``depth`` backbone
     (paths relative to the backbone module)."""
-    if depth not in STAGE_BLOCKS:
-        raise ValueError(f"Unknown ResNet depth {depth}; valid choices: {sorted(STAGE_BLOCKS)}")
+    check_choice("ResNet depth", depth, sorted(STAGE_BLOCKS))
     entries = [("conv1.weight", "params/stem_conv/kernel"), *_norm_entries("bn1", "stem_norm")]
     for stage, num_blocks in enumerate(STAGE_BLOCKS[depth], start=1):
         for block in range(num_blocks):

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dfrdet_jax.choices import check_choice, unknown_choice
 from dfrdet_jax.losses import dfr
 from dfrdet_jax.models.common import REAL, BinarySpec
 from dfrdet_jax.models.detectors import Detector
@@ -51,9 +52,7 @@ def model_dtype(config: ml_collections.ConfigDict):
     try:
         return DTYPES[config.model.dtype]
     except KeyError:
-        raise ValueError(
-            f"Unknown config.model.dtype {config.model.dtype!r}; valid choices: {sorted(DTYPES)}"
-        ) from None
+        raise unknown_choice("config.model.dtype", config.model.dtype, sorted(DTYPES)) from None
 
 
 def _detector(config: ml_collections.ConfigDict, head) -> Detector:
@@ -79,8 +78,7 @@ def _detector(config: ml_collections.ConfigDict, head) -> Detector:
 def family(config: ml_collections.ConfigDict) -> DetectorFamily:
     """The registered family of ``config.model.name``; ValueError naming the known ones."""
     name = config.model.name
-    if name not in FAMILIES:
-        raise ValueError(f"Unknown config.model.name {name!r}; valid choices: {sorted(FAMILIES)}")
+    check_choice("config.model.name", name, sorted(FAMILIES))
     if name not in config:
         raise ValueError(
             f"config.model.name={name!r} needs a config.{name} section; start from "
@@ -93,11 +91,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks names and ranges in the config before anything compiles; raises ValueError."""
     family(config)
     model_dtype(config)
-    unknown = [p for p in config.model.binary_parts if p not in BINARY_PARTS]
-    if unknown:
-        raise ValueError(
-            f"Unknown config.model.binary_parts {unknown}; valid choices: {list(BINARY_PARTS)}"
-        )
+    for part in config.model.binary_parts:
+        check_choice("config.model.binary_parts entry", part, BINARY_PARTS)
     if config.model.binary_parts:
         binary_spec(config, config.model.binary_parts[0])  # validates quantizer and scale names
     if config.model.head_width < 0:
@@ -105,15 +100,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.model.head_width must be >= 0 (0: the FPN width), "
             f"got {config.model.head_width}"
         )
-    if config.model.p6_source not in P6_SOURCES:
-        raise ValueError(
-            f"Unknown config.model.p6_source {config.model.p6_source!r}; "
-            f"valid choices: {list(P6_SOURCES)}"
-        )
-    if config.dfr.mode not in dfr.MODES:
-        raise ValueError(
-            f"Unknown config.dfr.mode {config.dfr.mode!r}; valid choices: {list(dfr.MODES)}"
-        )
+    check_choice("config.model.p6_source", config.model.p6_source, P6_SOURCES)
+    check_choice("config.dfr.mode", config.dfr.mode, dfr.MODES)
     levels = range(config.model.min_level, config.model.max_level + 1)
     outside = [level for level in config.dfr.levels if level not in levels]
     if outside:

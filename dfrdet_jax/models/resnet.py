@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 
 from dfrdet_jax import layers
+from dfrdet_jax.choices import check_choice
 from dfrdet_jax.models.common import REAL, BinarySpec, ConvUnit, apply_norm
 
 Array = jax.Array
@@ -79,10 +80,7 @@ class ResNet(nn.Module):
     def __call__(self, x: Array, train: bool) -> dict[str, Array]:
         """x: [B, H, W, 3] normalised image -> {'C2': [B, ceil(H/4), ceil(W/4), width], ...,
         'C5': stride 32}."""
-        if self.depth not in STAGE_BLOCKS:
-            raise ValueError(
-                f"Unknown ResNet depth {self.depth}; valid choices: {sorted(STAGE_BLOCKS)}"
-            )
+        check_choice("ResNet depth", self.depth, sorted(STAGE_BLOCKS))
         x = layers.Conv(
             self.width,
             (7, 7),

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dfrdet_jax.choices import check_choice
 from dfrdet_jax.losses import focal, iou
 from dfrdet_jax.models.common import REAL, BinarySpec
 from dfrdet_jax.models.heads import family, single_stage
@@ -304,16 +305,9 @@ def fcos_postprocess(
     )
 
 
-def _check_choice(field: str, value, choices: Sequence[str], meanings: str) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"Unknown config.fcos.{field} {value!r}; valid choices: {list(choices)} ({meanings})"
-        )
-
-
 def _check_score_mode(score_mode) -> None:
-    _check_choice(
-        "score_mode",
+    check_choice(
+        "config.fcos.score_mode",
         score_mode,
         SCORE_MODES,
         "'mmdet': class score > threshold, scored class x centerness; 'torchvision': "
@@ -322,8 +316,8 @@ def _check_score_mode(score_mode) -> None:
 
 
 def _check_box_activation(activation) -> None:
-    _check_choice(
-        "box_activation",
+    check_choice(
+        "config.fcos.box_activation",
         activation,
         BOX_ACTIVATIONS,
         "'relu': relu(s t) x stride, mmdetection's and torchvision's; 'exp': exp(s t) x "

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dfrdet_jax.choices import check_choice
 from dfrdet_jax.losses import focal, iou, smooth_l1
 from dfrdet_jax.models.common import REAL, BinarySpec
 from dfrdet_jax.models.heads import family, single_stage
@@ -33,8 +34,7 @@ BOX_LOSSES = ("smooth_l1", "giou")
 
 def check_box_loss(box_loss: str, what: str) -> None:
     """ValueError naming ``what`` for a box loss not in ``BOX_LOSSES``."""
-    if box_loss not in BOX_LOSSES:
-        raise ValueError(f"Unknown {what} {box_loss!r}; valid choices: {list(BOX_LOSSES)}")
+    check_choice(what, box_loss, BOX_LOSSES)
 
 
 class RetinaNetHead(nn.Module):
