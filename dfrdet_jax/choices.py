@@ -12,8 +12,8 @@ from typing import Any
 
 
 def unknown_choice(what: str, value: Any, choices: Collection, hint: str = "") -> ValueError:
-    """The ValueError for ``value`` not among ``choices`` (listed in their order), naming
-    ``what`` was set; ``hint`` (what the choices mean, or other accepted forms) follows in
+    """The ValueError for ``value`` of the setting ``what`` not among ``choices`` (listed in
+    their order); ``hint`` (what the choices mean, or other accepted forms) follows in
     brackets. For callers that find the miss themselves, e.g. in a failed lookup."""
     message = f"Unknown {what} {value!r}; valid choices: {list(choices)}"
     return ValueError(f"{message} ({hint})" if hint else message)
