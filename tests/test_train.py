@@ -172,7 +172,11 @@ def test_weight_decay_only_on_kernels():
     "field,value,message",
     [
         ("model.name", "yolo", r"Unknown config.model.name 'yolo'.*fcos"),
-        ("model.binary_parts", ("backbone", "decoder"), r"binary_parts entry 'decoder'"),
+        (
+            "model.binary_parts",
+            ("backbone", "decoder"),
+            r"binary_parts entries \['decoder'\]; valid choices: \['backbone'",
+        ),
         ("model.binary.scale", "per_tensor", r"Unknown scale 'per_tensor'"),
         ("model.binary.input_quantizer", "tanh", r"Unknown binary quantizer 'tanh'"),
         ("model.dtype", "float16", r"Unknown config.model.dtype"),

@@ -91,8 +91,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks names and ranges in the config before anything compiles; raises ValueError."""
     family(config)
     model_dtype(config)
-    for part in config.model.binary_parts:
-        check_choice("config.model.binary_parts entry", part, BINARY_PARTS)
+    unknown = [p for p in config.model.binary_parts if p not in BINARY_PARTS]
+    if unknown:  # every unknown entry at once, not the first
+        raise unknown_choice("config.model.binary_parts entries", unknown, BINARY_PARTS)
     if config.model.binary_parts:
         binary_spec(config, config.model.binary_parts[0])  # validates quantizer and scale names
     if config.model.head_width < 0:
