@@ -54,7 +54,7 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
 def levels(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     """The FPN levels whose maps are imitated (``config.distill.levels``; empty: all)."""
     chosen = tuple(config.distill.levels)
-    return chosen or tuple(range(config.model.min_level, config.model.max_level + 1))
+    return chosen or registry.fpn_levels(config)
 
 
 def _is_real_valued(config: ml_collections.ConfigDict) -> bool:
@@ -128,10 +128,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.distill.logit_weight needs a dense head (fcos, retinanet); "
             f"{config.model.name}'s RoI logits cannot be matched: use feature_weight"
         )
-    fpn = range(config.model.min_level, config.model.max_level + 1)
-    outside = [level for level in levels(config) if level not in fpn]
-    if outside:
-        raise ValueError(f"config.distill.levels {outside} are not FPN levels {list(fpn)}")
+    registry.check_on_fpn_levels("config.distill.levels", levels(config), config)
     check_choice(
         "config.distill.teacher_checkpoint", d.teacher_checkpoint, checkpointing.CHECKPOINT_KINDS
     )

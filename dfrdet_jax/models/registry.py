@@ -103,13 +103,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     check_choice("config.model.p6_source", config.model.p6_source, P6_SOURCES)
     check_choice("config.dfr.mode", config.dfr.mode, dfr.MODES)
-    levels = range(config.model.min_level, config.model.max_level + 1)
-    outside = [level for level in config.dfr.levels if level not in levels]
-    if outside:
-        raise ValueError(f"config.dfr.levels {outside} are not FPN levels {list(levels)}")
+    check_on_fpn_levels("config.dfr.levels", config.dfr.levels, config)
     if config.loss.dfr_weight > 0 and not config.dfr.levels:
         raise ValueError("config.loss.dfr_weight > 0 needs config.dfr.levels, e.g. (2, 3, 4)")
     family(config).validate(config)
+
+
+def fpn_levels(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The pyramid's levels, ``model.min_level`` to ``model.max_level`` (P2-P6 by default)."""
+    return tuple(range(config.model.min_level, config.model.max_level + 1))
+
+
+def check_on_fpn_levels(setting: str, chosen, config: ml_collections.ConfigDict) -> None:
+    """Raises a ValueError naming ``setting`` and every level of ``chosen`` the FPN lacks."""
+    pyramid = fpn_levels(config)
+    outside = [level for level in chosen if level not in pyramid]
+    if outside:
+        raise ValueError(f"{setting} {outside} are not FPN levels {list(pyramid)}")
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Detector:
