@@ -69,6 +69,11 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     # R-CNN's RPN and RoIAlign). A 1-bit head on a real FPN needs it: the levels' scale would
     # drown its first unit's binary branch.
     config.model.head_input_norm = False
+    # The head's towers (FCOS's, RetinaNet's, Faster R-CNN's RPN conv) with a GroupNorm of their
+    # own per pyramid level (the convs stay shared), as low-bit detectors do (AQD): one scale
+    # and bias per channel need not fit every level's balance of a 1-bit unit's binary branch
+    # and its shortcut.
+    config.model.head_level_norms = False
     config.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 parameters and optimizer state
     # Starting weights of a new run (dfrdet_jax/warm_start.py): a torchvision-layout ResNet
     # state dict for the backbone (.safetensors / .npz), and/or another run's workdir whose

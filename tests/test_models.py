@@ -592,3 +592,59 @@ def test_head_width_sets_the_towers_channels(load_config, family_name):
     config.model.head_width = -8
     with pytest.raises(ValueError, match="head_width must be >= 0"):
         registry.validate_config(config)
+
+
+@pytest.mark.parametrize("family_name", ["fcos", "retinanet", "faster_rcnn"])
+def test_head_level_norms_give_each_level_its_own_norms_and_share_the_convs(
+    load_config, family_name
+):
+    """``head_level_norms``: each tower unit (the RPN conv) keeps its norms once per level,
+    'norm_level{i}' and 'shortcut_norm_level{i}', in place of the shared 'norm' and
+    'shortcut_norm', and nothing else changes. With every level's norms set to the shared
+    head's, the two heads compute the same outputs; changing level 1's norms moves the
+    predictions of level 1's locations only."""
+    config = load_config("synthetic,bnn,smoke", family_name)
+    config.model.head_width = 24  # the first unit gets a shortcut conv, with its norm
+    sides = (8, 4, 2)
+    rng = np.random.default_rng(0)
+    levels = [jnp.asarray(rng.normal(size=(2, s, s, 16)), jnp.float32) for s in sides]
+    params, apply = {}, {}
+    for level_norms in (False, True):
+        config.model.head_level_norms = level_norms
+        head = family.FAMILIES[family_name].build_head(config, 3, BINARY, None)
+        variables = jax.jit(functools.partial(head.init, train=False))(jax.random.key(0), levels)
+        params[level_norms] = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+        apply[level_norms] = jax.jit(
+            lambda p, head=head: head.apply({"params": p}, levels, train=False)
+        )
+
+    def shared_name(name):  # '.../norm_level2/scale' -> '.../norm/scale'
+        return "/".join(part.split("_level")[0] for part in name.split("/"))
+
+    per_level = [k for k in params[True] if "_level" in k]
+    tower_norms = {shared_name(k) for k in per_level}
+    first = "rpn/rpn_conv0" if family_name == "faster_rcnn" else "cls_tower0"
+    assert {f"{first}/norm/scale", f"{first}/shortcut_norm/scale"} <= tower_norms
+    assert len(per_level) == len(sides) * len(tower_norms)
+    assert {shared_name(k) for k in params[True]} == set(params[False])
+
+    copied = {k: params[False][shared_name(k)] for k in params[True]}
+    unflat = functools.partial(flax.traverse_util.unflatten_dict, sep="/")
+    expected = apply[False](unflat(params[False]))
+    got = apply[True](unflat(copied))
+    for key in expected:
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(expected[key]), atol=1e-6)
+
+    moved = dict(copied)
+    for k in per_level:
+        if "_level1/" in k:
+            moved[k] = copied[k] * 1.5 + 0.3
+    logits = "rpn_logits" if family_name == "faster_rcnn" else "cls_logits"
+    before = np.asarray(got[logits])
+    after = np.asarray(apply[True](unflat(moved))[logits])
+    per_cell = before.shape[1] // sum(s * s for s in sides)
+    ends = np.cumsum([0] + [per_cell * s * s for s in sides])
+    changed = [
+        float(np.max(np.abs(after[:, a:b] - before[:, a:b]))) for a, b in zip(ends[:-1], ends[1:])
+    ]
+    assert changed[0] == 0 and changed[2] == 0 and changed[1] > 1e-3, changed

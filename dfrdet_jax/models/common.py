@@ -106,6 +106,10 @@ class ConvUnit(nn.Module):
       activation: real units only: 'relu' or 'none' (1-bit units use ``binary.activation``).
       shortcut: 1-bit units only: add the Bi-Real shortcut around the binary conv.
       dtype: computation dtype.
+
+    Called with ``level=i``, the unit normalises with norms of that level's own ('norm_level{i}',
+    'shortcut_norm_level{i}') and shares everything else: a head shared over the pyramid's levels
+    with a norm per level, as low-bit detectors do (AQD, arXiv 2007.06919).
     """
 
     features: int
@@ -118,8 +122,9 @@ class ConvUnit(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, level: int | None = None) -> Array:
         """x: [B, H, W, C] -> [B, ceil(H/strides), ceil(W/strides), features] (odd kernels)."""
+        norm = "norm" if level is None else f"norm_level{level}"
         k = (self.kernel_size, self.kernel_size)
         pads = same_size_padding(self.kernel_size)
         if not self.binary.enabled:
@@ -133,7 +138,7 @@ class ConvUnit(nn.Module):
                 kernel_init=nn.initializers.he_normal(),
                 name="conv",
             )(x)
-            y = apply_norm(self.norm, y, train, self.dtype, "norm")
+            y = apply_norm(self.norm, y, train, self.dtype, norm)
             if self.activation == "relu":
                 y = nn.relu(y)
             else:
@@ -155,12 +160,12 @@ class ConvUnit(nn.Module):
                 pad_value=spec.pad_value,
                 **conv,
             )(y)
-        y = apply_norm(self.norm, y, train, self.dtype, "norm")
+        y = apply_norm(self.norm, y, train, self.dtype, norm)
         if self.shortcut:
-            y = y + self._shortcut(x, train)
+            y = y + self._shortcut(x, train, f"shortcut_{norm}")
         return layers.RPReLU(learn_shifts=spec.activation == "rprelu", name="act")(y)
 
-    def _shortcut(self, x: Array, train: bool) -> Array:
+    def _shortcut(self, x: Array, train: bool, norm: str) -> Array:
         if self.strides == 1 and x.shape[-1] == self.features:
             return x
         if self.strides > 1:
@@ -175,4 +180,4 @@ class ConvUnit(nn.Module):
             kernel_init=nn.initializers.he_normal(),
             name="shortcut_conv",
         )(x)
-        return apply_norm(self.norm, x, train, self.dtype, "shortcut_norm")
+        return apply_norm(self.norm, x, train, self.dtype, norm)

@@ -62,6 +62,7 @@ class FasterRCNNHead(nn.Module):
     binary: binarization of the RPN conv and the two hidden box-head layers.
     input_norm: a GroupNorm on every level before the RPN and RoIAlign
       (``single_stage.normalized_levels``): the RPN conv is a 1-bit unit with a shortcut.
+    level_norms: the RPN conv's norms of their own per level (``rpn.RPNHead``).
     dtype: computation dtype.
     """
 
@@ -92,6 +93,7 @@ class FasterRCNNHead(nn.Module):
     assign_chunk_size: int | None
     binary: BinarySpec = REAL
     input_norm: bool = False
+    level_norms: bool = False
     dtype: Any = None
 
     @classmethod
@@ -128,6 +130,7 @@ class FasterRCNNHead(nn.Module):
             assign_chunk_size=f.assign_chunk_size,
             binary=binary,
             input_norm=config.model.head_input_norm,
+            level_norms=config.model.head_level_norms,
             dtype=dtype,
         )
 
@@ -159,6 +162,7 @@ class FasterRCNNHead(nn.Module):
             self.width,
             self.binary,
             self.dtype,
+            self.level_norms,
             name="rpn",
         )(levels, train)
         training = train and "boxes" in targets

@@ -89,6 +89,7 @@ class FCOSHead(nn.Module):
     binary: binarization of the tower convs.
     dtype: computation dtype.
     input_norm: a GroupNorm on every level before the towers (``single_stage.tower_head``).
+    level_norms: the towers' norms of their own per level (``single_stage.tower_head``).
     box_activation: 'relu' or 'exp' (``BOX_ACTIVATIONS``).
     """
 
@@ -100,6 +101,7 @@ class FCOSHead(nn.Module):
     binary: BinarySpec = REAL
     dtype: Any = None
     input_norm: bool = False
+    level_norms: bool = False
     box_activation: str = "relu"
 
     @classmethod
@@ -115,6 +117,7 @@ class FCOSHead(nn.Module):
             binary=binary,
             dtype=dtype,
             input_norm=config.model.head_input_norm,
+            level_norms=config.model.head_level_norms,
             box_activation=config.fcos.box_activation,
         )
 
@@ -136,6 +139,7 @@ class FCOSHead(nn.Module):
             binary=self.binary,
             dtype=self.dtype,
             input_norm=self.input_norm,
+            level_norms=self.level_norms,
         )
         scales = self.param("level_scales", nn.initializers.ones, (len(self.strides),))
         ltrb = [

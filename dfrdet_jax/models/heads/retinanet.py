@@ -47,6 +47,7 @@ class RetinaNetHead(nn.Module):
     binary: binarization of the tower convs.
     dtype: computation dtype.
     input_norm: a GroupNorm on every level before the towers (``single_stage.tower_head``).
+    level_norms: the towers' norms of their own per level (``single_stage.tower_head``).
     """
 
     num_classes: int
@@ -57,6 +58,7 @@ class RetinaNetHead(nn.Module):
     binary: BinarySpec = REAL
     dtype: Any = None
     input_norm: bool = False
+    level_norms: bool = False
 
     @classmethod
     def from_config(
@@ -73,6 +75,7 @@ class RetinaNetHead(nn.Module):
             binary=binary,
             dtype=dtype,
             input_norm=config.model.head_input_norm,
+            level_norms=config.model.head_level_norms,
         )
 
     @nn.compact
@@ -91,6 +94,7 @@ class RetinaNetHead(nn.Module):
             binary=self.binary,
             dtype=self.dtype,
             input_norm=self.input_norm,
+            level_norms=self.level_norms,
         )
         outputs = {"cls_logits": outputs["cls_logits"], "deltas": outputs["bbox_pred"]}
         return {k: jnp.concatenate(v, axis=1).astype(jnp.float32) for k, v in outputs.items()}

@@ -31,12 +31,15 @@ class RPNHead(nn.Module):
     width: channels of the shared 3x3 conv.
     binary: binarization of that conv.
     dtype: computation dtype.
+    level_norms: that conv's norms of their own per level ('norm_level{i}', the i-th level
+      given; ``ConvUnit``), the conv shared.
     """
 
     num_anchors: int
     width: int
     binary: BinarySpec = REAL
     dtype: Any = None
+    level_norms: bool = False
 
     @nn.compact
     def __call__(self, levels: Sequence[Array], train: bool) -> dict[str, Array]:
@@ -46,8 +49,8 @@ class RPNHead(nn.Module):
         logit_out = single_stage.prediction_conv(self.num_anchors, "rpn_logits", self.dtype)
         delta_out = single_stage.prediction_conv(4 * self.num_anchors, "rpn_deltas", self.dtype)
         logits, deltas = [], []
-        for x in levels:
-            y = conv(x, train)
+        for i, x in enumerate(levels):
+            y = conv(x, train, i if self.level_norms else None)
             logits.append(logit_out(y).reshape(x.shape[0], -1))
             deltas.append(delta_out(y).reshape(x.shape[0], -1, 4))
         return {

@@ -114,10 +114,11 @@ def prediction_conv(
     )
 
 
-def run_tower(tower: list[ConvUnit], x: Array, train: bool) -> Array:
-    """x [B, h, w, C] through the units of ``tower`` in order."""
+def run_tower(tower: list[ConvUnit], x: Array, train: bool, level: int | None = None) -> Array:
+    """x [B, h, w, C] through the units of ``tower`` in order; with ``level``, each unit
+    normalises with that level's own norms (``ConvUnit``)."""
     for unit in tower:
-        x = unit(x, train)
+        x = unit(x, train, level)
     return x
 
 
@@ -143,6 +144,7 @@ def tower_head(
     binary: BinarySpec,
     dtype: Any,
     input_norm: bool = False,
+    level_norms: bool = False,
 ) -> dict[str, list[Array]]:
     """The body of FCOS and RetinaNet, shared over the levels; call inside a compact method (its
     submodules are named in the caller's scope).
@@ -152,7 +154,9 @@ def tower_head(
     channels, bias at ``prior_prob``), on the second one prediction conv per ``box_outputs``
     entry (its name -> D, K * D channels), K = ``num_anchors`` per location.
 
-    With ``input_norm``, the levels first go through ``normalized_levels``.
+    With ``input_norm``, the levels first go through ``normalized_levels``. With
+    ``level_norms``, the towers' units keep a norm per level (the i-th level given:
+    'norm_level{i}'), their convs shared.
 
     Args:
       levels: one [B, h_l, w_l, C_in] map per level.
@@ -171,10 +175,10 @@ def tower_head(
     outputs = {"cls_logits": [], **{name: [] for name in box_outputs}}
     if input_norm:
         levels = normalized_levels(levels, dtype)
-    for x in levels:
-        batch = x.shape[0]
-        c = run_tower(cls_tower, x, train)
-        r = run_tower(reg_tower, x, train)
+    for i, x in enumerate(levels):
+        batch, level = x.shape[0], i if level_norms else None
+        c = run_tower(cls_tower, x, train, level)
+        r = run_tower(reg_tower, x, train, level)
         outputs["cls_logits"].append(cls_out(c).reshape(batch, -1, num_classes))
         for name, depth in box_outputs.items():
             outputs[name].append(box_out[name](r).reshape(batch, -1, depth))
