@@ -107,7 +107,7 @@ class ConvUnit(nn.Module):
       shortcut: 1-bit units only: add the Bi-Real shortcut around the binary conv.
       dtype: computation dtype.
 
-    Called with ``level=i``, the unit normalises with norms of that level's own ('norm_level{i}',
+    Called with ``level=i``, the unit normalises with that level's own norms ('norm_level{i}',
     'shortcut_norm_level{i}') and shares everything else: a head shared over the pyramid's levels
     with a norm per level, as low-bit detectors do (AQD, arXiv 2007.06919).
     """
