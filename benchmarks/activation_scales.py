@@ -38,18 +38,25 @@ _HEAD, _FIRST_UNITS = "head", ("cls_tower0", "reg_tower0", "rpn_conv0")
 
 def _tracked(module, method_name: str) -> bool:
     """The FPN's output, each of the decoder's direct submodules' outputs and the norm of each
-    of the head's first units."""
+    of the head's first units ('norm', or one 'norm_level{i}' per level with
+    ``model.head_level_norms``)."""
     path = module.path
     return method_name == "__call__" and (
         path == (NECK,)
         or (len(path) == 2 and path[0] == DECODER)
-        or (len(path) >= 3 and path[0] == _HEAD and path[-2] in _FIRST_UNITS and path[-1] == "norm")
+        or (
+            len(path) >= 3
+            and path[0] == _HEAD
+            and path[-2] in _FIRST_UNITS
+            and (path[-1] == "norm" or path[-1].startswith("norm_level"))
+        )
     )
 
 
 def feature_outputs(config, model, variables, batch) -> dict[str, jax.Array]:
     """{name: output} of one batch: 'P2'.. of the FPN, 'head/<tower>0/norm' (FCOS, RetinaNet)
-    or 'head/rpn/rpn_conv0/norm' (Faster R-CNN; every level's, flattened into one),
+    or 'head/rpn/rpn_conv0/norm' (Faster R-CNN; every level's, flattened into one; with
+    ``model.head_level_norms`` one '.../norm_level{i}' per level),
     'decoder/<stage>' and 'reconstruction' (the last two only for a config with a DFR
     decoder)."""
     batch = {k: jnp.asarray(v) for k, v in batch.items()}

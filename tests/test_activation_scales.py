@@ -23,11 +23,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
         ("bnn", "fcos", ["head/cls_tower0/norm", "head/reg_tower0/norm"]),
         ("dfr", "fcos", ["head/cls_tower0/norm", "head/reg_tower0/norm"]),
         ("bnn", "faster_rcnn", ["head/rpn/rpn_conv0/norm"]),
+        # model.head_level_norms: each level's norm of the first units on its own
+        (
+            "bnn",
+            "fcos",
+            [f"head/{t}0/norm_level{i}" for t in ("cls_tower", "reg_tower") for i in range(3)],
+        ),
     ],
 )
 def test_scales_are_numpys_over_every_batch(variant, family, branches):
     script = smoke.load_benchmark("activation_scales")
     config = smoke.smoke_config(variant, family)
+    config.model.head_level_norms = branches[0].split("/")[-1] != "norm"
     model = registry.build_model(config, num_classes=3)
     state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 10)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
