@@ -16,9 +16,8 @@ import tempfile
 import pytest
 import smoke
 
-CHEAP_CODEGEN = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Read when JAX starts its backend, after this module is imported.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_CODEGEN}".strip()
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {smoke.cheap_codegen_flags()}".strip()
 
 # One persistent compilation cache per test run, shared by the pytest-xdist workers (they
 # inherit the variable from the controller, which sets it first) and every process the tests

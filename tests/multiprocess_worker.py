@@ -10,16 +10,15 @@ import sys
 
 process_id, num_processes, local_devices, port, num_steps = map(int, sys.argv[1:6])
 out_path = sys.argv[6]
-# Cheap CPU code generation: this test checks numbers, not speed.
-os.environ["XLA_FLAGS"] = (
-    f"--xla_force_host_platform_device_count={local_devices} "
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-)
-
 import flax  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from smoke import make_batch, smoke_config  # noqa: E402
+from smoke import cheap_codegen_flags, make_batch, smoke_config  # noqa: E402
+
+# Read when JAX starts its backend, below: this process's devices, and quick CPU compiles.
+os.environ["XLA_FLAGS"] = (
+    f"--xla_force_host_platform_device_count={local_devices} {cheap_codegen_flags()}"
+)
 
 from dfrdet_jax import distributed, sharding, steps  # noqa: E402
 from dfrdet_jax.models import registry  # noqa: E402
