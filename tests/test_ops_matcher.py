@@ -88,12 +88,11 @@ def test_max_iou_matching_equals_the_loop_reference(seed, low_quality):
     np.testing.assert_allclose(
         got["box_targets"], np.where(ref_positive[:, None], boxes[np.maximum(ref_gt, 0)], anchors)
     )
-    # Chunks of 7 anchors (the last one padded) give exactly the same targets.
+    # Chunks of 7 anchors (the last one padded) give the same targets.
     chunked = matcher.max_iou_targets(
         jnp.asarray(anchors), boxes, labels, valid, ignore, 3, **{**settings, "chunk_size": 7}
     )
-    for key in got:
-        np.testing.assert_array_equal(chunked[key], got[key], err_msg=key)
+    _assert_same_targets(chunked, got)
     # So do 9 more padding slots (what a batch cut to fewer box slots leaves out).
     padded = matcher.max_iou_targets(
         jnp.asarray(anchors),
@@ -104,8 +103,18 @@ def test_max_iou_matching_equals_the_loop_reference(seed, low_quality):
         3,
         **settings,
     )
-    for key in got:
-        np.testing.assert_array_equal(padded[key], got[key], err_msg=key)
+    _assert_same_targets(padded, got)
+
+
+def _assert_same_targets(got, want):
+    """Every target equal; the overlaps (max_iou) to within rounding, which XLA's code for
+    another shape may change (a last bit, seen with its CPU fusion emitters off)."""
+    assert got.keys() == want.keys()
+    for key in want:
+        if key == "max_iou":
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=key)
+        else:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_low_quality_match_gives_a_tiny_box_its_best_anchor():
