@@ -33,6 +33,9 @@ SETTINGS = {
     "memory_scheduler": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
     "concurrency_scheduler": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
     "one_thread": "--xla_cpu_multi_thread_eigen=false",
+    # The older loop emitters instead of the fusion emitters (jaxlib >= 0.6): the tests' setting
+    # (tests/smoke.py), which halves their compile time.
+    "no_fusion_emitters": "--xla_cpu_use_fusion_emitters=false",
 }
 
 

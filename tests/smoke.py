@@ -20,9 +20,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def cheap_codegen_flags() -> str:
     """XLA_FLAGS for quick CPU compiles: every test process (conftest.py, and the processes the
     tests start) sets them, as the tests check numbers, not speed, and spend most of their time
-    compiling. The fusion emitters of jaxlib 0.6 and later double the compile time of a smoke
-    detector's train step (7.6 s against 17.7 s on this project's CPU) and run it no faster;
-    jaxlib before 0.6 knows no such option, and XLA aborts on an option it does not know."""
+    compiling. The fusion emitters of jaxlib 0.6 and later make a tiny detector's train step
+    compile 1.6-1.75x longer and run no faster (README, "Run the tests"); jaxlib before 0.6
+    knows no such option, and XLA aborts on an option it does not know."""
     flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     major, minor = (int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2])
     if (major, minor) >= (0, 6):
