@@ -125,6 +125,31 @@ def test_latent_weight_decay_switch(smoke_config, latent_weight_decay):
     assert not moved["backbone/stage2_block1/unit1/conv/alpha"]
 
 
+@pytest.mark.slow
+def test_dfr_at_lambda_zero_trains_the_detector_exactly_as_bnn(smoke_config, make_batch):
+    """The DFR variant differs from the 1-bit baseline only through lambda * L_DFR: with lambda
+    0 its detector (every parameter but the decoder's) is bit-identical to bnn's after a few
+    steps, so the README's DFR - bnn and blank-image comparisons measure that loss alone."""
+    trained = {}
+    for variant in ("bnn", "dfr"):
+        config = smoke_config(variant)
+        config.loss.dfr_weight = 0.0
+        model = registry.build_model(config, num_classes=3)
+        state = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 10)
+        train_step = jax.jit(steps.make_train_step(config, model, total_steps=10))
+        for seed in range(2):
+            state, metrics = train_step(state, make_batch(seed=seed))
+        trained[variant] = flatten_dict(jax.device_get(state.params), sep="/"), metrics
+    (bnn, bnn_metrics), (dfr, dfr_metrics) = trained["bnn"], trained["dfr"]
+    assert any(path.startswith(detectors.DECODER + "/") for path in dfr)  # it did run
+    assert set(bnn) == {p for p in dfr if not p.startswith(detectors.DECODER + "/")}
+    assert float(dfr_metrics["loss_dfr"]) > 0  # computed, weighted by 0
+    for path, value in bnn.items():
+        np.testing.assert_array_equal(dfr[path], value, err_msg=path)
+    for name in ("loss_det", "loss_reconstruction", "grad_norm"):
+        assert float(dfr_metrics[name]) == float(bnn_metrics[name]), name
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_decoder_learning_rate_scales_only_the_decoders_updates(smoke_config, name):
     """dfr.base_learning_rate = base / 4: the decoder's first update (gradient and weight decay
