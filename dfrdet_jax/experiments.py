@@ -30,8 +30,10 @@ Any row of a grid at k times the budget's learning rate is the row ``<row>_lr<k>
 ``--rows`` (``--rows bnn_lr16x,dfr_twostep_lr16x``): same start, same steps, same data.
 
 The markdown table gives each row's mean +- sample standard deviation over its seeds, each
-row's share of the real row's AP, each row's difference from its baseline with its standard
-error, and flags a seed whose AP is under half its row's median (a run that diverged).
+row's share of the real row's AP, each row's difference from its baseline (and from its control,
+where it has one) with its standard error, unpaired and paired by seed (the rows of a seed
+share its start), and flags a seed whose AP is under half its row's median (a run that
+diverged).
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class Run:
       shared: trained once (seed 0) as a start, not a row of the table.
       baseline: the row this one is compared with in the table (its difference, per metric).
       teacher: the run (seed 0, best checkpoint) this one distils from; None: no distillation.
+      control: a second row of the table to compare this one with: the same design without the
+        ingredient under test (DFR against its decoder asked for a blank image).
     """
 
     name: str
@@ -100,6 +104,7 @@ class Run:
     shared: bool = False
     baseline: str | None = None
     teacher: str | None = None
+    control: str | None = None
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -217,6 +222,7 @@ def _scaled_learning_rate(run: Run, factor: int, detector: str) -> Run:
         name=f"{run.name}_lr{factor}x",
         overrides=(*run.overrides, f"{LR_FLAG}={lr}"),
         baseline=f"{run.baseline}_lr{factor}x" if run.baseline else run.name,
+        control=f"{run.control}_lr{factor}x" if run.control else None,
     )
 
 
@@ -231,7 +237,7 @@ def _ablation(detector: str) -> list[Run]:
     del detector
     rows = [
         Run("bnn", "bnn", init_from="start_topology"),
-        Run("dfr", "dfr", init_from="start_topology", baseline="bnn"),
+        Run("dfr", "dfr", init_from="start_topology", baseline="bnn", control="dfr_zero"),
     ]
     settings = {
         "dfr_p2": ("--config.dfr.levels=(2,)",),
@@ -446,12 +452,26 @@ def _difference(summary, a: str, b: str, metric: str = "AP") -> tuple[float, flo
     return x["mean"] - y["mean"], se
 
 
+def paired_difference(summary, a: str, b: str, metric: str = "AP") -> tuple[float, float, int]:
+    """(mean over their common seeds of a's value - b's, its standard error, the number of
+    common seeds) of two summary rows. A seed's runs share its start, so pairing them removes
+    the start's part of the spread. Standard error 0 under two common seeds."""
+    x, y = summary[a][metric], summary[b][metric]
+    by_seed = dict(zip(y["seeds"], y["values"]))
+    diffs = [v - by_seed[s] for s, v in zip(x["seeds"], x["values"]) if s in by_seed]
+    if not diffs:
+        return math.nan, math.nan, 0
+    se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else 0.0
+    return float(np.mean(diffs)), se, len(diffs)
+
+
 def markdown_table(detector: str, summary, command: str, runs: Sequence[Run]) -> str:
     """The README's table: mean +- std over seeds of every AI-TOD metric (%) on the test split
     and of the validation AP the runs were selected on ('-' where a run logged none), then the
     comparisons the paper makes: each row's share of the real row's AP (when the table holds
     one real row, ``real`` or an lr row of it), and each row's difference from its ``baseline``
-    with its standard error."""
+    and its ``control`` with its standard error, over independent seeds and (from two common
+    seeds on) paired by seed."""
     columns = TABLE_METRICS + (VALIDATION_AP,)
     head = "| row | seeds | " + " | ".join(TABLE_METRICS) + " | validation AP |"
     lines = [f"`{command}`", "", head, "|" + "---|" * (len(columns) + 2)]
@@ -468,7 +488,8 @@ def markdown_table(detector: str, summary, command: str, runs: Sequence[Run]) ->
             if run.name != real[0]:
                 ratio = summary[run.name]["AP"]["mean"] / max(summary[real[0]]["AP"]["mean"], 1e-9)
                 lines.append(f"- {run.name} keeps {100 * ratio:.0f} % of the {real[0]} AP.")
-    for a, b in ((run.name, run.baseline) for run in rows if run.baseline):
+    pairs = [(run.name, other) for run in rows for other in (run.baseline, run.control) if other]
+    for a, b in pairs:
         for metric in ("AP", "AP_vt", "AP_t"):
             diff = _difference(summary, a, b, metric)
             if diff is None:
@@ -477,6 +498,12 @@ def markdown_table(detector: str, summary, command: str, runs: Sequence[Run]) ->
                 spread = "one seed: no standard error"
             else:
                 spread = f"standard error {diff[1]:.1f}"
+                paired, paired_se, common = paired_difference(summary, a, b, metric)
+                if common >= 2:
+                    spread += (
+                        f"; paired by seed over {common}: {paired:+.1f}, "
+                        f"standard error {paired_se:.2f}"
+                    )
             lines.append(f"- {a} - {b}, {metric}: {diff[0]:+.1f} ({spread})")
     for name, row in summary.items():
         for seed, ap, median in collapsed_seeds(row):

@@ -5,6 +5,7 @@ import json
 import math
 import shlex
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -204,7 +205,9 @@ def test_summary_and_table_by_hand(tmp_path):
     two_summary = experiments.summarize({**results, "real_lr32x": results["real"]})
     assert "keeps" not in experiments.markdown_table("fcos", two_summary, "CMD", two_real)
     se = math.sqrt(2 * 2.0 / 2)  # both rows: std sqrt(2), two seeds
-    assert f"- dfr - bnn, AP: +5.0 (standard error {se:.1f})" in table
+    # Both seeds gain exactly 5.0: paired by seed, no spread left.
+    paired = "paired by seed over 2: +5.0, standard error 0.00"
+    assert f"- dfr - bnn, AP: +5.0 (standard error {se:.1f}; {paired})" in table
     one_seed = experiments.summarize({"bnn": results["bnn"], "dfr": {0: _metrics(0.25)}})
     assert "- dfr - bnn, AP: +4.0 (one seed: no standard error)" in experiments.markdown_table(
         "fcos", one_seed, "CMD", runs
@@ -221,6 +224,38 @@ def test_summary_and_table_by_hand(tmp_path):
     assert saved["command"] == "CMD" and saved["summary"]["dfr"]["AP"]["n"] == 2
     assert (tmp_path / "results.png").stat().st_size > 1000
     assert (tmp_path / "results.md").read_text() == table
+
+
+def test_paired_differences_and_the_control_row_by_hand():
+    """DFR against bnn and against its blank-image control, paired over the seeds both rows
+    have: the differences 5, 4, 6 (seed 3 of dfr has no control) have mean 5 and standard
+    error 1 / sqrt(3)."""
+    results = {
+        "bnn_lr16x": {0: _metrics(0.20), 1: _metrics(0.22), 2: _metrics(0.21)},
+        "dfr_lr16x": {s: _metrics(ap) for s, ap in enumerate((0.25, 0.26, 0.27, 0.40))},
+        "dfr_zero_lr16x": {0: _metrics(0.20), 1: _metrics(0.22), 2: _metrics(0.21)},
+    }
+    summary = experiments.summarize(results)
+    mean, se, common = experiments.paired_difference(summary, "dfr_lr16x", "dfr_zero_lr16x")
+    assert (mean, common) == (pytest.approx(5.0), 3) and se == pytest.approx(1 / math.sqrt(3))
+    assert experiments.paired_difference(summary, "bnn_lr16x", "dfr_zero_lr16x", "AP_t")[:2] == (
+        pytest.approx(0.0),
+        pytest.approx(0.0),
+    )
+    runs = experiments.grid("fcos", "ablation", ["bnn_lr16x", "dfr_lr16x", "dfr_zero_lr16x"])
+    by_name = {r.name: r for r in runs}
+    assert by_name["dfr_lr16x"].control == "dfr_zero_lr16x"  # scaled with the row
+    assert by_name["dfr_zero_lr16x"].control is None
+    table = experiments.markdown_table("fcos", summary, "CMD", runs)
+    unpaired = math.sqrt(np.var([25, 26, 27, 40], ddof=1) / 4 + np.var([20, 22, 21], ddof=1) / 3)
+    assert (
+        f"- dfr_lr16x - dfr_zero_lr16x, AP_vt: +8.5 (standard error {unpaired:.1f}; "
+        "paired by seed over 3: +5.0, standard error 0.58)"
+    ) in table
+    assert "- dfr_zero_lr16x - bnn_lr16x, AP: +0.0" in table
+    # Without its control in the table, the row is compared with its baseline alone.
+    alone = experiments.summarize({k: results[k] for k in ("bnn_lr16x", "dfr_lr16x")})
+    assert "dfr_zero" not in experiments.markdown_table("fcos", alone, "CMD", runs)
 
 
 def test_any_row_at_a_scaled_learning_rate():
