@@ -452,17 +452,28 @@ def _difference(summary, a: str, b: str, metric: str = "AP") -> tuple[float, flo
     return x["mean"] - y["mean"], se
 
 
-def paired_difference(summary, a: str, b: str, metric: str = "AP") -> tuple[float, float, int]:
-    """(mean over their common seeds of a's value - b's, its standard error, the number of
-    common seeds) of two summary rows. A seed's runs share its start, so pairing them removes
-    the start's part of the spread. Standard error 0 under two common seeds."""
+def seed_differences(summary, a: str, b: str, metric: str = "AP") -> list[float]:
+    """a's value - b's (%) for each seed both summary rows have, in a's seed order. A seed's
+    runs share its start, so pairing them removes the start's part of the spread."""
     x, y = summary[a][metric], summary[b][metric]
     by_seed = dict(zip(y["seeds"], y["values"]))
-    diffs = [v - by_seed[s] for s, v in zip(x["seeds"], x["values"]) if s in by_seed]
+    return [v - by_seed[s] for s, v in zip(x["seeds"], x["values"]) if s in by_seed]
+
+
+def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean, with the sample standard deviation; 0 for one value)
+    of a non-empty sequence."""
+    se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+    return float(np.mean(values)), se
+
+
+def paired_difference(summary, a: str, b: str, metric: str = "AP") -> tuple[float, float, int]:
+    """(mean of ``seed_differences``, its standard error, the number of common seeds); NaNs
+    and 0 without a common seed."""
+    diffs = seed_differences(summary, a, b, metric)
     if not diffs:
         return math.nan, math.nan, 0
-    se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else 0.0
-    return float(np.mean(diffs)), se, len(diffs)
+    return (*mean_and_standard_error(diffs), len(diffs))
 
 
 def markdown_table(detector: str, summary, command: str, runs: Sequence[Run]) -> str:
