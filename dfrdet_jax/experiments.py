@@ -12,6 +12,8 @@ validation split and keeps its best checkpoint by validation AP; that checkpoint
 is then scored once on the test split, which nothing else reads. A run whose test metrics exist is
 skipped and a half-trained one resumes from its checkpoints, so an interrupted grid is finished by
 running the same command again. Grids share a root: a row two grids hold (``bnn``) runs once.
+Commands may share a root at the same time (one per core): a run that one of them is training is
+locked, and the others wait for it and read its results rather than train it again.
 ``--rows`` runs some rows and whatever they need (their start, their teacher).
 ``--starts_root OTHER`` reads the starts, finished, from another root instead of training them:
 rows at another budget (``--budget='--config.train.num_steps=4800'``) from the same starts.
@@ -39,7 +41,9 @@ diverged).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import glob
 import json
@@ -72,6 +76,8 @@ REAL_TOPOLOGY = (
 # (e.g. bnn_lr16x, dfr_twostep_lr16x): it sets this flag and keeps the row's start.
 LR_FLAG = "--config.optimizer.base_learning_rate"
 SCALED_ROW = re.compile(r"(?P<row>.+)_lr(?P<factor>[1-9][0-9]*)x")
+# Held (flock) in a run's workdir while a grid command trains and tests it.
+LOCK_FILE = ".experiments.lock"
 # A seed whose AP is under this fraction of its row's median is reported as collapsed.
 COLLAPSED_FRACTION = 0.5
 # ReActNet's first step: binary activations, real weights (no scale, hence no L_R).
@@ -350,6 +356,24 @@ def _run_logged(command: list[str], log_path: str, dry_run: bool) -> None:
         raise RuntimeError(f"exit status {status.returncode}; see {log_path}")
 
 
+@contextlib.contextmanager
+def _exclusive(workdir: str):
+    """Holds ``workdir``'s lock file while the body trains and tests its run, so that two grid
+    commands never train one run (a shared start) side by side: the second waits, then finds the
+    run finished. The operating system drops the lock when its process ends, killed or not."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, LOCK_FILE), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting: another command is running {workdir}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def test_metrics_path(workdir: str) -> str | None:
     """The eval mode's file of the best checkpoint's test metrics; None before it exists."""
     found = glob.glob(os.path.join(workdir, "eval_test_best_*.json"))
@@ -395,9 +419,14 @@ def run_grid(
                         "eval_test_best_*.json); train it there first, with this command's "
                         f"--root {starts_root} and without --starts_root"
                     )
-                for mode, log in (("train", "train.log"), ("eval", "test.log")):
-                    command = _main_command(detector, run, seed, root, budget, mode, starts_root)
-                    _run_logged(command, os.path.join(workdir, log), dry_run)
+                with contextlib.nullcontext() if dry_run else _exclusive(workdir):
+                    # Another command may have finished the run while this one waited.
+                    if test_metrics_path(workdir) is None:
+                        for mode, log in (("train", "train.log"), ("eval", "test.log")):
+                            command = _main_command(
+                                detector, run, seed, root, budget, mode, starts_root
+                            )
+                            _run_logged(command, os.path.join(workdir, log), dry_run)
             done = test_metrics_path(workdir)
             if done is not None:
                 with open(done) as f:

@@ -1,9 +1,12 @@
 """The comparison grid: its runs and commands, resuming from finished runs, and the summary
 (mean, sample standard deviation, differences with their standard errors) worked by hand."""
 
+import fcntl
 import json
 import math
 import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -119,6 +122,46 @@ def test_rows_at_another_budget_read_the_starts_of_another_root(tmp_path, capsys
     assert f"--config.distill.teacher={starts}/start_real/seed0" in commands[0]
     assert "--config.train.num_steps=4800" in commands[0]
     assert not (tmp_path / "long" / "start_topology").exists()  # nothing trained under root
+
+
+def test_a_run_another_command_is_running_is_waited_for_not_run_twice(
+    tmp_path, capsys, monkeypatch
+):
+    """Two grid commands on one root: the second waits on the shared start the first is
+    training, then reads it; the lock is let go when a run fails."""
+    start = tmp_path / "start_topology" / "seed0"
+    start.mkdir(parents=True)
+    # The first command: holds the start's lock, finishes the start, exits.
+    first_command = "\n".join(
+        [
+            "import fcntl, json, time",
+            f"lock = open({str(start / experiments.LOCK_FILE)!r}, 'w')",
+            "fcntl.flock(lock, fcntl.LOCK_EX)",
+            "print('locked', flush=True)",
+            "time.sleep(1.0)",
+            f"metrics = {json.dumps(_metrics(0.3))!r}",
+            f"open({str(start / 'eval_test_best_1200.json')!r}, 'w').write(metrics)",
+        ]
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", first_command], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline() == "locked\n"
+    ran = []
+
+    def run_logged(command, log_path, dry_run):
+        ran.append(command)
+        raise RuntimeError("the run failed")
+
+    monkeypatch.setattr(experiments, "_run_logged", run_logged)
+    runs = experiments.grid("fcos", "comparison", ["bnn"])  # start_topology, then bnn
+    with pytest.raises(RuntimeError, match="the run failed"):
+        experiments.run_grid("fcos", str(tmp_path), [0], [], runs=runs)
+    assert holder.wait() == 0
+    assert f"waiting: another command is running {start}" in capsys.readouterr().out
+    assert len(ran) == 1 and f"--workdir={tmp_path}/bnn/seed0" in ran[0]  # the start: not rerun
+    with open(tmp_path / "bnn" / "seed0" / experiments.LOCK_FILE) as lock:  # let go on failure
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_main_writes_a_command_that_a_shell_runs_as_given(tmp_path, capsys):

@@ -181,7 +181,9 @@ def test_transfer_from_the_real_topology_derives_weight_steps():
         np.testing.assert_array_equal(flat[kernel], src[kernel])
         np.testing.assert_allclose(
             # float32 means against numpy's float64: 1e-6 is under their rounding on some CPUs
-            flat[path], 2 * np.abs(src[kernel]).mean(axis=(0, 1, 2)) / np.sqrt(7), rtol=1e-5
+            flat[path],
+            2 * np.abs(src[kernel]).mean(axis=(0, 1, 2)) / np.sqrt(7),
+            rtol=1e-5,
         )
     assert {p.rsplit("/", 1)[1] for p in report.initialised} == {"input_step"}
     assert not report.skipped  # the same topology: every source tensor has its place
