@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from dfrdet_jax import data
+from dfrdet_jax.choices import check_choice
 
 VARIANTS = ("real", "bnn", "dfr", "lsq4")
 SETTINGS = ("demo", "smoke")  # optional tokens of a config argument
@@ -29,11 +30,17 @@ def parse_arg(arg: str, config_file: str) -> tuple[str, str, bool, bool]:
     demo = smoke or "demo" in tokens
     tokens = [t for t in tokens if t not in SETTINGS]
     datasets = data.source_names()
-    if len(tokens) != 2 or tokens[0] not in datasets or tokens[1] not in VARIANTS:
+    usage = f"{config_file} takes '<dataset>,<variant>[,demo][,smoke]'"
+    if len(tokens) != 2:
         raise ValueError(
-            f"{config_file} takes '<dataset>,<variant>[,demo][,smoke]' with dataset in "
-            f"{list(datasets)} and variant in {list(VARIANTS)}; got {arg!r}"
+            f"{usage} with dataset in {list(datasets)} and variant in {list(VARIANTS)}; got {arg!r}"
         )
+    if tokens[0] in VARIANTS and tokens[1] in datasets:
+        raise ValueError(
+            f"{usage}; got {arg!r}: the data set comes first, '{tokens[1]},{tokens[0]}'"
+        )
+    check_choice("data set", tokens[0], datasets, f"{usage}; got {arg!r}")
+    check_choice("variant", tokens[1], VARIANTS, f"{usage}; got {arg!r}")
     if demo and tokens[0] != "synthetic":
         raise ValueError(
             f"{config_file}: 'demo' and 'smoke' size a run for the synthetic data set (its 128 px "

@@ -19,7 +19,9 @@ def test_built_in_sources_and_unknown_names():
             ValueError, match=r"Unknown data set 'coco'; valid choices: \['synthetic'"
         ):
             lookup("coco")
-    with pytest.raises(ValueError, match=r"dataset in \['synthetic', 'aitod', 'tinyperson', "):
+    with pytest.raises(
+        ValueError, match=r"Unknown data set 'coco'; valid choices: \['synthetic', 'aitod', "
+    ):
         base_config.parse_arg("coco,dfr", "configs/fcos_r18.py")
 
 

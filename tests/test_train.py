@@ -232,10 +232,21 @@ def test_config_errors_are_clear(load_config, field, value, message):
 
 
 def test_config_argument_errors(load_config):
-    with pytest.raises(ValueError, match=r"dataset in .*synthetic.*variant in .*real"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown variant 'xnor'; valid choices: \['real', 'bnn', 'dfr', 'lsq4'\] "
+        r"\(configs/fcos_r18.py takes '<dataset>,<variant>\[,demo\]\[,smoke\]'; "
+        r"got 'synthetic,xnor'\)",
+    ):
         load_config("synthetic,xnor")
-    with pytest.raises(ValueError, match=r"configs/retinanet_r18.py takes"):
+    with pytest.raises(
+        ValueError, match=r"Unknown data set 'coco'.*configs/retinanet_r18.py takes"
+    ):
         load_config("coco,real", "retinanet")
+    with pytest.raises(ValueError, match=r"dataset in \['synthetic'.*variant in \['real'"):
+        load_config("synthetic")
+    with pytest.raises(ValueError, match=r"the data set comes first, 'synthetic,dfr'"):
+        load_config("dfr,synthetic,demo")
     config = load_config("aitod,bnn")
     assert config.loss.dfr_weight == 0 and config.model.binary_parts
     assert load_config("aitod,real").model.binary_parts == ()
