@@ -35,12 +35,11 @@ def parse_arg(arg: str, config_file: str) -> tuple[str, str, bool, bool]:
         raise ValueError(
             f"{usage} with dataset in {list(datasets)} and variant in {list(VARIANTS)}; got {arg!r}"
         )
+    given = f"{usage}; got {arg!r}"
     if tokens[0] in VARIANTS and tokens[1] in datasets:
-        raise ValueError(
-            f"{usage}; got {arg!r}: the data set comes first, '{tokens[1]},{tokens[0]}'"
-        )
-    check_choice("data set", tokens[0], datasets, f"{usage}; got {arg!r}")
-    check_choice("variant", tokens[1], VARIANTS, f"{usage}; got {arg!r}")
+        raise ValueError(f"{given}: the data set comes first, '{tokens[1]},{tokens[0]}'")
+    check_choice("data set", tokens[0], datasets, given)
+    check_choice("variant", tokens[1], VARIANTS, given)
     if demo and tokens[0] != "synthetic":
         raise ValueError(
             f"{config_file}: 'demo' and 'smoke' size a run for the synthetic data set (its 128 px "

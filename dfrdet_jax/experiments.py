@@ -360,7 +360,8 @@ def _run_logged(command: list[str], log_path: str, dry_run: bool) -> None:
 def _exclusive(workdir: str):
     """Holds ``workdir``'s lock file while the body trains and tests its run, so that two grid
     commands never train one run (a shared start) side by side: the second waits, then finds the
-    run finished. The operating system drops the lock when its process ends, killed or not."""
+    run finished. Closing the file lets the lock go, as does the end of its process, killed or
+    not."""
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, LOCK_FILE), "w") as lock:
         try:
@@ -368,10 +369,7 @@ def _exclusive(workdir: str):
         except BlockingIOError:
             print(f"waiting: another command is running {workdir}", flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
 
 
 def test_metrics_path(workdir: str) -> str | None:
