@@ -3,6 +3,7 @@
 AI-TOD metric set, the eval mode equal to scoring the predict mode's output, and the ground
 truth fed back as detections scoring AP 1 (none: AP 0)."""
 
+import functools
 import json
 import os
 
@@ -73,10 +74,9 @@ def _check_export_tensors(config, workdir, out_dir, family):
     assert manifest["file_bytes"] < 2 * manifest["size_mb"] * 1e6 + 100_000  # bits, not floats
     model, state, _, _ = evaluate.restored_state(config, str(workdir))
     images = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
-    expected = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
-    )
-    got = model.apply(variables, images, train=False)
+    apply = jax.jit(functools.partial(model.apply, train=False))  # eagerly, each op compiles
+    expected = apply({"params": state.params, "batch_stats": state.batch_stats}, images)
+    got = apply(variables, images)
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-4, err_msg=key)
 

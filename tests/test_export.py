@@ -1,6 +1,8 @@
 """Bit-packed export: kernels round-trip as signs (and mean|w|), detections are unchanged, the
 decoder is left out and the file is as small as the paper counts it."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +70,8 @@ def test_exported_detector_gives_the_same_outputs(smoke_config, family, scale):
     config.model.binary.scale = scale
     model = registry.build_model(config, num_classes=3)
     images = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
-    variables = model.init(jax.random.key(0), images, train=False, reconstruct=True)
+    init = functools.partial(model.init, train=False, reconstruct=True)
+    variables = jax.jit(init)(jax.random.key(0), images)  # eagerly, each op compiles
     # Latent weights far from +-1, so that only their signs and scales can match.
     params = jax.tree.map(lambda p: p * 3.7, variables["params"])
     trace = complexity.trace_layers(model, (64, 64), train=False)
@@ -92,8 +95,9 @@ def test_exported_detector_gives_the_same_outputs(smoke_config, family, scale):
         binary_weights / 8, abs=len(packed)
     )
     restored = export.unpack_variables(arrays, packed)
-    expected = model.apply(variables, images, train=False)
-    got = model.apply(restored, images, train=False)
+    apply = jax.jit(functools.partial(model.apply, train=False))
+    expected = apply(variables, images)
+    got = apply(restored, images)
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-4, err_msg=key)
     if scale == "learned":  # alpha is a parameter of its own: the kernels come back as +-1
