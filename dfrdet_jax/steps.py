@@ -49,22 +49,28 @@ def create_train_state(
       image_hw: (height, width) in pixels of the padded batches.
       total_steps: the run's length in steps, which the learning-rate schedule spans.
     """
-    dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
-    variables = jax.jit(
-        functools.partial(model.init, train=True, reconstruct=bool(config.dfr.levels))
-    )(rng, dummy)
     latent_kernels = frozenset()
     if not config.optimizer.latent_weight_decay:  # find the 1-bit kernels (an abstract trace)
         trace = complexity.trace_layers(model, image_hw, train=False)
         latent_kernels = frozenset(trace.binary_kernels)
-    state = TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        tx=optimizers.make_optimizer(config, total_steps, latent_kernels),
-    )
-    # A concrete int32 step (not a weakly typed Python 0), so the step compiles only once.
-    return state.replace(step=jnp.zeros((), jnp.int32))
+    tx = optimizers.make_optimizer(config, total_steps, latent_kernels)
+
+    # One program: the optimizer's state built op by op would compile an XLA program per
+    # parameter shape.
+    @jax.jit
+    def init(rng: Array) -> TrainState:
+        dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
+        variables = model.init(rng, dummy, train=True, reconstruct=bool(config.dfr.levels))
+        state = TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            batch_stats=variables.get("batch_stats", {}),
+            tx=tx,
+        )
+        # A concrete int32 step (not a weakly typed Python 0), so the step compiles only once.
+        return state.replace(step=jnp.zeros((), jnp.int32))
+
+    return init(rng)
 
 
 def loss_and_metrics(

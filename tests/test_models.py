@@ -121,9 +121,10 @@ def test_decoder_rejects_levels_outside_the_pyramid():
 def test_any_input_size_gives_ceil_sized_levels(hw):
     # 800 px (AI-TOD) is no multiple of P6's stride 64; odd sides exercise every ceil.
     model = _tiny_fcos()
-    images = jnp.zeros((1, *hw, 3))
-    variables = model.init(jax.random.key(0), images, train=False)
-    outputs = model.apply(variables, images, train=False)
+    images = jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32)
+    outputs, _ = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x, train=False), images
+    )
     sizes = single_stage.feature_sizes(hw, model.strides)
     assert sizes[0] == (-(-hw[0] // 4), -(-hw[1] // 4)) and sizes[-1][0] == 1 + (hw[0] > 64)
     assert outputs["cls_logits"].shape[1] == sum(h * w for h, w in sizes)
