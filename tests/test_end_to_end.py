@@ -74,7 +74,8 @@ def _check_export_tensors(config, workdir, out_dir, family):
     assert manifest["file_bytes"] < 2 * manifest["size_mb"] * 1e6 + 100_000  # bits, not floats
     model, state, _, _ = evaluate.restored_state(config, str(workdir))
     images = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
-    apply = jax.jit(functools.partial(model.apply, train=False))  # eagerly, each op compiles
+    # Under one jit: op by op, every op would compile alone.
+    apply = jax.jit(functools.partial(model.apply, train=False))
     expected = apply({"params": state.params, "batch_stats": state.batch_stats}, images)
     got = apply(variables, images)
     for key in expected:
