@@ -70,8 +70,9 @@ def test_exported_detector_gives_the_same_outputs(smoke_config, family, scale):
     config.model.binary.scale = scale
     model = registry.build_model(config, num_classes=3)
     images = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
+    # Under one jit: op by op, every op would compile alone.
     init = functools.partial(model.init, train=False, reconstruct=True)
-    variables = jax.jit(init)(jax.random.key(0), images)  # op by op, every op compiles alone
+    variables = jax.jit(init)(jax.random.key(0), images)
     # Latent weights far from +-1, so that only their signs and scales can match.
     params = jax.tree.map(lambda p: p * 3.7, variables["params"])
     trace = complexity.trace_layers(model, (64, 64), train=False)
