@@ -402,6 +402,26 @@ def test_activation_helpers():
     assert set(plain.init(jax.random.key(0), x)["params"]) == {"negative_slope"}
 
 
+@pytest.mark.parametrize("slope", [np.float32(0.25), np.array([0.25, -0.5, 0.0], np.float32)])
+def test_prelu_value_and_gradients_match_numpy(slope):
+    """Slopes of either sign and zero, scalar or one per channel, and inputs at exactly 0 (the
+    slope's side)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    x[0, 0] = [0.0, -0.0, 0.0]
+    g = rng.normal(size=x.shape).astype(np.float32)
+    y, vjp = jax.vjp(layers.prelu, jnp.asarray(x), jnp.asarray(slope))
+    d_x, d_slope = vjp(jnp.asarray(g))
+    positive = x > 0
+    np.testing.assert_allclose(np.asarray(y), np.where(positive, x, slope * x), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(d_x), np.where(positive, g, slope * g), rtol=1e-6)
+    expected_slope = np.where(positive, 0.0, g * x).sum(axis=(0, 1))
+    if np.ndim(slope) == 0:
+        expected_slope = expected_slope.sum()
+    assert d_slope.shape == np.shape(slope)
+    np.testing.assert_allclose(np.asarray(d_slope), expected_slope, rtol=1e-5, atol=1e-6)
+
+
 class _TinyBinaryClassifier(nn.Module):
     """A user model: real stem, two binary residual blocks, real classifier."""
 

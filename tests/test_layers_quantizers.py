@@ -83,6 +83,78 @@ def test_unknown_quantizer_lists_choices():
     assert layers.get_binary_quantizer("none") is None
 
 
+def _conv(a, k):
+    return jax.lax.conv_general_dilated(a, k, (1, 1), "SAME", dimension_numbers=_NHWC)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("name", ["identity", "clipped", "approx"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_apply_to_sign_is_the_ste_then_the_op(name, dtype):
+    """Value and both gradients equal those of the plain STE followed by the op (each tested
+    pointwise above), with inputs on sign's and the STEs' edges (+-0, +-1)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
+    x[0, 0, 0] = [0.0, -0.0, 1.0, -1.0]
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), dtype)
+    g = jnp.asarray(rng.normal(size=(2, 6, 6, 5)), jnp.float32)
+    x = jnp.asarray(x, dtype)
+    quantize = layers.get_binary_quantizer(name)
+
+    def fused(x, kernel):
+        return jnp.sum(layers.apply_to_sign(_conv, x, kernel, name).astype(jnp.float32) * g)
+
+    def plain(x, kernel):
+        return jnp.sum(_conv(quantize(x), kernel).astype(jnp.float32) * g)
+
+    got, got_grads = jax.value_and_grad(fused, (0, 1))(x, kernel)
+    want, want_grads = jax.value_and_grad(plain, (0, 1))(x, kernel)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_apply_to_sign_casts_the_sign_and_rejects_unknown_quantizers():
+    x = jnp.asarray(POINTS, jnp.float32)
+    out = layers.apply_to_sign(lambda s, w: s * w, x, jnp.ones((), jnp.bfloat16), "clipped",
+                               jnp.bfloat16)  # fmt: skip
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), SIGN)
+    with pytest.raises(ValueError, match=r"'binarize'.*approx.*clipped.*identity"):
+        layers.apply_to_sign(_conv, x, x, "binarize")
+
+
+def test_apply_to_sign_keeps_one_input_sized_buffer_per_layer_for_the_backward_pass():
+    """XLA's buffers for the gradient of a stack of binary convs (tanh between them, which keeps
+    its output: the next layer's input) grow by one input-sized buffer per layer: the input,
+    from which the backward pass recomputes its sign. The STE followed by the conv keeps the
+    sign as well, two per layer; so does the fused op if its backward pass's sign does not
+    wait for the cotangent (XLA:CPU then computes it in the forward pass)."""
+
+    def temp_buffers_per_layer(binary_conv):
+        x = jnp.ones((1, 16, 16, 32))
+        sizes = []
+        for depth in (2, 6):
+            kernels = [jnp.ones((3, 3, 32, 32))] * depth
+
+            def loss(kernels, x):
+                for kernel in kernels:
+                    x = jnp.tanh(binary_conv(x, kernel))
+                return jnp.sum(x)
+
+            compiled = jax.jit(jax.grad(loss)).lower(kernels, x).compile()
+            sizes.append(compiled.memory_analysis().temp_size_in_bytes / (x.size * 4))
+        return (sizes[1] - sizes[0]) / 4
+
+    fused = temp_buffers_per_layer(lambda x, k: layers.apply_to_sign(_conv, x, k, "approx"))
+    plain = temp_buffers_per_layer(lambda x, k: _conv(layers.sign_approx_ste(x), k))
+    assert fused <= 1.25, fused
+    assert plain - fused >= 0.75, (plain, fused)
+
+
 def _numpy_lsq(x, s, bits, signed):
     """Forward and the LSQ gradients (Esser et al.) computed by hand."""
     q_min, q_max = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)

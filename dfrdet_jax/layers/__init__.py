@@ -15,7 +15,7 @@ Example::
   loss = task_loss + gamma * layers.total_reconstruction_loss(state["losses"])
 """
 
-from dfrdet_jax.layers.activations import LearnableBias, RPReLU
+from dfrdet_jax.layers.activations import LearnableBias, RPReLU, prelu
 from dfrdet_jax.layers.binary import (
     LOSSES_COLLECTION,
     RECONSTRUCTION_LOSS_NAME,
@@ -29,6 +29,7 @@ from dfrdet_jax.layers.conv import Conv, conv_general_dilated, explicit_padding
 from dfrdet_jax.layers.lsq import LSQConv, LSQDense, initial_input_step
 from dfrdet_jax.layers.quantizers import (
     BINARY_QUANTIZERS,
+    apply_to_sign,
     get_binary_quantizer,
     lsq_init_step,
     lsq_levels,
@@ -53,6 +54,7 @@ __all__ = [
     "LSQDense",
     "LearnableBias",
     "RPReLU",
+    "apply_to_sign",
     "conv_general_dilated",
     "explicit_padding",
     "get_binary_quantizer",
@@ -60,6 +62,7 @@ __all__ = [
     "lsq_init_step",
     "lsq_levels",
     "lsq_quantize",
+    "prelu",
     "reconstruction_loss",
     "round_ste",
     "scale_gradient",

@@ -28,6 +28,35 @@ class LearnableBias(nn.Module):
         return x + bias.astype(x.dtype)
 
 
+@jax.custom_vjp
+def prelu(x: Array, slope: Array) -> Array:
+    """PReLU: x for x > 0, slope * x otherwise; ``slope`` broadcasts against ``x`` (a scalar or
+    one per channel, the last axis).
+
+    Its backward pass keeps x alone, where autodiff of ``jnp.where`` keeps the mask x > 0
+    beside it (benchmarks/README.md, memory).
+    """
+    return jnp.where(x > 0, x, slope * x)
+
+
+def _prelu_forward(x, slope):
+    return prelu(x, slope), (x, slope)
+
+
+def _prelu_backward(residuals, cotangent):
+    x, slope = residuals
+    positive = x > 0
+    d_x = jnp.where(positive, cotangent, slope * cotangent)
+    d_slope = jnp.where(positive, 0, cotangent * x)
+    d_slope = jnp.sum(d_slope, axis=tuple(range(x.ndim - jnp.ndim(slope))))
+    broadcast = tuple(i for i, n in enumerate(jnp.shape(slope)) if n == 1)
+    d_slope = jnp.sum(d_slope, axis=broadcast, keepdims=True)
+    return d_x, d_slope.astype(slope.dtype)
+
+
+prelu.defvjp(_prelu_forward, _prelu_backward)
+
+
 class RPReLU(nn.Module):
     """RPReLU(x) = PReLU_beta(x - gamma) + zeta, all three per channel (last axis).
 
@@ -53,7 +82,7 @@ class RPReLU(nn.Module):
                 "shift_in", nn.initializers.zeros_init(), channels, self.param_dtype
             ).astype(x.dtype)
             x = x - shift_in
-        y = jnp.where(x > 0, x, slope * x)
+        y = prelu(x, slope)
         if self.learn_shifts:
             y = y + self.param(
                 "shift_out", nn.initializers.zeros_init(), channels, self.param_dtype

@@ -131,18 +131,26 @@ def _binarize_kernel(module: nn.Module, kernel: Array) -> tuple[Array, Array | N
 
 
 def _binary_operands(module: nn.Module, x: Array, kernel_shape: tuple[int, ...]):
-    """Declares ``module``'s kernel (and alpha, bias); returns (q_a(x), sign(kernel), alpha or
-    None, bias or None) with x and sign(kernel) in the computation dtype."""
+    """Declares ``module``'s kernel (and alpha, bias); returns (sign(kernel) in the computation
+    dtype, alpha or None, bias or None)."""
     kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
     binary_kernel, alpha = _binarize_kernel(module, kernel)
     bias = None
     if module.use_bias:
         bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
-    quantize = quantizers.get_binary_quantizer(module.input_quantizer)
-    if quantize is not None:
-        x = quantize(x)
-    x, binary_kernel = flax_dtypes.promote_dtype(x, binary_kernel, dtype=module.dtype)
-    return x, binary_kernel, alpha, bias
+    dtype = flax_dtypes.canonicalize_dtype(x, binary_kernel, dtype=module.dtype)
+    return binary_kernel.astype(dtype), alpha, bias
+
+
+def _apply_to_input(module: nn.Module, op: Callable, x: Array, binary_kernel: Array) -> Array:
+    """op(q_a(x), binary_kernel) with the module's input quantizer, in the kernel's dtype; a
+    binarized input is recomputed in the backward pass rather than saved
+    (``quantizers.apply_to_sign``)."""
+    if quantizers.get_binary_quantizer(module.input_quantizer) is None:
+        return op(x.astype(binary_kernel.dtype), binary_kernel)
+    return quantizers.apply_to_sign(
+        op, x, binary_kernel, module.input_quantizer, binary_kernel.dtype
+    )
 
 
 def _as_tuple(value: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
@@ -215,29 +223,35 @@ class BinaryConv(nn.Module):
             )
         strides = _as_tuple(self.strides, n, "strides")
         dilation = _as_tuple(self.kernel_dilation, n, "kernel_dilation")
-        x, binary_kernel, alpha, bias = _binary_operands(
+        binary_kernel, alpha, bias = _binary_operands(
             self, x, (*self.kernel_size, in_features // groups, self.features)
         )
         pads = explicit_padding(self.padding, x.shape[1:-1], self.kernel_size, strides, dilation)
-        # The padding goes around the quantized input. Zeros (the default) are what the conv's own
-        # padding writes; that is also the cheap way, since an explicit pad copies the whole
-        # activation forward and slices its gradient backward (13 % of the 1-bit FCOS step at
-        # 256 px on CPU). Another value is padded explicitly, after quantization: padding before
-        # it would write sign(pad_value), never 0 (sign(0) = -1).
-        conv_pads = pads
-        if self.pad_value != 0:
-            x = jnp.pad(x, [(0, 0), *pads, (0, 0)], constant_values=self.pad_value)
-            conv_pads = "VALID"
-        y = conv_general_dilated(
-            x,
-            binary_kernel,
-            window_strides=strides,
-            padding=conv_pads,
-            rhs_dilation=dilation,
-            dimension_numbers=channels_last_dimension_numbers(x.ndim),
-            feature_group_count=groups,
-        )
-        return _scale_and_bias(y, alpha, bias)
+
+        def conv(binary_input: Array, kernel: Array) -> Array:
+            # The padding goes around the quantized input. Zeros (the default) are what the
+            # conv's own padding writes; that is also the cheap way, since an explicit pad copies
+            # the whole activation forward and slices its gradient backward (13 % of the 1-bit
+            # FCOS step at 256 px on CPU). Another value is padded explicitly, after
+            # quantization: padding before it would write sign(pad_value), never 0
+            # (sign(0) = -1).
+            conv_pads = pads
+            if self.pad_value != 0:
+                binary_input = jnp.pad(
+                    binary_input, [(0, 0), *pads, (0, 0)], constant_values=self.pad_value
+                )
+                conv_pads = "VALID"
+            return conv_general_dilated(
+                binary_input,
+                kernel,
+                window_strides=strides,
+                padding=conv_pads,
+                rhs_dilation=dilation,
+                dimension_numbers=channels_last_dimension_numbers(x.ndim),
+                feature_group_count=groups,
+            )
+
+        return _scale_and_bias(_apply_to_input(self, conv, x, binary_kernel), alpha, bias)
 
 
 class BinaryDense(nn.Module):
@@ -259,8 +273,9 @@ class BinaryDense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """x: [..., c_in] -> [..., features]."""
-        x, binary_kernel, alpha, bias = _binary_operands(self, x, (x.shape[-1], self.features))
-        return _scale_and_bias(jnp.matmul(x, binary_kernel), alpha, bias)
+        binary_kernel, alpha, bias = _binary_operands(self, x, (x.shape[-1], self.features))
+        y = _apply_to_input(self, jnp.matmul, x, binary_kernel)
+        return _scale_and_bias(y, alpha, bias)
 
 
 def _scale_and_bias(y: Array, alpha: Array | None, bias: Array | None) -> Array:

@@ -18,7 +18,7 @@ used for the 4-bit baseline of the DFR-Det paper's Table 2.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,16 @@ def _approx_sign_grad(x: Array) -> Array:
     return jnp.maximum(2 - 2 * jnp.abs(x), 0).astype(x.dtype)
 
 
-def _make_ste(surrogate_grad: Callable[[Array], Array], doc: str):
-    """Builds sign(x) whose backward pass multiplies the cotangent by ``surrogate_grad(x)``."""
+SURROGATE_GRADIENTS: dict[str, Callable[[Array], Array]] = {
+    "identity": jnp.ones_like,
+    "clipped": _clipped_grad,
+    "approx": _approx_sign_grad,
+}
+
+
+def _make_ste(name: str, doc: str):
+    """Builds sign(x) whose backward pass multiplies the cotangent by the surrogate ``name``."""
+    surrogate_grad = SURROGATE_GRADIENTS[name]
 
     @jax.custom_vjp
     def ste(x):
@@ -56,13 +64,13 @@ def _make_ste(surrogate_grad: Callable[[Array], Array], doc: str):
 
 
 sign_identity_ste = _make_ste(
-    jnp.ones_like, "sign(x) forward; gradient passed through unchanged (d/dx := 1)."
+    "identity", "sign(x) forward; gradient passed through unchanged (d/dx := 1)."
 )
 sign_clipped_ste = _make_ste(
-    _clipped_grad, "sign(x) forward; gradient 1 where |x| <= 1 (boundary included), else 0."
+    "clipped", "sign(x) forward; gradient 1 where |x| <= 1 (boundary included), else 0."
 )
 sign_approx_ste = _make_ste(
-    _approx_sign_grad, "sign(x) forward; Bi-Real ApproxSign gradient 2 - 2|x| for |x| <= 1, else 0."
+    "approx", "sign(x) forward; Bi-Real ApproxSign gradient 2 - 2|x| for |x| <= 1, else 0."
 )
 
 BINARY_QUANTIZERS: dict[str, Callable[[Array], Array]] = {
@@ -85,6 +93,67 @@ def get_binary_quantizer(name: str | None) -> Callable[[Array], Array] | None:
     except KeyError:
         valid = sorted(BINARY_QUANTIZERS) + ["none"]
         raise unknown_choice("binary quantizer", name, valid) from None
+
+
+def after_cotangent(x: Array, cotangent: Array) -> Array:
+    """``x`` unchanged (a -0 becomes +0), computed only once ``cotangent`` exists.
+
+    For a backward pass that recomputes a cheap function of a saved forward value: XLA:CPU
+    computes such a function of forward values as early as it can, in the forward pass, and
+    merges it with the forward pass's own copy, so that the recomputed value is held from the
+    forward pass to the backward pass like a saved one (benchmarks/README.md, memory). Adding
+    min(|c|, 0) for one element c of the cotangent adds zero (for any finite c; a NaN cotangent
+    makes it NaN, as it makes the whole gradient) and ties the value to the backward pass.
+    """
+    first = jnp.ravel(cotangent)[0]
+    return x + jnp.minimum(jnp.abs(first), 0).astype(x.dtype)
+
+
+def apply_to_sign(
+    op: Callable[[Array, Array], Array],
+    x: Array,
+    operand: Array,
+    quantizer: str,
+    dtype: Any = None,
+) -> Array:
+    """op(sign(x), operand), with the STE ``quantizer`` for x, keeping x rather than sign(x).
+
+    The same value and gradients as ``op(get_binary_quantizer(quantizer)(x).astype(dtype),
+    operand)``, but the backward pass recomputes sign(x) from x instead of holding both from the
+    forward pass: the STE needs x anyway, so a binary layer's input costs one saved activation,
+    not two (``benchmarks/README.md``, memory).
+
+    Args:
+      op: a differentiable function of (binarized input, operand), e.g. a convolution with a
+        kernel.
+      x: the real input to binarize, any shape ``op`` accepts.
+      operand: the second argument of ``op`` (a kernel), differentiated as ``op`` says.
+      quantizer: a name in ``SURROGATE_GRADIENTS``: the gradient passed to x.
+      dtype: the dtype sign(x) is given to ``op`` in; None keeps x's.
+
+    Returns:
+      op's output.
+    """
+    surrogate_grad = SURROGATE_GRADIENTS.get(quantizer)
+    if surrogate_grad is None:
+        raise unknown_choice("binary quantizer", quantizer, sorted(SURROGATE_GRADIENTS))
+    dtype = dtype or x.dtype
+
+    @jax.custom_vjp
+    def apply(x, operand):
+        return op(sign(x).astype(dtype), operand)
+
+    def forward(x, operand):
+        return apply(x, operand), (x, operand)
+
+    def backward(residuals, cotangent):
+        x, operand = residuals
+        binary = sign(after_cotangent(x, cotangent)).astype(dtype)
+        d_binary, d_operand = jax.vjp(op, binary, operand)[1](cotangent)
+        return d_binary.astype(x.dtype) * surrogate_grad(x), d_operand
+
+    apply.defvjp(forward, backward)
+    return apply(x, operand)
 
 
 def round_ste(x: Array) -> Array:
