@@ -649,3 +649,55 @@ def test_head_level_norms_give_each_level_its_own_norms_and_share_the_convs(
         float(np.max(np.abs(after[:, a:b] - before[:, a:b]))) for a, b in zip(ends[:-1], ends[1:])
     ]
     assert changed[0] == 0 and changed[2] == 0 and changed[1] > 1e-3, changed
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        BINARY,
+        BinarySpec(enabled=True, activation="rprelu", input_quantizer="clipped"),
+        BinarySpec(enabled=True, learnable_bias=False, pad_value=1.0),
+        BinarySpec(enabled=True, bits=4),
+    ],
+)
+def test_a_deferred_activation_gives_the_same_values_and_gradients(spec):
+    """Two 1-bit units, the first handing its RPReLU on deferred (layers.Deferred, computed
+    inside the second unit's binary conv and recomputed in its backward pass) or computed: the
+    same output and gradients, in float64 to 1e-12 (the deferred path sums the RPReLU's two
+    cotangents, shortcut and conv, after its derivative instead of before, so float32 rounds
+    differently)."""
+    from dfrdet_jax.models.common import ConvUnit
+
+    class Pair(flax.linen.Module):
+        defer: bool
+
+        @flax.linen.compact
+        def __call__(self, x):
+            x = ConvUnit(8, binary=spec, norm="group", name="a")(
+                x, True, defer_activation=self.defer
+            )
+            return ConvUnit(8, binary=spec, norm="group", name="b")(x, True)
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(1), (2, 8, 8, 8), jnp.float64)
+        params = Pair(False).init(jax.random.key(0), x)["params"]
+        # Non-trivial shifts, biases and slopes, so that every parameter's gradient is exercised.
+        params = jax.tree.map(
+            lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape, x.dtype),
+            params,
+        )
+        g = jax.random.normal(jax.random.key(2), x.shape, x.dtype)
+
+        def loss(params, x, defer):
+            out, _ = Pair(defer).apply({"params": params}, x, mutable=["losses"])
+            return jnp.sum(out * g)
+
+        deferred, _ = ConvUnit(8, binary=spec, norm="group").apply(
+            {"params": params["a"]}, x, True, defer_activation=True, mutable=["losses"]
+        )
+        assert isinstance(deferred, layers_lib.Deferred)
+        want = jax.value_and_grad(loss, (0, 1))(params, x, False)
+        got = jax.value_and_grad(loss, (0, 1))(params, x, True)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)

@@ -15,7 +15,7 @@ Example::
   loss = task_loss + gamma * layers.total_reconstruction_loss(state["losses"])
 """
 
-from dfrdet_jax.layers.activations import LearnableBias, RPReLU, prelu
+from dfrdet_jax.layers.activations import Deferred, LearnableBias, RPReLU, prelu
 from dfrdet_jax.layers.binary import (
     LOSSES_COLLECTION,
     RECONSTRUCTION_LOSS_NAME,
@@ -50,6 +50,7 @@ __all__ = [
     "BinaryConv",
     "BinaryDense",
     "Conv",
+    "Deferred",
     "LSQConv",
     "LSQDense",
     "LearnableBias",

@@ -4,28 +4,82 @@
 learns a per-channel threshold instead of the fixed 0. ``RPReLU`` (ReActNet) is a PReLU with
 learnable per-channel shifts before and after it; with ``learn_shifts=False`` it is a plain
 per-channel PReLU (the activation Bi-Real Net and the DFR-Det backbone use).
+
+``Deferred`` carries an activation not computed yet, from ``RPReLU(x, defer=True)`` through
+``LearnableBias`` to a binary layer, which computes it inside its own op and recomputes it in
+its backward pass (``quantizers.apply_to_sign``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 
 
+@flax.struct.dataclass
+class Deferred:
+    """An element-wise function of an activation, not computed yet: fn(source, *args).
+
+    A 1-bit unit hands its RPReLU on in this form so that the next binary layer computes it
+    inside its own op, whose backward pass then keeps ``source`` (the RPReLU's input, which the
+    RPReLU's own gradient needs anyway) and recomputes the rest: one saved activation where the
+    RPReLU's output would be a second (benchmarks/README.md, memory).
+
+    Attributes:
+      source: the activation the chain starts from, [..., C].
+      args: the chain's parameters (arrays), in the order ``fn`` takes them.
+      fn: (source, *args) -> value, element-wise (the value has ``source``'s shape); static.
+    """
+
+    source: Array
+    args: tuple[Array, ...]
+    fn: Callable = flax.struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.source.ndim
+
+    @property
+    def dtype(self) -> Any:
+        return self.source.dtype
+
+    def value(self) -> Array:
+        """The activation itself, computed."""
+        return self.fn(self.source, *self.args)
+
+    def then(self, fn: Callable, *args: Array) -> Deferred:
+        """This chain followed by fn(value, *args)."""
+        first, n = self.fn, len(self.args)
+
+        def chain(source, *all_args):
+            return fn(first(source, *all_args[:n]), *all_args[n:])
+
+        return Deferred(self.source, (*self.args, *args), chain)
+
+
 class LearnableBias(nn.Module):
-    """x + b with a per-channel bias b (last axis), initialised to 0."""
+    """x + b with a per-channel bias b (last axis), initialised to 0; a ``Deferred`` x gives a
+    ``Deferred`` that adds b last."""
 
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array | Deferred) -> Array | Deferred:
         bias = self.param("bias", nn.initializers.zeros_init(), (x.shape[-1],), self.param_dtype)
-        return x + bias.astype(x.dtype)
+        bias = bias.astype(x.dtype)
+        if isinstance(x, Deferred):
+            return x.then(jnp.add, bias)
+        return x + bias
 
 
 @jax.custom_vjp
@@ -57,11 +111,16 @@ def _prelu_backward(residuals, cotangent):
 prelu.defvjp(_prelu_forward, _prelu_backward)
 
 
+def _shifted_prelu(x: Array, slope: Array, shift_in: Array, shift_out: Array) -> Array:
+    return prelu(x - shift_in, slope) + shift_out
+
+
 class RPReLU(nn.Module):
     """RPReLU(x) = PReLU_beta(x - gamma) + zeta, all three per channel (last axis).
 
     PReLU_beta(y) = y for y > 0 and beta * y otherwise; beta starts at ``negative_slope_init``,
-    the shifts gamma and zeta at 0.
+    the shifts gamma and zeta at 0. Called with ``defer=True`` it returns the same function as
+    a ``Deferred``, for a binary layer to compute.
     """
 
     negative_slope_init: float = 0.25
@@ -69,22 +128,22 @@ class RPReLU(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, defer: bool = False) -> Array | Deferred:
         channels = (x.shape[-1],)
-        slope = self.param(
-            "negative_slope",
-            nn.initializers.constant(self.negative_slope_init),
-            channels,
-            self.param_dtype,
-        ).astype(x.dtype)
+        args = [
+            self.param(
+                "negative_slope",
+                nn.initializers.constant(self.negative_slope_init),
+                channels,
+                self.param_dtype,
+            )
+        ]
+        fn = prelu
         if self.learn_shifts:
-            shift_in = self.param(
-                "shift_in", nn.initializers.zeros_init(), channels, self.param_dtype
-            ).astype(x.dtype)
-            x = x - shift_in
-        y = prelu(x, slope)
-        if self.learn_shifts:
-            y = y + self.param(
-                "shift_out", nn.initializers.zeros_init(), channels, self.param_dtype
-            ).astype(x.dtype)
-        return y
+            fn = _shifted_prelu
+            for name in ("shift_in", "shift_out"):
+                args.append(
+                    self.param(name, nn.initializers.zeros_init(), channels, self.param_dtype)
+                )
+        deferred = Deferred(x, tuple(a.astype(x.dtype) for a in args), fn)
+        return deferred if defer else deferred.value()

@@ -44,6 +44,7 @@ from flax.linen import dtypes as flax_dtypes
 
 from dfrdet_jax.choices import check_choice
 from dfrdet_jax.layers import quantizers
+from dfrdet_jax.layers.activations import Deferred
 from dfrdet_jax.layers.conv import (
     PaddingLike,
     channels_last_dimension_numbers,
@@ -138,18 +139,27 @@ def _binary_operands(module: nn.Module, x: Array, kernel_shape: tuple[int, ...])
     bias = None
     if module.use_bias:
         bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
-    dtype = flax_dtypes.canonicalize_dtype(x, binary_kernel, dtype=module.dtype)
+    given = x.source if isinstance(x, Deferred) else x  # a Deferred value has its source's dtype
+    dtype = flax_dtypes.canonicalize_dtype(given, binary_kernel, dtype=module.dtype)
     return binary_kernel.astype(dtype), alpha, bias
 
 
-def _apply_to_input(module: nn.Module, op: Callable, x: Array, binary_kernel: Array) -> Array:
+def _apply_to_input(
+    module: nn.Module, op: Callable, x: Array | Deferred, binary_kernel: Array
+) -> Array:
     """op(q_a(x), binary_kernel) with the module's input quantizer, in the kernel's dtype; a
-    binarized input is recomputed in the backward pass rather than saved
-    (``quantizers.apply_to_sign``)."""
+    binarized input (and a ``Deferred`` one's activation) is recomputed in the backward pass
+    rather than saved (``quantizers.apply_to_sign``)."""
     if quantizers.get_binary_quantizer(module.input_quantizer) is None:
+        if isinstance(x, Deferred):
+            x = x.value()
         return op(x.astype(binary_kernel.dtype), binary_kernel)
+    if isinstance(x, Deferred):
+        source, prologue, args = x.source, x.fn, x.args
+    else:
+        source, prologue, args = x, None, ()
     return quantizers.apply_to_sign(
-        op, x, binary_kernel, module.input_quantizer, binary_kernel.dtype
+        op, source, binary_kernel, module.input_quantizer, binary_kernel.dtype, prologue, args
     )
 
 
@@ -202,8 +212,9 @@ class BinaryConv(nn.Module):
     bias_init: Callable = nn.initializers.zeros_init()
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [batch, *spatial, c_in] -> [batch, *spatial_out, features]."""
+    def __call__(self, x: Array | Deferred) -> Array:
+        """x: [batch, *spatial, c_in] (an array or a ``Deferred`` activation) -> [batch,
+        *spatial_out, features]."""
         n = len(self.kernel_size)
         if not 1 <= n <= 3:
             raise ValueError(
@@ -271,8 +282,8 @@ class BinaryDense(nn.Module):
     bias_init: Callable = nn.initializers.zeros_init()
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [..., c_in] -> [..., features]."""
+    def __call__(self, x: Array | Deferred) -> Array:
+        """x: [..., c_in] (an array or a ``Deferred`` activation) -> [..., features]."""
         binary_kernel, alpha, bias = _binary_operands(self, x, (x.shape[-1], self.features))
         y = _apply_to_input(self, jnp.matmul, x, binary_kernel)
         return _scale_and_bias(y, alpha, bias)

@@ -115,21 +115,28 @@ def apply_to_sign(
     operand: Array,
     quantizer: str,
     dtype: Any = None,
+    prologue: Callable[..., Array] | None = None,
+    prologue_args: tuple[Array, ...] = (),
 ) -> Array:
-    """op(sign(x), operand), with the STE ``quantizer`` for x, keeping x rather than sign(x).
+    """op(sign(u), operand) with u = prologue(x, *prologue_args) (u = x without a prologue),
+    the STE ``quantizer`` for u, and only x kept for the backward pass.
 
-    The same value and gradients as ``op(get_binary_quantizer(quantizer)(x).astype(dtype),
-    operand)``, but the backward pass recomputes sign(x) from x instead of holding both from the
-    forward pass: the STE needs x anyway, so a binary layer's input costs one saved activation,
-    not two (``benchmarks/README.md``, memory).
+    The same value and gradients as ``op(get_binary_quantizer(quantizer)(u).astype(dtype),
+    operand)``, but the backward pass recomputes u and sign(u) from x instead of holding them
+    from the forward pass: a binary layer's input costs one saved activation, not two, and
+    with an element-wise prologue (the previous unit's RPReLU and this one's learnable bias,
+    ``activations.Deferred``) that activation is the RPReLU's input, which its own gradient
+    keeps anyway (``benchmarks/README.md``, memory).
 
     Args:
       op: a differentiable function of (binarized input, operand), e.g. a convolution with a
         kernel.
-      x: the real input to binarize, any shape ``op`` accepts.
+      x: the input (to the prologue, if any), any shape ``op`` accepts.
       operand: the second argument of ``op`` (a kernel), differentiated as ``op`` says.
-      quantizer: a name in ``SURROGATE_GRADIENTS``: the gradient passed to x.
-      dtype: the dtype sign(x) is given to ``op`` in; None keeps x's.
+      quantizer: a name in ``SURROGATE_GRADIENTS``: the gradient passed to u.
+      dtype: the dtype sign(u) is given to ``op`` in; None keeps u's.
+      prologue: an element-wise, differentiable (x, *prologue_args) -> u; None: u = x.
+      prologue_args: its arrays, differentiated.
 
     Returns:
       op's output.
@@ -137,23 +144,29 @@ def apply_to_sign(
     surrogate_grad = SURROGATE_GRADIENTS.get(quantizer)
     if surrogate_grad is None:
         raise unknown_choice("binary quantizer", quantizer, sorted(SURROGATE_GRADIENTS))
-    dtype = dtype or x.dtype
+    prologue = prologue or (lambda x: x)
+
+    def binarize(u):
+        return sign(u).astype(dtype or u.dtype)
 
     @jax.custom_vjp
-    def apply(x, operand):
-        return op(sign(x).astype(dtype), operand)
+    def apply(x, operand, prologue_args):
+        return op(binarize(prologue(x, *prologue_args)), operand)
 
-    def forward(x, operand):
-        return apply(x, operand), (x, operand)
+    def forward(x, operand, prologue_args):
+        return apply(x, operand, prologue_args), (x, operand, prologue_args)
 
     def backward(residuals, cotangent):
-        x, operand = residuals
-        binary = sign(after_cotangent(x, cotangent)).astype(dtype)
-        d_binary, d_operand = jax.vjp(op, binary, operand)[1](cotangent)
-        return d_binary.astype(x.dtype) * surrogate_grad(x), d_operand
+        x, operand, prologue_args = residuals
+        u, prologue_vjp = jax.vjp(
+            lambda x, args: prologue(x, *args), after_cotangent(x, cotangent), prologue_args
+        )
+        d_binary, d_operand = jax.vjp(op, binarize(u), operand)[1](cotangent)
+        d_x, d_prologue_args = prologue_vjp(d_binary.astype(u.dtype) * surrogate_grad(u))
+        return d_x, d_operand, d_prologue_args
 
     apply.defvjp(forward, backward)
-    return apply(x, operand)
+    return apply(x, operand, tuple(prologue_args))
 
 
 def round_ste(x: Array) -> Array:

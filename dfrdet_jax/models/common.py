@@ -122,8 +122,20 @@ class ConvUnit(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: Array, train: bool, level: int | None = None) -> Array:
-        """x: [B, H, W, C] -> [B, ceil(H/strides), ceil(W/strides), features] (odd kernels)."""
+    def __call__(
+        self,
+        x: Array | layers.Deferred,
+        train: bool,
+        level: int | None = None,
+        defer_activation: bool = False,
+    ) -> Array | layers.Deferred:
+        """x: [B, H, W, C] -> [B, ceil(H/strides), ceil(W/strides), features] (odd kernels).
+
+        A 1-bit unit called with ``defer_activation=True`` returns its RPReLU as a
+        ``layers.Deferred``, for the next 1-bit unit (which takes one as its ``x``) to compute:
+        the same values and gradients, one activation less kept for the backward pass
+        (``layers.apply_to_sign``). Real units ignore it.
+        """
         norm = "norm" if level is None else f"norm_level{level}"
         k = (self.kernel_size, self.kernel_size)
         pads = same_size_padding(self.kernel_size)
@@ -147,8 +159,12 @@ class ConvUnit(nn.Module):
 
         spec = self.binary
         y = layers.LearnableBias(name="bias")(x) if spec.learnable_bias else x
+        if isinstance(x, layers.Deferred):
+            x = x.value()  # for the shortcut
         conv = {"strides": self.strides, "padding": pads, "dtype": self.dtype, "name": "conv"}
         if spec.bits > 1:
+            if isinstance(y, layers.Deferred):
+                y = y.value()
             y = layers.LSQConv(self.features, k, bits=spec.bits, **conv)(y)
         else:
             y = layers.BinaryConv(
@@ -163,7 +179,8 @@ class ConvUnit(nn.Module):
         y = apply_norm(self.norm, y, train, self.dtype, norm)
         if self.shortcut:
             y = y + self._shortcut(x, train, f"shortcut_{norm}")
-        return layers.RPReLU(learn_shifts=spec.activation == "rprelu", name="act")(y)
+        act = layers.RPReLU(learn_shifts=spec.activation == "rprelu", name="act")
+        return act(y, defer=defer_activation)
 
     def _shortcut(self, x: Array, train: bool, norm: str) -> Array:
         if self.strides == 1 and x.shape[-1] == self.features:

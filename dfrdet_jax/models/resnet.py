@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
         if self.binary.enabled:
             x = ConvUnit(
                 self.features, 3, self.strides, self.binary, dtype=self.dtype, name="unit1"
-            )(x, train)
+            )(x, train, defer_activation=True)
             return ConvUnit(self.features, 3, 1, self.binary, dtype=self.dtype, name="unit2")(
                 x, train
             )

@@ -55,7 +55,7 @@ class RoIBoxHead(nn.Module):
                 shortcut=i > 0,
                 dtype=self.dtype,
                 name=f"fc{i}",
-            )(x, train)
+            )(x, train, defer_activation=i == 0)
         x = x.reshape(x.shape[0], -1)
         logits = nn.Dense(
             self.num_classes + 1,

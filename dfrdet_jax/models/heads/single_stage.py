@@ -116,9 +116,10 @@ def prediction_conv(
 
 def run_tower(tower: list[ConvUnit], x: Array, train: bool, level: int | None = None) -> Array:
     """x [B, h, w, C] through the units of ``tower`` in order; with ``level``, each unit
-    normalises with that level's own norms (``ConvUnit``)."""
-    for unit in tower:
-        x = unit(x, train, level)
+    normalises with that level's own norms (``ConvUnit``). 1-bit units hand their activation
+    on deferred (``ConvUnit``); the last one's output is computed."""
+    for i, unit in enumerate(tower):
+        x = unit(x, train, level, defer_activation=i < len(tower) - 1)
     return x
 
 
