@@ -701,3 +701,35 @@ def test_a_deferred_activation_gives_the_same_values_and_gradients(spec):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert a.dtype == jnp.float64
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+def test_deferred_activations_keep_one_activation_less_per_1bit_unit():
+    """XLA's buffers for the gradient of a tower of 1-bit units (GroupNorm, learned PReLU slopes
+    and biases) grow by about one activation less per unit when each unit hands its RPReLU on
+    deferred: the next unit's binary conv recomputes it from the RPReLU's input."""
+    from dfrdet_jax.models.common import ConvUnit
+
+    def temp_buffers_per_unit(defer: bool):
+        x = jnp.ones((1, 16, 16, 32))
+        sizes = []
+        for depth in (2, 6):
+
+            class Tower(flax.linen.Module):
+                @flax.linen.compact
+                def __call__(self, x):
+                    for i in range(depth):
+                        unit = ConvUnit(32, binary=BINARY, norm="group", name=f"unit{i}")
+                        x = unit(x, True, defer_activation=defer and i < depth - 1)
+                    return x
+
+            params = Tower().init(jax.random.key(0), x)["params"]
+
+            def loss(params, x):
+                return jnp.sum(Tower().apply({"params": params}, x, mutable=["losses"])[0] ** 2)
+
+            compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
+            sizes.append(compiled.memory_analysis().temp_size_in_bytes / (x.size * 4))
+        return (sizes[1] - sizes[0]) / 4
+
+    deferred, computed = temp_buffers_per_unit(True), temp_buffers_per_unit(False)
+    assert computed - deferred >= 0.75, (computed, deferred)

@@ -105,6 +105,8 @@ def after_cotangent(x: Array, cotangent: Array) -> Array:
     min(|c|, 0) for one element c of the cotangent adds zero (for any finite c; a NaN cotangent
     makes it NaN, as it makes the whole gradient) and ties the value to the backward pass.
     """
+    if cotangent.size == 0:
+        return x
     first = jnp.ravel(cotangent)[0]
     return x + jnp.minimum(jnp.abs(first), 0).astype(x.dtype)
 
