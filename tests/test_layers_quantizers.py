@@ -83,11 +83,11 @@ def test_unknown_quantizer_lists_choices():
     assert layers.get_binary_quantizer("none") is None
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
 def _conv(a, k):
     return jax.lax.conv_general_dilated(a, k, (1, 1), "SAME", dimension_numbers=_NHWC)
-
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 @pytest.mark.parametrize("name", ["identity", "clipped", "approx"])
@@ -119,8 +119,8 @@ def test_apply_to_sign_is_the_ste_then_the_op(name, dtype):
 
 def test_apply_to_sign_casts_the_sign_and_rejects_unknown_quantizers():
     x = jnp.asarray(POINTS, jnp.float32)
-    out = layers.apply_to_sign(lambda s, w: s * w, x, jnp.ones((), jnp.bfloat16), "clipped",
-                               jnp.bfloat16)  # fmt: skip
+    scale = jnp.ones((), jnp.bfloat16)
+    out = layers.apply_to_sign(lambda s, w: s * w, x, scale, "clipped", jnp.bfloat16)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out, np.float32), SIGN)
     with pytest.raises(ValueError, match=r"'binarize'.*approx.*clipped.*identity"):
