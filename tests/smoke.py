@@ -1,4 +1,4 @@
-"""The smoke config and hand-made batches as plain functions: conftest.py hands them to the tests
+"""The smoke config, hand-made batches and a memory probe as plain functions: conftest.py hands them to the tests
 as fixtures, and the scripts tests run as subprocesses (resume_config.py,
 multiprocess_worker.py), which cannot take fixtures, import them from here. Also the loader of
 the benchmark scripts the tests run."""
@@ -52,6 +52,22 @@ def load_benchmark(name: str):
         return _load_module(name, ROOT / "benchmarks" / f"{name}.py")
     finally:
         sys.path.pop(0)
+
+
+def temp_buffers_per_layer(build, x, depths=(2, 6)) -> float:
+    """How many x-sized buffers XLA's temporaries for a gradient grow by per layer.
+
+    Args:
+      build: depth -> (loss(params, x), params) of a stack of ``depth`` layers.
+      x: the input; its size is the unit.
+      depths: the two depths compared.
+    """
+    sizes = []
+    for depth in depths:
+        loss, params = build(depth)
+        compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
+        sizes.append(compiled.memory_analysis().temp_size_in_bytes / (x.size * x.dtype.itemsize))
+    return (sizes[1] - sizes[0]) / (depths[1] - depths[0])
 
 
 def smoke_config(variant, family="fcos", batch_size=2):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import smoke
 
 from dfrdet_jax import layers
 
@@ -134,23 +135,21 @@ def test_apply_to_sign_keeps_one_input_sized_buffer_per_layer_for_the_backward_p
     sign as well, two per layer; so does the fused op if its backward pass's sign does not
     wait for the cotangent (XLA:CPU then computes it in the forward pass)."""
 
-    def temp_buffers_per_layer(binary_conv):
-        x = jnp.ones((1, 16, 16, 32))
-        sizes = []
-        for depth in (2, 6):
-            kernels = [jnp.ones((3, 3, 32, 32))] * depth
+    x = jnp.ones((1, 16, 16, 32))
 
+    def per_layer(binary_conv):
+        def build(depth):
             def loss(kernels, x):
                 for kernel in kernels:
                     x = jnp.tanh(binary_conv(x, kernel))
                 return jnp.sum(x)
 
-            compiled = jax.jit(jax.grad(loss)).lower(kernels, x).compile()
-            sizes.append(compiled.memory_analysis().temp_size_in_bytes / (x.size * 4))
-        return (sizes[1] - sizes[0]) / 4
+            return loss, [jnp.ones((3, 3, 32, 32))] * depth
 
-    fused = temp_buffers_per_layer(lambda x, k: layers.apply_to_sign(_conv, x, k, "approx"))
-    plain = temp_buffers_per_layer(lambda x, k: _conv(layers.sign_approx_ste(x), k))
+        return smoke.temp_buffers_per_layer(build, x)
+
+    fused = per_layer(lambda x, k: layers.apply_to_sign(_conv, x, k, "approx"))
+    plain = per_layer(lambda x, k: _conv(layers.sign_approx_ste(x), k))
     assert fused <= 1.25, fused
     assert plain - fused >= 0.75, (plain, fused)
 

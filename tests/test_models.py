@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import smoke
 
 from dfrdet_jax import checkpointing, steps
 from dfrdet_jax import layers as layers_lib
 from dfrdet_jax.models import registry
-from dfrdet_jax.models.common import BinarySpec
+from dfrdet_jax.models.common import BinarySpec, ConvUnit
 from dfrdet_jax.models.decoder import Deconv2x, pixel_shuffle
 from dfrdet_jax.models.detectors import Detector, normalize_images
 from dfrdet_jax.models.fpn import FPN, upsample_nearest_to
@@ -666,7 +667,6 @@ def test_a_deferred_activation_gives_the_same_values_and_gradients(spec):
     same output and gradients, in float64 to 1e-12 (the deferred path sums the RPReLU's two
     cotangents, shortcut and conv, after its derivative instead of before, so float32 rounds
     differently)."""
-    from dfrdet_jax.models.common import ConvUnit
 
     class Pair(flax.linen.Module):
         defer: bool
@@ -707,13 +707,10 @@ def test_deferred_activations_keep_one_activation_less_per_1bit_unit():
     """XLA's buffers for the gradient of a tower of 1-bit units (GroupNorm, learned PReLU slopes
     and biases) grow by about one activation less per unit when each unit hands its RPReLU on
     deferred: the next unit's binary conv recomputes it from the RPReLU's input."""
-    from dfrdet_jax.models.common import ConvUnit
+    x = jnp.ones((1, 16, 16, 32))
 
-    def temp_buffers_per_unit(defer: bool):
-        x = jnp.ones((1, 16, 16, 32))
-        sizes = []
-        for depth in (2, 6):
-
+    def per_unit(defer: bool):
+        def build(depth):
             class Tower(flax.linen.Module):
                 @flax.linen.compact
                 def __call__(self, x):
@@ -722,14 +719,12 @@ def test_deferred_activations_keep_one_activation_less_per_1bit_unit():
                         x = unit(x, True, defer_activation=defer and i < depth - 1)
                     return x
 
-            params = Tower().init(jax.random.key(0), x)["params"]
-
             def loss(params, x):
                 return jnp.sum(Tower().apply({"params": params}, x, mutable=["losses"])[0] ** 2)
 
-            compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
-            sizes.append(compiled.memory_analysis().temp_size_in_bytes / (x.size * 4))
-        return (sizes[1] - sizes[0]) / 4
+            return loss, Tower().init(jax.random.key(0), x)["params"]
 
-    deferred, computed = temp_buffers_per_unit(True), temp_buffers_per_unit(False)
+        return smoke.temp_buffers_per_layer(build, x)
+
+    deferred, computed = per_unit(True), per_unit(False)
     assert computed - deferred >= 0.75, (computed, deferred)

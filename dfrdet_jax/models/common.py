@@ -159,8 +159,6 @@ class ConvUnit(nn.Module):
 
         spec = self.binary
         y = layers.LearnableBias(name="bias")(x) if spec.learnable_bias else x
-        if isinstance(x, layers.Deferred):
-            x = x.value()  # for the shortcut
         conv = {"strides": self.strides, "padding": pads, "dtype": self.dtype, "name": "conv"}
         if spec.bits > 1:
             if isinstance(y, layers.Deferred):
@@ -178,7 +176,8 @@ class ConvUnit(nn.Module):
             )(y)
         y = apply_norm(self.norm, y, train, self.dtype, norm)
         if self.shortcut:
-            y = y + self._shortcut(x, train, f"shortcut_{norm}")
+            given = x.value() if isinstance(x, layers.Deferred) else x
+            y = y + self._shortcut(given, train, f"shortcut_{norm}")
         act = layers.RPReLU(learn_shifts=spec.activation == "rprelu", name="act")
         return act(y, defer=defer_activation)
 
