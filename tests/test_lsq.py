@@ -1,6 +1,8 @@
 """The LSQ 4-bit variant: LSQConv / LSQDense against numpy (forward and LSQ's gradients), the
 lsq4 config and a train step, weight steps derived on transfer, complexity and export."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -162,7 +164,8 @@ def test_lsq4_config_and_one_fcos_train_step(smoke_config, make_batch):
 
 def _backbone(spec: BinarySpec, width: int = 8, size: int = 32):
     x = jnp.zeros((1, size, size, 3))
-    variables = ResNet(18, width, spec).init(jax.random.key(0), x, train=False)
+    init = jax.jit(functools.partial(ResNet(18, width, spec).init, train=False))  # one program
+    variables = init(jax.random.key(0), x)
     return jax.tree.map(np.asarray, {k: variables[k] for k in ("params", "batch_stats")})
 
 

@@ -16,7 +16,7 @@ from dfrdet_jax import checkpointing, steps
 from dfrdet_jax import layers as layers_lib
 from dfrdet_jax.models import registry
 from dfrdet_jax.models.common import BinarySpec, ConvUnit
-from dfrdet_jax.models.decoder import Deconv2x, pixel_shuffle
+from dfrdet_jax.models.decoder import Deconv2x, DFRDecoder, pixel_shuffle
 from dfrdet_jax.models.detectors import Detector, normalize_images
 from dfrdet_jax.models.fpn import FPN, upsample_nearest_to
 from dfrdet_jax.models.heads import family, single_stage
@@ -255,8 +255,12 @@ def test_decoder_with_p2_keeps_its_construction(smoke_config, load_config, make_
     config = _smoke_p2_p6(smoke_config, load_config, levels)
     model = registry.build_model(config, num_classes=3)
     images = normalize_images(jnp.asarray(make_batch(size=72)["image"]))
-    variables = model.init(jax.random.key(0), images, train=False, reconstruct=True)
-    out = model.apply(variables, images, train=False, reconstruct=True, features=True)
+    # Under jit: op by op, every operation would compile alone.
+    variables = jax.jit(functools.partial(model.init, train=False, reconstruct=True))(
+        jax.random.key(0), images
+    )
+    apply = functools.partial(model.apply, train=False, reconstruct=True, features=True)
+    out = jax.jit(apply)(variables, images)
     params = variables["params"]["decoder"]
     assert _shapes(params) == _decoder_shapes(len(levels), 16, 8, 1)
     expected = _reference_decoder(params, [out["features"][v - 2] for v in levels], (72, 72))
@@ -267,15 +271,25 @@ def test_decoder_with_p2_keeps_its_construction(smoke_config, load_config, make_
 def test_every_level_subset_builds_the_same_output_stage(smoke_config, load_config, hw):
     # AI-TOD's 800 px is no multiple of 64, (50, 37) not even of 4: every level subset of P2-P6
     # (Table 1's rows among them) still merges on the stride-4 grid, into the same output stage.
+    # The detector is traced once for its P2-P6 maps at this size; the decoder, the only part a
+    # level subset changes, once per subset (the whole detector builds with a subset in the
+    # tests below and above).
+    config = _smoke_p2_p6(smoke_config, load_config, (2,))
+    model = registry.build_model(config, 3)
     images = jax.ShapeDtypeStruct((2, *hw, 3), jnp.float32)
+    out, _ = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x, train=False, features=True),
+        images,
+    )
+    pyramid = dict(zip(range(2, 7), out["features"], strict=True))
+    decoder = DFRDecoder(config.dfr.decoder_width, config.dfr.decoder_blocks)
     for levels in (s for n in range(1, 6) for s in itertools.combinations(range(2, 7), n)):
-        model = registry.build_model(_smoke_p2_p6(smoke_config, load_config, levels), 3)
-        out, variables = jax.eval_shape(
-            lambda x: model.init_with_output(jax.random.key(0), x, train=False, reconstruct=True),
-            images,
+        reconstruction, variables = jax.eval_shape(
+            lambda maps: decoder.init_with_output(jax.random.key(0), maps, hw),
+            [pyramid[v] for v in levels],
         )
-        assert out["reconstruction"].shape == (2, *hw, 3), levels
-        assert _shapes(variables["params"]["decoder"]) == _decoder_shapes(len(levels), 16, 8, 1)
+        assert reconstruction.shape == (2, *hw, 3), levels
+        assert _shapes(variables["params"]) == _decoder_shapes(len(levels), 16, 8, 1)
 
 
 # The decoder's shape for every level subset is checked above; here a loss and its gradients at
@@ -464,7 +478,8 @@ def test_maxpool_p6_and_p7_are_max_pools_of_the_level_below():
         f"C{v}": jax.random.normal(jax.random.key(v), (2, *hw, 4 * 2**v)) for v, hw in sizes.items()
     }
     fpn = FPN(width=4, max_level=7, p6_source="maxpool")
-    out, variables = fpn.init_with_output(jax.random.key(0), features, train=False)
+    init = jax.jit(functools.partial(fpn.init_with_output, train=False))  # one program
+    out, variables = init(jax.random.key(0), features)
     assert not any(name.startswith("extra") for name in variables["params"])
     for level in (6, 7):
         below = np.asarray(out[f"P{level - 1}"])
@@ -678,26 +693,31 @@ def test_a_deferred_activation_gives_the_same_values_and_gradients(spec):
             )
             return ConvUnit(8, binary=spec, norm="group", name="b")(x, True)
 
-    with jax.enable_x64(True):
-        x = jax.random.normal(jax.random.key(1), (2, 8, 8, 8), jnp.float64)
+    def loss(params, x, g, defer):
+        out, _ = Pair(defer).apply({"params": params}, x, mutable=["losses"])
+        return jnp.sum(out * g)
+
+    @jax.jit  # one program: op by op, every operation would compile alone
+    def computed_and_deferred(x, g):
         params = Pair(False).init(jax.random.key(0), x)["params"]
         # Non-trivial shifts, biases and slopes, so that every parameter's gradient is exercised.
         params = jax.tree.map(
             lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape, x.dtype),
             params,
         )
+        return [jax.value_and_grad(loss, (0, 1))(params, x, g, defer) for defer in (False, True)]
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(1), (2, 8, 8, 8), jnp.float64)
         g = jax.random.normal(jax.random.key(2), x.shape, x.dtype)
-
-        def loss(params, x, defer):
-            out, _ = Pair(defer).apply({"params": params}, x, mutable=["losses"])
-            return jnp.sum(out * g)
-
-        deferred, _ = ConvUnit(8, binary=spec, norm="group").apply(
-            {"params": params["a"]}, x, True, defer_activation=True, mutable=["losses"]
+        deferred = jax.eval_shape(
+            lambda x: ConvUnit(8, binary=spec, norm="group").init_with_output(
+                jax.random.key(0), x, True, defer_activation=True
+            )[0],
+            x,
         )
         assert isinstance(deferred, layers_lib.Deferred)
-        want = jax.value_and_grad(loss, (0, 1))(params, x, False)
-        got = jax.value_and_grad(loss, (0, 1))(params, x, True)
+        want, got = computed_and_deferred(x, g)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert a.dtype == jnp.float64
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)

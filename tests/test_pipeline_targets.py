@@ -70,10 +70,10 @@ def test_targets_from_the_pipeline_give_the_loss_and_gradients_of_the_step(famil
             loss = sum(v for k, v in parts.items() if k.startswith("loss_"))
             return loss, parts["num_positive"]
 
-        (loss, positives), grads = jax.value_and_grad(total, has_aux=True)(outputs, batch)
-        (loss_ref, positives_ref), grads_ref = jax.value_and_grad(total, has_aux=True)(
-            outputs, _without_targets(batch)
-        )
+        # Under jit: op by op, every operation of the assignment would compile alone.
+        loss_and_grads = jax.jit(jax.value_and_grad(total, has_aux=True))
+        (loss, positives), grads = loss_and_grads(outputs, batch)
+        (loss_ref, positives_ref), grads_ref = loss_and_grads(outputs, _without_targets(batch))
         assert float(positives) == float(positives_ref) > 0
         np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
         for name in outputs:
