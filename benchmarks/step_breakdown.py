@@ -108,7 +108,7 @@ def breakdown(variant: str, args) -> list[dict]:
     images = normalize_images(batch["image"], model.dtype or jnp.float32)
     params, variables = state.params, {"params": state.params, "batch_stats": state.batch_stats}
 
-    def sub(name):
+    def sub(name, variables=variables):
         return {k: v[name] for k, v in variables.items() if name in v}
 
     backbone = ResNet(model.depth, model.backbone_width, model.backbone_binary, model.dtype)
@@ -116,13 +116,18 @@ def breakdown(variant: str, args) -> list[dict]:
         model.fpn_width, model.min_level, model.max_level, model.p6_source, model.neck_binary,
         model.dtype,
     )  # fmt: skip
-    stages = backbone.apply(sub("backbone"), images, True, mutable=MUTABLE)[0]
-    pyramid = neck.apply(sub("neck"), stages, True, mutable=MUTABLE)[0]
+
+    def forward(variables, images, batch):
+        """Each part's inputs: the backbone's stages, the FPN's pyramid, the head's outputs."""
+        stages = backbone.apply(sub("backbone", variables), images, True, mutable=MUTABLE)[0]
+        pyramid = neck.apply(sub("neck", variables), stages, True, mutable=MUTABLE)[0]
+        kwargs = registry.apply_kwargs(config, batch, train=True, rng=jax.random.key(0))
+        head_outputs = model.apply(variables, images, True, mutable=MUTABLE, **kwargs)[0]
+        return stages, pyramid, head_outputs
+
+    # One program: op by op, every operation would compile alone.
+    stages, pyramid, head_outputs = jax.jit(forward)(variables, images, batch)
     levels = [pyramid[f"P{v}"] for v in range(model.min_level, model.max_level + 1)]
-    kwargs = registry.apply_kwargs(config, batch, train=True, rng=jax.random.key(0))
-    head_outputs = model.apply(
-        variables, images, True, mutable=MUTABLE, **kwargs
-    )[0]  # fmt: skip
 
     # part: (objective(params, inputs, batch), params, inputs). The batch is an argument, not a
     # closure: XLA would fold the target assignment of a constant batch away at compile time.
