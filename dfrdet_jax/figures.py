@@ -49,11 +49,20 @@ def _variables(state) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def _level_saliency(model, state, images, level: int) -> np.ndarray:
-    """[B, h, w] saliency of FPN level P``level`` of normalised ``images``."""
-    outputs = model.apply(_variables(state), images, train=False, features=True, run_head=False)
-    maps = np.asarray(outputs["features"][level - model.min_level], np.float32)
-    return np.stack([viz.saliency(m) for m in maps])
+def _saliency_fn(model, level: int):
+    """(state, normalised images [B, H, W, 3]) -> [B, h, w] saliency of FPN level P``level``.
+    The network runs as one compiled program (op by op, every operation would compile alone)."""
+    level_map = jax.jit(
+        lambda variables, images: model.apply(
+            variables, images, train=False, features=True, run_head=False
+        )["features"][level - model.min_level]
+    )
+
+    def saliency(state, images):
+        maps = np.asarray(level_map(_variables(state), images), np.float32)
+        return np.stack([viz.saliency(m) for m in maps])
+
+    return saliency
 
 
 def make_figures(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -72,17 +81,23 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> str:
     dataset = evaluate.eval_dataset(config)
     predict = evaluate.predict_fn(config, model, mesh)
     reconstructs = bool(config.dfr.levels) and config.variant == "dfr"  # has the decoder
+    own_saliency = _saliency_fn(model, v.level)
+    other_saliency = _saliency_fn(compare[1], v.level) if compare else None
+    reconstruct = jax.jit(
+        lambda variables, images: model.apply(variables, images, train=False, reconstruct=True)
+    )
+    foreground_mask = jax.jit(dfr.foreground_mask, static_argnums=(3, 4))
     drawn, written = 0, []
     for batch in dataset.loader:
         if drawn >= v.num_images:
             break
         detections, _ = predict(state, batch)
         images = normalize_images(batch["image"])
-        own = _level_saliency(model, state, images, v.level)
-        other = _level_saliency(compare[1], compare[2], images, v.level) if compare else None
+        own = own_saliency(state, images)
+        other = other_saliency(compare[2], images) if compare else None
         if reconstructs:
-            reconstruction = model.apply(_variables(state), images, train=False, reconstruct=True)
-            reconstruction = np.asarray(reconstruction["reconstruction"], np.float32)
+            reconstruction = reconstruct(_variables(state), images)["reconstruction"]
+            reconstruction = np.asarray(reconstruction, np.float32)
         for i in range(len(batch["image"])):
             image_id = int(batch["image_id"][i])
             if image_id < 0 or drawn >= v.num_images:
@@ -115,7 +130,7 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> str:
             written += [f"outcomes_{image_id}.png", f"saliency_{image_id}.png"]
             if reconstructs:
                 height, width = images.shape[1:3]
-                mask, _ = dfr.foreground_mask(
+                mask, _ = foreground_mask(
                     batch["boxes"][i], batch["box_valid"][i], batch["ignore"][i], height, width
                 )
                 mask = np.asarray(mask)[:h, :w]
