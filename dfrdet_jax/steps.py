@@ -26,9 +26,10 @@ from dfrdet_jax.models import registry
 from dfrdet_jax.models.detectors import normalize_images
 
 # XLA options for a program that runs once: the parameter initialisation. Its random draws (a
-# threefry loop per parameter) take XLA:CPU's default optimisation 4x as long to compile as
-# without (24 s against 6 s for the smoke 1-bit FCOS, the same parameters bit for bit), and
-# the program's speed does not matter. Other backends compile it as they compile anything.
+# threefry loop per parameter tensor) make it slow to compile at XLA:CPU's default level, and
+# its speed does not matter: create_train_state of the demo 1-bit + DFR FCOS took 23.6 s before
+# and 10.3 s with these, the parameters within 1 ulp (benchmarks/README.md, "XLA's CPU
+# options"). Other backends compile it as they compile anything.
 RUN_ONCE_CPU_COMPILER_OPTIONS = {
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
