@@ -49,20 +49,28 @@ def _variables(state) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def _saliency_fn(model, level: int):
-    """(state, normalised images [B, H, W, 3]) -> [B, h, w] saliency of FPN level P``level``.
-    The network runs as one compiled program (op by op, every operation would compile alone)."""
-    level_map = jax.jit(
-        lambda variables, images: model.apply(
-            variables, images, train=False, features=True, run_head=False
-        )["features"][level - model.min_level]
-    )
+def _network_fn(model, level: int, reconstruct: bool):
+    """(state, normalised images [B, H, W, 3]) -> ([B, h, w] saliency of FPN level P``level``,
+    the decoder's [B, H, W, 3] reconstruction with ``reconstruct``, else None). The network runs
+    once per call, without its head, as one compiled program (op by op, every operation would
+    compile alone)."""
 
-    def saliency(state, images):
-        maps = np.asarray(level_map(_variables(state), images), np.float32)
-        return np.stack([viz.saliency(m) for m in maps])
+    @jax.jit
+    def run(variables, images):
+        outputs = model.apply(
+            variables, images, train=False, features=True, reconstruct=reconstruct,
+            run_head=False,
+        )  # fmt: skip
+        return outputs["features"][level - model.min_level], outputs.get("reconstruction")
 
-    return saliency
+    def apply(state, images):
+        level_map, reconstruction = run(_variables(state), images)
+        saliency = np.stack([viz.saliency(m) for m in np.asarray(level_map, np.float32)])
+        if reconstruction is not None:
+            reconstruction = np.asarray(reconstruction, np.float32)
+        return saliency, reconstruction
+
+    return apply
 
 
 def make_figures(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -81,11 +89,8 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> str:
     dataset = evaluate.eval_dataset(config)
     predict = evaluate.predict_fn(config, model, mesh)
     reconstructs = bool(config.dfr.levels) and config.variant == "dfr"  # has the decoder
-    own_saliency = _saliency_fn(model, v.level)
-    other_saliency = _saliency_fn(compare[1], v.level) if compare else None
-    reconstruct = jax.jit(
-        lambda variables, images: model.apply(variables, images, train=False, reconstruct=True)
-    )
+    own_network = _network_fn(model, v.level, reconstructs)
+    other_network = _network_fn(compare[1], v.level, False) if compare else None
     foreground_mask = jax.jit(dfr.foreground_mask, static_argnums=(3, 4))
     drawn, written = 0, []
     for batch in dataset.loader:
@@ -93,11 +98,8 @@ def make_figures(config: ml_collections.ConfigDict, workdir: str) -> str:
             break
         detections, _ = predict(state, batch)
         images = normalize_images(batch["image"])
-        own = own_saliency(state, images)
-        other = other_saliency(compare[2], images) if compare else None
-        if reconstructs:
-            reconstruction = reconstruct(_variables(state), images)["reconstruction"]
-            reconstruction = np.asarray(reconstruction, np.float32)
+        own, reconstruction = own_network(state, images)
+        other = other_network(compare[2], images)[0] if compare else None
         for i in range(len(batch["image"])):
             image_id = int(batch["image_id"][i])
             if image_id < 0 or drawn >= v.num_images:

@@ -27,13 +27,13 @@ _OWN_JIT_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_JIT_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dfrdet_jax_test_jit_")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-# This process imported jax (through smoke) before the lines above: it reads them here, so that a
-# run without pytest-xdist's workers uses the cache too.
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update(
-    "jax_persistent_cache_min_compile_time_secs",
-    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")),
-)
+    # This process imported jax (through smoke) before setting them: it takes them here, so that
+    # a run without pytest-xdist's workers (which read them at their own import) uses the cache.
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+    )
 
 
 def pytest_sessionfinish(session):  # pylint: disable=unused-argument

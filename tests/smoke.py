@@ -1,5 +1,5 @@
-"""The smoke config, hand-made batches and a memory probe as plain functions: conftest.py hands them to the tests
-as fixtures, and the scripts tests run as subprocesses (resume_config.py,
+"""The smoke config, hand-made batches and a memory probe as plain functions: conftest.py hands
+them to the tests as fixtures, and the scripts tests run as subprocesses (resume_config.py,
 multiprocess_worker.py), which cannot take fixtures, import them from here. Also the loader of
 the benchmark scripts the tests run."""
 
