@@ -126,9 +126,10 @@ def restored_state(config: ml_collections.ConfigDict, workdir: str):
     info = data_lib.dataset_info(config.data)
     model = registry.build_model(config, num_classes=info.num_classes)
     image_hw = (config.data.image_size, config.data.image_size)
-    state = steps.create_train_state(config, model, jax.random.key(config.seed), image_hw, 1)
     mesh = sharding.make_mesh()
-    state = jax.device_put(state, sharding.replicated_sharding(mesh))
+    state = steps.abstract_train_state(
+        config, model, image_hw, 1, sharding.replicated_sharding(mesh)
+    )
     which = config.eval.checkpoint
     restored = checkpointing.Checkpointer(workdir, read_only=True).restore(state, which, config)
     if restored is None:

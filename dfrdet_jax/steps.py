@@ -45,6 +45,35 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
 
 
+def _state_initializer(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    image_hw: tuple[int, int],
+    total_steps: int,
+) -> Callable[[Array], TrainState]:
+    """``init(rng) -> TrainState``: parameters (with the DFR decoder when the config uses one)
+    and optimizer state, as one function to trace."""
+    latent_kernels = frozenset()
+    if not config.optimizer.latent_weight_decay:  # find the 1-bit kernels (an abstract trace)
+        trace = complexity.trace_layers(model, image_hw, train=False)
+        latent_kernels = frozenset(trace.binary_kernels)
+    tx = optimizers.make_optimizer(config, total_steps, latent_kernels)
+
+    def init(rng: Array) -> TrainState:
+        dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
+        variables = model.init(rng, dummy, train=True, reconstruct=bool(config.dfr.levels))
+        state = TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            batch_stats=variables.get("batch_stats", {}),
+            tx=tx,
+        )
+        # A concrete int32 step (not a weakly typed Python 0), so the step compiles only once.
+        return state.replace(step=jnp.zeros((), jnp.int32))
+
+    return init
+
+
 def create_train_state(
     config: ml_collections.ConfigDict,
     model: nn.Module,
@@ -59,28 +88,28 @@ def create_train_state(
       image_hw: (height, width) in pixels of the padded batches.
       total_steps: the run's length in steps, which the learning-rate schedule spans.
     """
-    latent_kernels = frozenset()
-    if not config.optimizer.latent_weight_decay:  # find the 1-bit kernels (an abstract trace)
-        trace = complexity.trace_layers(model, image_hw, train=False)
-        latent_kernels = frozenset(trace.binary_kernels)
-    tx = optimizers.make_optimizer(config, total_steps, latent_kernels)
-
     # One program: the optimizer's state built op by op would compile an XLA program per
     # parameter shape.
-    def init(rng: Array) -> TrainState:
-        dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
-        variables = model.init(rng, dummy, train=True, reconstruct=bool(config.dfr.levels))
-        state = TrainState.create(
-            apply_fn=model.apply,
-            params=variables["params"],
-            batch_stats=variables.get("batch_stats", {}),
-            tx=tx,
-        )
-        # A concrete int32 step (not a weakly typed Python 0), so the step compiles only once.
-        return state.replace(step=jnp.zeros((), jnp.int32))
-
+    init = _state_initializer(config, model, image_hw, total_steps)
     options = RUN_ONCE_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
     return jax.jit(init).lower(rng).compile(compiler_options=options)(rng)
+
+
+def abstract_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    image_hw: tuple[int, int],
+    total_steps: int,
+    sharding: jax.sharding.Sharding,
+) -> TrainState:
+    """The state ``create_train_state`` makes, as ``jax.ShapeDtypeStruct`` leaves placed with
+    ``sharding``, from an abstract trace: nothing is compiled or computed. The target a
+    checkpoint restores into (``evaluate.restored_state``), where initialising parameters only
+    to overwrite them would compile and run the whole initialisation."""
+    shapes = jax.eval_shape(
+        _state_initializer(config, model, image_hw, total_steps), jax.random.key(0)
+    )
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 def loss_and_metrics(

@@ -92,19 +92,24 @@ def train_and_evaluate(
             "(+4.9 AP for the 1-bit FCOS, 6 seeds: README, 'A 1-bit head on a real FPN')"
         )
     mesh = sharding.make_mesh()
-    state = steps.create_train_state(
-        config, model, jax.random.key(config.seed), image_hw, total_steps
-    )
-    state = jax.device_put(state, sharding.replicated_sharding(mesh))
-
+    replicated = sharding.replicated_sharding(mesh)
     checkpoints = checkpointing.Checkpointer(
         workdir,
         keep=config.train.keep_checkpoints,
         best_mode="min" if evaluation.lower_is_better(config.eval.best_metric) else "max",
     )
     train_iter = iter(train_data.loader)
-    restored = checkpoints.restore(state, config=config)
-    if restored is not None:
+    # A resumed run restores into the state's shapes; only a new one initialises parameters.
+    restored = checkpoints.restore(
+        steps.abstract_train_state(config, model, image_hw, total_steps, replicated),
+        config=config,
+    )
+    if restored is None:
+        state = steps.create_train_state(
+            config, model, jax.random.key(config.seed), image_hw, total_steps
+        )
+        state = jax.device_put(state, replicated)
+    else:
         state, data_state = restored
         if data_state is not None:
             try:
@@ -124,9 +129,7 @@ def train_and_evaluate(
     else:
         state = warm_start.apply(config, state)
 
-    teacher = distill.load_teacher(
-        config, train_data.num_classes, image_hw, sharding.replicated_sharding(mesh)
-    )
+    teacher = distill.load_teacher(config, train_data.num_classes, image_hw, replicated)
     step_fn = steps.make_sharded_train_step(config, model, mesh, total_steps, teacher)
     logging.info(
         "Training %s (%s) for %d steps (%d per epoch), global batch %d on %d devices",

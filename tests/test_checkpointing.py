@@ -6,12 +6,14 @@ import json
 import os
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from dfrdet_jax import checkpointing
+from dfrdet_jax import checkpointing, sharding, steps
+from dfrdet_jax.models import registry
 from dfrdet_jax.steps import TrainState
 
 
@@ -56,6 +58,31 @@ def test_no_checkpoint_restores_nothing_and_read_only_creates_nothing(tmp_path):
     )
     assert not (tmp_path / "run").exists()
     assert checkpointing.Checkpointer(str(tmp_path)).restore(_state(5)) is None
+
+
+def test_a_detector_restores_into_its_abstract_state(tmp_path, smoke_config):
+    # What evaluation, prediction and export restore into: shapes and shardings, no values.
+    config = smoke_config("bnn")
+    model = registry.build_model(config, num_classes=3)
+    state = steps.create_train_state(config, model, jax.random.key(1), (64, 64), 10)
+    replicated = sharding.replicated_sharding(sharding.make_mesh())
+    abstract = steps.abstract_train_state(config, model, (64, 64), 10, replicated)
+    for field in ("step", "params", "batch_stats", "opt_state"):
+        got, want = getattr(abstract, field), getattr(state, field)
+        assert jax.tree.structure(got) == jax.tree.structure(want), field
+        for a, s in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert isinstance(a, jax.ShapeDtypeStruct) and a.sharding == replicated
+            assert (a.shape, a.dtype) == (s.shape, s.dtype), field
+    ckpt = checkpointing.Checkpointer(str(tmp_path))
+    ckpt.save(7, state.replace(step=jnp.asarray(7, jnp.int32)), None)
+    ckpt.wait()
+    restored, _ = checkpointing.Checkpointer(str(tmp_path), read_only=True).restore(abstract)
+    assert int(restored.step) == 7
+    pairs = zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params), strict=True)
+    for r, s in pairs:
+        assert r.sharding == replicated
+        np.testing.assert_array_equal(r, s)
+    assert jax.tree.structure(restored.opt_state) == jax.tree.structure(state.opt_state)
 
 
 def test_damaged_latest_is_moved_aside_and_its_step_saved_again(tmp_path, caplog, capsys):

@@ -71,9 +71,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def _state_template():
-    import jax  # pylint: disable=g-import-not-at-top
-
-    from dfrdet_jax import steps  # pylint: disable=g-import-not-at-top
+    from dfrdet_jax import sharding, steps  # pylint: disable=g-import-not-at-top
     from dfrdet_jax.models import registry  # pylint: disable=g-import-not-at-top
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -81,7 +79,8 @@ def _state_template():
 
     config = resume_config.get_config()
     model = registry.build_model(config, num_classes=8)
-    return steps.create_train_state(config, model, jax.random.key(0), (64, 64), 12)
+    replicated = sharding.replicated_sharding(sharding.make_mesh())
+    return steps.abstract_train_state(config, model, (64, 64), 12, replicated)
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_path):

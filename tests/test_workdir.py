@@ -12,7 +12,17 @@ import jax
 import pytest
 import smoke
 
-from dfrdet_jax import checkpointing, data, evaluate, evaluation, main, run_utils, steps, train
+from dfrdet_jax import (
+    checkpointing,
+    data,
+    evaluate,
+    evaluation,
+    main,
+    run_utils,
+    sharding,
+    steps,
+    train,
+)
 from dfrdet_jax.models import registry
 
 
@@ -178,7 +188,8 @@ def test_a_damaged_checkpoint_is_moved_aside_and_evaluation_comes_after_a_save(
     # disk: the damaged one had to go) and is saved before the evaluation that failed.
     assert checkpointing.Checkpointer(str(workdir)).manager.all_steps() == [1, 2]
     model = registry.build_model(config, num_classes=8)
-    template = steps.create_train_state(config, model, jax.random.key(0), (64, 64), 3)
+    replicated = sharding.replicated_sharding(sharding.make_mesh())
+    template = steps.abstract_train_state(config, model, (64, 64), 3, replicated)
     state, data_state = checkpointing.Checkpointer(str(workdir)).restore(template)
     assert int(state.step) == 2 and data_state is not None
 
