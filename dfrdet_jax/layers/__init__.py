@@ -22,6 +22,7 @@ from dfrdet_jax.layers.binary import (
     SCALE_MODES,
     BinaryConv,
     BinaryDense,
+    binarize_with_reconstruction,
     reconstruction_loss,
     total_reconstruction_loss,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "LearnableBias",
     "RPReLU",
     "apply_to_sign",
+    "binarize_with_reconstruction",
     "conv_general_dilated",
     "explicit_padding",
     "get_binary_quantizer",

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes as flax_dtypes
 
-from dfrdet_jax.choices import check_choice
+from dfrdet_jax.choices import check_choice, unknown_choice
 from dfrdet_jax.layers import quantizers
 from dfrdet_jax.layers.activations import Deferred
 from dfrdet_jax.layers.conv import (
@@ -73,6 +73,44 @@ def reconstruction_loss(kernel: Array, alpha: Array) -> Array:
     kernel = kernel.astype(jnp.float32)
     binary = jax.lax.stop_gradient(quantizers.sign(kernel))
     return 0.5 * jnp.sum(jnp.square(kernel - alpha.astype(jnp.float32) * binary))
+
+
+def binarize_with_reconstruction(
+    kernel: Array, alpha: Array, quantizer: str
+) -> tuple[Array, Array]:
+    """(sign(kernel) with the weight STE ``quantizer``, ``reconstruction_loss(kernel, alpha)``),
+    with the gradients of both.
+
+    One op, so that its backward pass computes L_R's gradient beside the STE's, from ``kernel``
+    and ``alpha`` (which the step keeps anyway) once the kernel's own cotangent exists. Autodiff
+    of L_R alone holds w - alpha * sign(w), a second copy of every binary kernel, from the
+    forward pass to the start of the backward pass, where the step's memory peaks
+    (benchmarks/README.md, memory).
+    """
+    surrogate_grad = quantizers.SURROGATE_GRADIENTS.get(quantizer)
+    if surrogate_grad is None:
+        raise unknown_choice("weight quantizer", quantizer, sorted(quantizers.SURROGATE_GRADIENTS))
+
+    @jax.custom_vjp
+    def apply(kernel, alpha):
+        return quantizers.sign(kernel), reconstruction_loss(kernel, alpha)
+
+    def forward(kernel, alpha):
+        return apply(kernel, alpha), (kernel, alpha)
+
+    def backward(residuals, cotangents):
+        kernel, alpha = residuals
+        d_binary, d_loss = cotangents
+        late_kernel = quantizers.after_cotangent(kernel, d_binary)
+        weights = late_kernel.astype(jnp.float32)
+        binary = quantizers.sign(weights)
+        error = weights - alpha.astype(jnp.float32) * binary  # d L_R / d w
+        d_kernel = d_binary * surrogate_grad(late_kernel) + d_loss * error
+        d_alpha = -d_loss * jnp.sum(error * binary, axis=tuple(range(kernel.ndim - 1)))
+        return d_kernel.astype(kernel.dtype), d_alpha.astype(alpha.dtype)
+
+    apply.defvjp(forward, backward)
+    return apply(kernel, alpha)
 
 
 def total_reconstruction_loss(losses: Any) -> Array:
@@ -118,17 +156,16 @@ def _binarize_kernel(module: nn.Module, kernel: Array) -> tuple[Array, Array | N
         alpha = jax.lax.stop_gradient(mean_abs())
     else:
         alpha = None
-    if alpha is not None and module.is_mutable_collection(LOSSES_COLLECTION):
-        # Eq. 3 sums over layers, so a layer called several times (a head shared over the
-        # pyramid levels) keeps one L_R, its latest call's (the same every call), instead of
-        # one per call; the earlier calls' copies are then dead code.
-        module.sow(
-            LOSSES_COLLECTION,
-            RECONSTRUCTION_LOSS_NAME,
-            reconstruction_loss(kernel, alpha),
-            reduce_fn=lambda _, latest: (latest,),
-        )
-    return quantize_weight(kernel), alpha
+    if alpha is None or not module.is_mutable_collection(LOSSES_COLLECTION):
+        return quantize_weight(kernel), alpha
+    binary, loss = binarize_with_reconstruction(kernel, alpha, module.weight_quantizer)
+    # Eq. 3 sums over layers, so a layer called several times (a head shared over the pyramid
+    # levels) keeps one L_R, its latest call's (the same every call), instead of one per call;
+    # the earlier calls' copies add nothing to the loss.
+    module.sow(
+        LOSSES_COLLECTION, RECONSTRUCTION_LOSS_NAME, loss, reduce_fn=lambda _, latest: (latest,)
+    )
+    return binary, alpha
 
 
 def _binary_operands(module: nn.Module, x: Array, kernel_shape: tuple[int, ...]):
