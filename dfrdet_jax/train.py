@@ -99,11 +99,14 @@ def train_and_evaluate(
         best_mode="min" if evaluation.lower_is_better(config.eval.best_metric) else "max",
     )
     train_iter = iter(train_data.loader)
-    # A resumed run restores into the state's shapes; only a new one initialises parameters.
-    restored = checkpoints.restore(
-        steps.abstract_train_state(config, model, image_hw, total_steps, replicated),
-        config=config,
-    )
+    # A resumed run restores into the state's shapes; only a new one initialises parameters
+    # (and traces the state once, not twice).
+    restored = None
+    if checkpoints.latest_step() is not None:
+        restored = checkpoints.restore(
+            steps.abstract_train_state(config, model, image_hw, total_steps, replicated),
+            config=config,
+        )
     if restored is None:
         state = steps.create_train_state(
             config, model, jax.random.key(config.seed), image_hw, total_steps
