@@ -118,6 +118,37 @@ def test_apply_to_sign_is_the_ste_then_the_op(name, dtype):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+@pytest.mark.parametrize("name", ["identity", "clipped", "approx"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_apply_to_sign_with_a_scale_is_the_ste_then_the_op_then_the_scale(name, dtype):
+    """With a per-output-channel ``scale`` (a binary layer's alpha): the value of op(ste(x),
+    kernel) * scale exactly, and its gradients for x, kernel and scale, which the backward pass
+    takes from op with the scale folded into the kernel (equal up to float rounding)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), dtype)
+    scale = jnp.asarray(rng.uniform(0.2, 2.0, size=(5,)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 6, 6, 5)), jnp.float32)
+    quantize = layers.get_binary_quantizer(name)
+
+    def fused(x, kernel, scale):
+        out = layers.apply_to_sign(_conv, x, kernel, name, scale=scale)
+        return jnp.sum(out.astype(jnp.float32) * g)
+
+    def plain(x, kernel, scale):
+        out = _conv(quantize(x), kernel) * scale.astype(dtype)
+        return jnp.sum(out.astype(jnp.float32) * g)
+
+    got, got_grads = jax.value_and_grad(fused, (0, 1, 2))(x, kernel, scale)
+    want, want_grads = jax.value_and_grad(plain, (0, 1, 2))(x, kernel, scale)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == b.dtype
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+
+
 def test_apply_to_sign_casts_the_sign_and_rejects_unknown_quantizers():
     x = jnp.asarray(POINTS, jnp.float32)
     scale = jnp.ones((), jnp.bfloat16)

@@ -28,6 +28,7 @@ from dfrdet_jax.layers.binary import (
 )
 from dfrdet_jax.layers.conv import Conv, conv_general_dilated, explicit_padding
 from dfrdet_jax.layers.lsq import LSQConv, LSQDense, initial_input_step
+from dfrdet_jax.layers.norm import GroupNorm, group_norm
 from dfrdet_jax.layers.quantizers import (
     BINARY_QUANTIZERS,
     apply_to_sign,
@@ -52,6 +53,7 @@ __all__ = [
     "BinaryDense",
     "Conv",
     "Deferred",
+    "GroupNorm",
     "LSQConv",
     "LSQDense",
     "LearnableBias",
@@ -61,6 +63,7 @@ __all__ = [
     "conv_general_dilated",
     "explicit_padding",
     "get_binary_quantizer",
+    "group_norm",
     "initial_input_step",
     "lsq_init_step",
     "lsq_levels",

@@ -182,22 +182,32 @@ def _binary_operands(module: nn.Module, x: Array, kernel_shape: tuple[int, ...])
 
 
 def _apply_to_input(
-    module: nn.Module, op: Callable, x: Array | Deferred, binary_kernel: Array
+    module: nn.Module,
+    op: Callable,
+    x: Array | Deferred,
+    binary_kernel: Array,
+    alpha: Array | None,
+    bias: Array | None,
 ) -> Array:
-    """op(q_a(x), binary_kernel) with the module's input quantizer, in the kernel's dtype; a
-    binarized input (and a ``Deferred`` one's activation) is recomputed in the backward pass
-    rather than saved (``quantizers.apply_to_sign``)."""
+    """alpha * op(q_a(x), binary_kernel) [+ bias] with the module's input quantizer, in the
+    kernel's dtype; a binarized input (and a ``Deferred`` one's activation) is recomputed in the
+    backward pass rather than saved, and alpha is applied inside that op
+    (``quantizers.apply_to_sign``)."""
     if quantizers.get_binary_quantizer(module.input_quantizer) is None:
         if isinstance(x, Deferred):
             x = x.value()
-        return op(x.astype(binary_kernel.dtype), binary_kernel)
-    if isinstance(x, Deferred):
-        source, prologue, args = x.source, x.fn, x.args
+        y = op(x.astype(binary_kernel.dtype), binary_kernel)
+        if alpha is not None:
+            y = y * alpha.astype(y.dtype)
     else:
-        source, prologue, args = x, None, ()
-    return quantizers.apply_to_sign(
-        op, source, binary_kernel, module.input_quantizer, binary_kernel.dtype, prologue, args
-    )
+        source, prologue, args = (
+            (x.source, x.fn, x.args) if isinstance(x, Deferred) else (x, None, ())
+        )
+        y = quantizers.apply_to_sign(
+            op, source, binary_kernel, module.input_quantizer, binary_kernel.dtype, prologue, args,
+            alpha,
+        )  # fmt: skip
+    return y if bias is None else y + bias.astype(y.dtype)
 
 
 def _as_tuple(value: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
@@ -299,7 +309,7 @@ class BinaryConv(nn.Module):
                 feature_group_count=groups,
             )
 
-        return _scale_and_bias(_apply_to_input(self, conv, x, binary_kernel), alpha, bias)
+        return _apply_to_input(self, conv, x, binary_kernel, alpha, bias)
 
 
 class BinaryDense(nn.Module):
@@ -322,14 +332,4 @@ class BinaryDense(nn.Module):
     def __call__(self, x: Array | Deferred) -> Array:
         """x: [..., c_in] (an array or a ``Deferred`` activation) -> [..., features]."""
         binary_kernel, alpha, bias = _binary_operands(self, x, (x.shape[-1], self.features))
-        y = _apply_to_input(self, jnp.matmul, x, binary_kernel)
-        return _scale_and_bias(y, alpha, bias)
-
-
-def _scale_and_bias(y: Array, alpha: Array | None, bias: Array | None) -> Array:
-    """Applies the channel-wise scale and the bias in the dtype of ``y``."""
-    if alpha is not None:
-        y = y * alpha.astype(y.dtype)
-    if bias is not None:
-        y = y + bias.astype(y.dtype)
-    return y
+        return _apply_to_input(self, jnp.matmul, x, binary_kernel, alpha, bias)

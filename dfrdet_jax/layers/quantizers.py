@@ -119,16 +119,21 @@ def apply_to_sign(
     dtype: Any = None,
     prologue: Callable[..., Array] | None = None,
     prologue_args: tuple[Array, ...] = (),
+    scale: Array | None = None,
 ) -> Array:
-    """op(sign(u), operand) with u = prologue(x, *prologue_args) (u = x without a prologue),
-    the STE ``quantizer`` for u, and only x kept for the backward pass.
+    """op(sign(u), operand) [* scale] with u = prologue(x, *prologue_args) (u = x without a
+    prologue), the STE ``quantizer`` for u, and only x kept for the backward pass.
 
     The same value and gradients as ``op(get_binary_quantizer(quantizer)(u).astype(dtype),
-    operand)``, but the backward pass recomputes u and sign(u) from x instead of holding them
-    from the forward pass: a binary layer's input costs one saved activation, not two, and
-    with an element-wise prologue (the previous unit's RPReLU and this one's learnable bias,
-    ``activations.Deferred``) that activation is the RPReLU's input, which its own gradient
-    keeps anyway (``benchmarks/README.md``, memory).
+    operand) [* scale]``, but the backward pass recomputes u and sign(u) from x instead of
+    holding them from the forward pass: a binary layer's input costs one saved activation, not
+    two, and with an element-wise prologue (the previous unit's RPReLU and this one's learnable
+    bias, ``activations.Deferred``) that activation is the RPReLU's input, which its own
+    gradient keeps anyway. Two more choices keep the backward pass's temporaries few
+    (``benchmarks/README.md``, memory): the scale goes into the operand (op(b, w) * s =
+    op(b, w * s)), so the cotangent reaches op unscaled and neither the scaled cotangent nor op's
+    output is held; and op's gradient for the operand is taken before its gradient for the
+    input, so sign(u) is freed before the input's gradient is made.
 
     Args:
       op: a differentiable function of (binarized input, operand), e.g. a convolution with a
@@ -139,6 +144,9 @@ def apply_to_sign(
       dtype: the dtype sign(u) is given to ``op`` in; None keeps u's.
       prologue: an element-wise, differentiable (x, *prologue_args) -> u; None: u = x.
       prologue_args: its arrays, differentiated.
+      scale: a factor on op's output per output channel (a binary layer's alpha), [C_out];
+        op must be linear in the operand with C_out its last axis (a convolution's HWIO kernel,
+        a matmul's [C_in, C_out]). None: no scale.
 
     Returns:
       op's output.
@@ -152,23 +160,42 @@ def apply_to_sign(
         return sign(u).astype(dtype or u.dtype)
 
     @jax.custom_vjp
-    def apply(x, operand, prologue_args):
-        return op(binarize(prologue(x, *prologue_args)), operand)
+    def apply(x, operand, scale, prologue_args):
+        y = op(binarize(prologue(x, *prologue_args)), operand)
+        return y if scale is None else y * scale.astype(y.dtype)
 
-    def forward(x, operand, prologue_args):
-        return apply(x, operand, prologue_args), (x, operand, prologue_args)
+    def forward(x, operand, scale, prologue_args):
+        return apply(x, operand, scale, prologue_args), (x, operand, scale, prologue_args)
 
     def backward(residuals, cotangent):
-        x, operand, prologue_args = residuals
+        x, operand, scale, prologue_args = residuals
         u, prologue_vjp = jax.vjp(
             lambda x, args: prologue(x, *args), after_cotangent(x, cotangent), prologue_args
         )
-        d_binary, d_operand = jax.vjp(op, binarize(u), operand)[1](cotangent)
+        binary = binarize(u)
+        # op(b, w) * s = op(b, w * s); s's gradient, sum(d(w * s) * w) over all but the output
+        # axis, needs no activation.
+        if scale is not None:
+            operand = after_cotangent(operand, cotangent)
+        weights = operand if scale is None else operand * scale.astype(operand.dtype)
+        # Each gradient of op alone (XLA drops the part of op's backward pass it does not use),
+        # the input's tied to the operand's.
+        d_weights = jax.vjp(lambda w: op(binary, w), weights)[1](cotangent)[0]
+        d_binary = jax.vjp(lambda b: op(b, weights), binary)[1](
+            after_cotangent(cotangent, d_weights)
+        )[0]
+        d_operand, d_scale = d_weights, None
+        if scale is not None:
+            d_operand = d_weights * scale.astype(d_weights.dtype)
+            reduce = tuple(range(operand.ndim - 1))
+            d_scale = jnp.sum(
+                d_weights.astype(jnp.float32) * operand.astype(jnp.float32), axis=reduce
+            ).astype(scale.dtype)
         d_x, d_prologue_args = prologue_vjp(d_binary.astype(u.dtype) * surrogate_grad(u))
-        return d_x, d_operand, d_prologue_args
+        return d_x, d_operand, d_scale, d_prologue_args
 
     apply.defvjp(forward, backward)
-    return apply(x, operand, tuple(prologue_args))
+    return apply(x, operand, scale, tuple(prologue_args))
 
 
 def round_ste(x: Array) -> Array:

@@ -75,9 +75,9 @@ def same_size_padding(kernel_size: int) -> list[tuple[int, int]]:
     return [(kernel_size // 2, kernel_size // 2)] * 2
 
 
-def group_norm(channels: int, dtype: Any, name: str) -> nn.GroupNorm:
+def group_norm(channels: int, dtype: Any, name: str) -> layers.GroupNorm:
     """GroupNorm of ``channels`` channels in 32 groups (fewer for narrow layers)."""
-    return nn.GroupNorm(num_groups=math.gcd(32, channels), dtype=dtype, name=name)
+    return layers.GroupNorm(num_groups=math.gcd(32, channels), dtype=dtype, name=name)
 
 
 def apply_norm(kind: str, x: Array, train: bool, dtype: Any, name: str) -> Array:
