@@ -722,6 +722,86 @@ def test_a_deferred_activation_gives_the_same_values_and_gradients(spec):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("p6_source", ["p5", "maxpool"])
+def test_fpn_levels_handed_on_deferred_give_the_same_head_outputs_and_gradients(p6_source):
+    """A 1-bit FPN whose output units hand their RPReLU on deferred to 1-bit towers
+    (``FPN.defer_outputs``), or compute it: the same outputs and gradients, in float64 to
+    1e-12 (as for two units above)."""
+
+    class NeckAndHead(flax.linen.Module):
+        defer: bool
+
+        @flax.linen.compact
+        def __call__(self, features):
+            levels = FPN(8, 3, 6, p6_source, BINARY, defer_outputs=self.defer, name="neck")(
+                features, True
+            )
+            levels = [levels[f"P{level}"] for level in range(3, 7)]
+            if self.defer:
+                assert isinstance(levels[0], layers_lib.Deferred)
+            outputs = single_stage.tower_head(
+                levels, True, num_classes=2, num_anchors=1, box_outputs={"box": 4}, width=8,
+                num_convs=2, prior_prob=0.01, binary=BINARY, dtype=None,
+            )  # fmt: skip
+            return jnp.concatenate([jnp.concatenate(v, axis=1) for v in outputs.values()], -1)
+
+    def loss(params, features, defer):
+        out, _ = NeckAndHead(defer).apply({"params": params}, features, mutable=["losses"])
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+
+    @jax.jit
+    def computed_and_deferred(features):
+        params = NeckAndHead(False).init(jax.random.key(0), features)["params"]
+        params = jax.tree.map(
+            lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape, jnp.float64),
+            params,
+        )
+        return [jax.value_and_grad(loss, (0, 1))(params, features, d) for d in (False, True)]
+
+    with jax.enable_x64(True):
+        features = {
+            f"C{level}": jax.random.normal(jax.random.key(level), (2, s, s, 4), jnp.float64)
+            for level, s in ((3, 16), (4, 8), (5, 4))
+        }
+        want, got = computed_and_deferred(features)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("family_name", "variant", "head_input_norm", "deferred"),
+    [
+        ("fcos", "bnn", False, True),
+        ("retinanet", "dfr", False, True),
+        ("fcos", "bnn", True, False),
+        ("fcos", "real", False, False),
+        ("faster_rcnn", "bnn", False, False),
+    ],
+)
+def test_detectors_hand_the_fpn_levels_deferred_to_1bit_towers_only(
+    family_name, variant, head_input_norm, deferred
+):
+    """The FPN's output activations go deferred to FCOS's and RetinaNet's 1-bit towers without
+    a GroupNorm before them; every other head, the decoder and distillation's features get
+    them computed, and the detector's outputs have the same shapes either way."""
+    config = smoke.smoke_config(variant, family_name)
+    config.model.head_input_norm = head_input_norm
+    model = registry.build_model(config, num_classes=3)
+    assert getattr(model.head, "takes_deferred_levels", False) is deferred
+    if family_name == "faster_rcnn":
+        return
+    images = jnp.zeros((1, 64, 64, 3))
+    out = jax.eval_shape(
+        lambda: model.init_with_output(
+            jax.random.key(0), images, False, reconstruct=variant == "dfr", features=True
+        )[0]
+    )
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in out["features"])
+    if variant == "dfr":
+        assert out["reconstruction"].shape == (1, 64, 64, 3)
+
+
 def test_deferred_activations_keep_one_activation_less_per_1bit_unit():
     """XLA's buffers for the gradient of a tower of 1-bit units (GroupNorm, learned PReLU slopes
     and biases) grow by about one activation less per unit when each unit hands its RPReLU on

@@ -15,7 +15,7 @@ Example::
   loss = task_loss + gamma * layers.total_reconstruction_loss(state["losses"])
 """
 
-from dfrdet_jax.layers.activations import Deferred, LearnableBias, RPReLU, prelu
+from dfrdet_jax.layers.activations import Deferred, LearnableBias, RPReLU, computed, prelu
 from dfrdet_jax.layers.binary import (
     LOSSES_COLLECTION,
     RECONSTRUCTION_LOSS_NAME,
@@ -60,6 +60,7 @@ __all__ = [
     "RPReLU",
     "apply_to_sign",
     "binarize_with_reconstruction",
+    "computed",
     "conv_general_dilated",
     "explicit_padding",
     "get_binary_quantizer",

@@ -67,6 +67,11 @@ class Deferred:
         return Deferred(self.source, (*self.args, *args), chain)
 
 
+def computed(x: Array | Deferred) -> Array:
+    """x itself, or a ``Deferred`` x's value, computed."""
+    return x.value() if isinstance(x, Deferred) else x
+
+
 class LearnableBias(nn.Module):
     """x + b with a per-channel bias b (last axis), initialised to 0; a ``Deferred`` x gives a
     ``Deferred`` that adds b last."""

@@ -44,7 +44,7 @@ from flax.linen import dtypes as flax_dtypes
 
 from dfrdet_jax.choices import check_choice, unknown_choice
 from dfrdet_jax.layers import quantizers
-from dfrdet_jax.layers.activations import Deferred
+from dfrdet_jax.layers.activations import Deferred, computed
 from dfrdet_jax.layers.conv import (
     PaddingLike,
     channels_last_dimension_numbers,
@@ -194,9 +194,7 @@ def _apply_to_input(
     backward pass rather than saved, and alpha is applied inside that op
     (``quantizers.apply_to_sign``)."""
     if quantizers.get_binary_quantizer(module.input_quantizer) is None:
-        if isinstance(x, Deferred):
-            x = x.value()
-        y = op(x.astype(binary_kernel.dtype), binary_kernel)
+        y = op(computed(x).astype(binary_kernel.dtype), binary_kernel)
         if alpha is not None:
             y = y * alpha.astype(y.dtype)
     else:

@@ -149,7 +149,7 @@ class ConvUnit(nn.Module):
                 dtype=self.dtype,
                 kernel_init=nn.initializers.he_normal(),
                 name="conv",
-            )(x)
+            )(layers.computed(x))
             y = apply_norm(self.norm, y, train, self.dtype, norm)
             if self.activation == "relu":
                 y = nn.relu(y)
@@ -161,9 +161,7 @@ class ConvUnit(nn.Module):
         y = layers.LearnableBias(name="bias")(x) if spec.learnable_bias else x
         conv = {"strides": self.strides, "padding": pads, "dtype": self.dtype, "name": "conv"}
         if spec.bits > 1:
-            if isinstance(y, layers.Deferred):
-                y = y.value()
-            y = layers.LSQConv(self.features, k, bits=spec.bits, **conv)(y)
+            y = layers.LSQConv(self.features, k, bits=spec.bits, **conv)(layers.computed(y))
         else:
             y = layers.BinaryConv(
                 self.features,
@@ -176,8 +174,7 @@ class ConvUnit(nn.Module):
             )(y)
         y = apply_norm(self.norm, y, train, self.dtype, norm)
         if self.shortcut:
-            given = x.value() if isinstance(x, layers.Deferred) else x
-            y = y + self._shortcut(given, train, f"shortcut_{norm}")
+            y = y + self._shortcut(layers.computed(x), train, f"shortcut_{norm}")
         act = layers.RPReLU(learn_shifts=spec.activation == "rprelu", name="act")
         return act(y, defer=defer_activation)
 

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfrdet_jax import layers
 from dfrdet_jax.models.common import REAL, BinarySpec
 from dfrdet_jax.models.decoder import DFRDecoder
 from dfrdet_jax.models.fpn import FPN
@@ -106,6 +107,9 @@ class Detector(nn.Module):
             self.p6_source,
             self.neck_binary,
             self.dtype,
+            # A head of 1-bit towers computes the FPN's output activations itself: one
+            # activation less held per level (benchmarks/README.md, memory).
+            defer_outputs=getattr(self.head, "takes_deferred_levels", False),
             name=NECK,
         )(stages, train)
         levels = [pyramid[f"P{level}"] for level in range(self.min_level, self.max_level + 1)]
@@ -115,7 +119,7 @@ class Detector(nn.Module):
                 self.head(levels, train) if targets is None else self.head(levels, train, targets)
             )
         if features:
-            outputs["features"] = levels
+            outputs["features"] = [layers.computed(x) for x in levels]
         if reconstruct:
             if not self.decoder_levels:
                 raise ValueError("reconstruct=True needs decoder_levels, e.g. (2, 3, 4)")
@@ -127,7 +131,7 @@ class Detector(nn.Module):
                 )
             outputs["reconstruction"] = DFRDecoder(
                 self.decoder_width, self.decoder_blocks, dtype=self.dtype, name=DECODER
-            )([pyramid[f"P{v}"] for v in self.decoder_levels], images.shape[1:3])
+            )([layers.computed(pyramid[f"P{v}"]) for v in self.decoder_levels], images.shape[1:3])
         return outputs
 
 

@@ -11,7 +11,9 @@ family's convention (``p6_source``, as mmdetection builds them):
 
 each level above 6 is the same stride-2 step on the level below (a conv on P_{l-1} after a ReLU
 for 'p5' and 'c5'; a max pool for 'maxpool'). In 1-bit variants the lateral, output and extra
-convs are binary ``ConvUnit``s (with GroupNorm, and a shortcut where shapes allow).
+convs are binary ``ConvUnit``s (with GroupNorm, and a shortcut where shapes allow); with
+``defer_outputs`` their output levels are ``layers.Deferred`` activations, for a head of 1-bit
+units to compute (one activation less held per level for the backward pass).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfrdet_jax import layers
 from dfrdet_jax.choices import check_choice
 from dfrdet_jax.models.common import REAL, BinarySpec, ConvUnit
 
@@ -49,6 +52,8 @@ class FPN(nn.Module):
       p6_source: how the levels above 5 are built, one of ``P6_SOURCES`` (module docstring).
       binary: binarization of the lateral, output and extra convs.
       dtype: computation dtype.
+      defer_outputs: 1-bit output and extra units return their RPReLU as a
+        ``layers.Deferred`` (``ConvUnit``); the consumer computes it (``layers.computed``).
     """
 
     width: int = 256
@@ -57,9 +62,12 @@ class FPN(nn.Module):
     p6_source: str = "p5"
     binary: BinarySpec = REAL
     dtype: Any = None
+    defer_outputs: bool = False
 
     @nn.compact
-    def __call__(self, features: dict[str, Array], train: bool) -> dict[str, Array]:
+    def __call__(
+        self, features: dict[str, Array], train: bool
+    ) -> dict[str, Array | layers.Deferred]:
         if not 2 <= self.min_level <= 5 or self.max_level < self.min_level:
             raise ValueError(
                 f"FPN levels must satisfy 2 <= min_level <= 5 and max_level >= min_level, "
@@ -82,7 +90,7 @@ class FPN(nn.Module):
             )
         outputs = {
             f"P{level}": ConvUnit(self.width, 3, name=f"output{level}", **unit)(
-                merged[level], train
+                merged[level], train, defer_activation=self.defer_outputs
             )
             for level in range(self.min_level, top + 1)
         }
@@ -90,7 +98,7 @@ class FPN(nn.Module):
             below = outputs[f"P{level - 1}"]
             if self.p6_source == "maxpool":
                 # A max pool of kernel 1 and stride 2 keeps every second pixel: ceil(h / 2) rows.
-                outputs[f"P{level}"] = below[:, ::2, ::2]
+                outputs[f"P{level}"] = layers.computed(below)[:, ::2, ::2]
                 continue
             if level == 6 and self.p6_source == "c5":
                 source = features["C5"]
@@ -99,6 +107,6 @@ class FPN(nn.Module):
             else:
                 source = below
             outputs[f"P{level}"] = ConvUnit(self.width, 3, 2, name=f"extra{level}", **unit)(
-                source, train
+                source, train, defer_activation=self.defer_outputs
             )
         return outputs

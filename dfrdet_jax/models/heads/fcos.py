@@ -121,6 +121,10 @@ class FCOSHead(nn.Module):
             box_activation=config.fcos.box_activation,
         )
 
+    @property
+    def takes_deferred_levels(self) -> bool:
+        return single_stage.takes_deferred_levels(self.binary, self.input_norm)
+
     @nn.compact
     def __call__(self, levels: Sequence[Array], train: bool) -> dict[str, Array]:
         """levels: one [B, h_l, w_l, C] map per stride -> {'cls_logits': [B, P, num_classes],

@@ -78,6 +78,10 @@ class RetinaNetHead(nn.Module):
             level_norms=config.model.head_level_norms,
         )
 
+    @property
+    def takes_deferred_levels(self) -> bool:
+        return single_stage.takes_deferred_levels(self.binary, self.input_norm)
+
     @nn.compact
     def __call__(self, levels: Sequence[Array], train: bool) -> dict[str, Array]:
         """levels: [B, h_l, w_l, C] maps -> {'cls_logits': [B, A, num_classes], 'deltas':

@@ -123,6 +123,13 @@ def run_tower(tower: list[ConvUnit], x: Array, train: bool, level: int | None = 
     return x
 
 
+def takes_deferred_levels(binary: BinarySpec, input_norm: bool) -> bool:
+    """Whether ``tower_head`` can take the FPN's levels as ``layers.Deferred`` activations:
+    its first units are 1-bit (they compute the activation inside their binary convs and
+    recompute it in the backward pass) and no GroupNorm comes before them."""
+    return binary.enabled and not input_norm
+
+
 def normalized_levels(levels: Sequence[Array], dtype: Any) -> list[Array]:
     """Each [B, h_l, w_l, C] level through one GroupNorm ('input_norm') shared by the levels;
     call inside a compact method. A 1-bit unit adds its binary branch, normalised to about
@@ -160,7 +167,8 @@ def tower_head(
     'norm_level{i}'), their convs shared.
 
     Args:
-      levels: one [B, h_l, w_l, C_in] map per level.
+      levels: one [B, h_l, w_l, C_in] map per level (or ``layers.Deferred``, when
+        ``takes_deferred_levels``).
     Returns:
       {'cls_logits': per level [B, h_l * w_l * K, num_classes], and for every box output
       name: per level [B, h_l * w_l * K, D]}, in the computation dtype; rows are row-major over
