@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import loss_gradients  # noqa: E402  (benchmarks/ is the script's folder)
 import numpy as np
 
-from dfrdet_jax import checkpointing
+from dfrdet_jax import checkpointing, layers
 from dfrdet_jax.models import registry
 from dfrdet_jax.models.detectors import DECODER, NECK, normalize_images
 
@@ -71,7 +71,8 @@ def feature_outputs(config, model, variables, batch) -> dict[str, jax.Array]:
         **registry.apply_kwargs(config, batch, train=False, rng=jax.random.key(0)),
     )
     captured = state["intermediates"]
-    found = dict(captured[NECK]["__call__"][0])
+    # A 1-bit FPN hands its levels to 1-bit towers deferred (FPN.defer_outputs): compute them.
+    found = {name: layers.computed(x) for name, x in captured[NECK]["__call__"][0].items()}
     for path, calls in flax.traverse_util.flatten_dict(captured.get(_HEAD, {})).items():
         # One call per level, shared weights: the levels' outputs, flattened, as one.
         name = "/".join((_HEAD, *path[:-1]))  # path ends with '__call__'
