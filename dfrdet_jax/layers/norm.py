@@ -90,18 +90,18 @@ def _normalize_backward(num_groups, epsilon, residuals, cotangent):
     d_y = cotangent.astype(dtype)
     sum_d_y = jnp.sum(d_y, axis=positions).reshape(per_example)
     sum_d_y_centred = jnp.sum(d_y * centred, axis=positions).reshape(per_example)
-    scale = scale.astype(dtype)
+    gamma = scale.astype(dtype)
     inv = inv_std.reshape(per_example)
-    mean_d_x_hat = _group_mean(sum_d_y * scale, num_groups, n)
-    mean_d_x_hat_x_hat = _group_mean(sum_d_y_centred * scale, num_groups, n) * inv
+    mean_d_x_hat = _group_mean(sum_d_y * gamma, num_groups, n)
+    mean_d_x_hat_x_hat = _group_mean(sum_d_y_centred * gamma, num_groups, n) * inv
     mean_d_x_hat_x_hat = jnp.where(positive.reshape(per_example), mean_d_x_hat_x_hat, 0.0)
     expand = lambda a: a.reshape(mean.shape)  # noqa: E731  [B, C] -> [B, 1, ..., C]
     d_x = inv_std * (
-        d_y * scale - expand(mean_d_x_hat) - centred * inv_std * expand(mean_d_x_hat_x_hat)
+        d_y * gamma - expand(mean_d_x_hat) - centred * inv_std * expand(mean_d_x_hat_x_hat)
     )
     d_scale = jnp.sum(sum_d_y_centred * inv, axis=0)
     d_bias = jnp.sum(sum_d_y, axis=0)
-    return d_x.astype(x.dtype), d_scale.astype(residuals[1].dtype), d_bias.astype(bias.dtype)
+    return d_x.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
 _normalize.defvjp(_normalize_forward, _normalize_backward)
