@@ -93,42 +93,20 @@ def _conv(a, k):
 
 @pytest.mark.parametrize("name", ["identity", "clipped", "approx"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_apply_to_sign_is_the_ste_then_the_op(name, dtype):
-    """Value and both gradients equal those of the plain STE followed by the op (each tested
-    pointwise above), with inputs on sign's and the STEs' edges (+-0, +-1)."""
+@pytest.mark.parametrize("scaled", [False, True])
+def test_apply_to_sign_is_the_ste_then_the_op(name, dtype, scaled):
+    """Value and gradients equal those of the plain STE followed by the op (each tested
+    pointwise above), with inputs on sign's and the STEs' edges (+-0, +-1). With a
+    per-output-channel ``scale`` (a binary layer's alpha), op(ste(x), kernel) * scale: the same
+    value exactly, and gradients for x, kernel and scale that the backward pass takes from op
+    with the scale folded into the kernel (equal up to float rounding); without, bit for bit."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
     x[0, 0, 0] = [0.0, -0.0, 1.0, -1.0]
     kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), dtype)
     g = jnp.asarray(rng.normal(size=(2, 6, 6, 5)), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.2, 2.0, size=(5,)), jnp.float32) if scaled else None
     x = jnp.asarray(x, dtype)
-    quantize = layers.get_binary_quantizer(name)
-
-    def fused(x, kernel):
-        return jnp.sum(layers.apply_to_sign(_conv, x, kernel, name).astype(jnp.float32) * g)
-
-    def plain(x, kernel):
-        return jnp.sum(_conv(quantize(x), kernel).astype(jnp.float32) * g)
-
-    got, got_grads = jax.value_and_grad(fused, (0, 1))(x, kernel)
-    want, want_grads = jax.value_and_grad(plain, (0, 1))(x, kernel)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    for a, b in zip(got_grads, want_grads):
-        assert a.dtype == b.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-
-
-@pytest.mark.parametrize("name", ["identity", "clipped", "approx"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_apply_to_sign_with_a_scale_is_the_ste_then_the_op_then_the_scale(name, dtype):
-    """With a per-output-channel ``scale`` (a binary layer's alpha): the value of op(ste(x),
-    kernel) * scale exactly, and its gradients for x, kernel and scale, which the backward pass
-    takes from op with the scale folded into the kernel (equal up to float rounding)."""
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), dtype)
-    kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), dtype)
-    scale = jnp.asarray(rng.uniform(0.2, 2.0, size=(5,)), jnp.float32)
-    g = jnp.asarray(rng.normal(size=(2, 6, 6, 5)), jnp.float32)
     quantize = layers.get_binary_quantizer(name)
 
     def fused(x, kernel, scale):
@@ -136,14 +114,17 @@ def test_apply_to_sign_with_a_scale_is_the_ste_then_the_op_then_the_scale(name, 
         return jnp.sum(out.astype(jnp.float32) * g)
 
     def plain(x, kernel, scale):
-        out = _conv(quantize(x), kernel) * scale.astype(dtype)
+        out = _conv(quantize(x), kernel)
+        out = out if scale is None else out * scale.astype(dtype)
         return jnp.sum(out.astype(jnp.float32) * g)
 
-    got, got_grads = jax.value_and_grad(fused, (0, 1, 2))(x, kernel, scale)
-    want, want_grads = jax.value_and_grad(plain, (0, 1, 2))(x, kernel, scale)
+    wrt = (0, 1, 2) if scaled else (0, 1)
+    got, got_grads = jax.value_and_grad(fused, wrt)(x, kernel, scale)
+    want, want_grads = jax.value_and_grad(plain, wrt)(x, kernel, scale)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
-    for a, b in zip(got_grads, want_grads):
+    assert got_grads[0].dtype == got_grads[1].dtype == dtype  # x's and the kernel's
+    tolerance = 0 if not scaled else 1e-5 if dtype == jnp.float32 else 3e-2
+    for a, b in zip(got_grads, want_grads, strict=True):
         assert a.dtype == b.dtype
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())

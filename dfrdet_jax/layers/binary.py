@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes as flax_dtypes
 
-from dfrdet_jax.choices import check_choice, unknown_choice
+from dfrdet_jax.choices import check_choice
 from dfrdet_jax.layers import quantizers
 from dfrdet_jax.layers.activations import Deferred, computed
 from dfrdet_jax.layers.conv import (
@@ -87,9 +87,7 @@ def binarize_with_reconstruction(
     forward pass to the start of the backward pass, where the step's memory peaks
     (benchmarks/README.md, memory).
     """
-    surrogate_grad = quantizers.SURROGATE_GRADIENTS.get(quantizer)
-    if surrogate_grad is None:
-        raise unknown_choice("weight quantizer", quantizer, sorted(quantizers.SURROGATE_GRADIENTS))
+    surrogate_grad = quantizers.surrogate_gradient(quantizer, "weight quantizer")
 
     @jax.custom_vjp
     def apply(kernel, alpha):

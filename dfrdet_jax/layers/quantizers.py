@@ -50,6 +50,15 @@ SURROGATE_GRADIENTS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+def surrogate_gradient(name: str, what: str = "binary quantizer") -> Callable[[Array], Array]:
+    """The STE surrogate gradient called ``name``; ValueError naming ``what`` and the choices
+    for an unknown name."""
+    try:
+        return SURROGATE_GRADIENTS[name]
+    except KeyError:
+        raise unknown_choice(what, name, sorted(SURROGATE_GRADIENTS)) from None
+
+
 def _make_ste(name: str, doc: str):
     """Builds sign(x) whose backward pass multiplies the cotangent by the surrogate ``name``."""
     surrogate_grad = SURROGATE_GRADIENTS[name]
@@ -151,9 +160,7 @@ def apply_to_sign(
     Returns:
       op's output.
     """
-    surrogate_grad = SURROGATE_GRADIENTS.get(quantizer)
-    if surrogate_grad is None:
-        raise unknown_choice("binary quantizer", quantizer, sorted(SURROGATE_GRADIENTS))
+    surrogate_grad = surrogate_gradient(quantizer)
     prologue = prologue or (lambda x: x)
 
     def binarize(u):
@@ -175,9 +182,10 @@ def apply_to_sign(
         binary = binarize(u)
         # op(b, w) * s = op(b, w * s); s's gradient, sum(d(w * s) * w) over all but the output
         # axis, needs no activation.
+        weights = operand
         if scale is not None:
             operand = after_cotangent(operand, cotangent)
-        weights = operand if scale is None else operand * scale.astype(operand.dtype)
+            weights = operand * scale.astype(operand.dtype)
         # Each gradient of op alone (XLA drops the part of op's backward pass it does not use),
         # the input's tied to the operand's.
         d_weights = jax.vjp(lambda w: op(binary, w), weights)[1](cotangent)[0]
