@@ -666,6 +666,31 @@ def test_head_level_norms_give_each_level_its_own_norms_and_share_the_convs(
     assert changed[0] == 0 and changed[2] == 0 and changed[1] > 1e-3, changed
 
 
+def _assert_deferring_changes_nothing(module_of, inputs, weight_of):
+    """``module_of(defer)`` applied to ``inputs`` (float64), deferring its activations or
+    computing them, gives the same output and gradients (parameters and inputs) to 1e-12:
+    the loss sum(output * weight_of(output)), with every parameter perturbed from its
+    initialisation so that each one's gradient is exercised. Call under ``jax.enable_x64``."""
+
+    def loss(params, inputs, defer):
+        out, _ = module_of(defer).apply({"params": params}, inputs, mutable=["losses"])
+        return jnp.sum(out * weight_of(out))
+
+    @jax.jit  # one program: op by op, every operation would compile alone
+    def computed_and_deferred(inputs):
+        params = module_of(False).init(jax.random.key(0), inputs)["params"]
+        params = jax.tree.map(
+            lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape, jnp.float64),
+            params,
+        )
+        return [jax.value_and_grad(loss, (0, 1))(params, inputs, d) for d in (False, True)]
+
+    want, got = computed_and_deferred(inputs)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "spec",
     [
@@ -692,20 +717,6 @@ def test_a_deferred_activation_gives_the_same_values_and_gradients(spec):
             )
             return ConvUnit(8, binary=spec, norm="group", name="b")(x, True)
 
-    def loss(params, x, g, defer):
-        out, _ = Pair(defer).apply({"params": params}, x, mutable=["losses"])
-        return jnp.sum(out * g)
-
-    @jax.jit  # one program: op by op, every operation would compile alone
-    def computed_and_deferred(x, g):
-        params = Pair(False).init(jax.random.key(0), x)["params"]
-        # Non-trivial shifts, biases and slopes, so that every parameter's gradient is exercised.
-        params = jax.tree.map(
-            lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape, x.dtype),
-            params,
-        )
-        return [jax.value_and_grad(loss, (0, 1))(params, x, g, defer) for defer in (False, True)]
-
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(1), (2, 8, 8, 8), jnp.float64)
         g = jax.random.normal(jax.random.key(2), x.shape, x.dtype)
@@ -716,10 +727,7 @@ def test_a_deferred_activation_gives_the_same_values_and_gradients(spec):
             x,
         )
         assert isinstance(deferred, layers_lib.Deferred)
-        want, got = computed_and_deferred(x, g)
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-            assert a.dtype == jnp.float64
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+        _assert_deferring_changes_nothing(Pair, x, lambda out: g)
 
 
 @pytest.mark.parametrize("p6_source", ["p5", "maxpool"])
@@ -745,28 +753,14 @@ def test_fpn_levels_handed_on_deferred_give_the_same_head_outputs_and_gradients(
             )  # fmt: skip
             return jnp.concatenate([jnp.concatenate(v, axis=1) for v in outputs.values()], -1)
 
-    def loss(params, features, defer):
-        out, _ = NeckAndHead(defer).apply({"params": params}, features, mutable=["losses"])
-        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
-
-    @jax.jit
-    def computed_and_deferred(features):
-        params = NeckAndHead(False).init(jax.random.key(0), features)["params"]
-        params = jax.tree.map(
-            lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape, jnp.float64),
-            params,
-        )
-        return [jax.value_and_grad(loss, (0, 1))(params, features, d) for d in (False, True)]
-
     with jax.enable_x64(True):
         features = {
             f"C{level}": jax.random.normal(jax.random.key(level), (2, s, s, 4), jnp.float64)
             for level, s in ((3, 16), (4, 8), (5, 4))
         }
-        want, got = computed_and_deferred(features)
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-            assert a.dtype == jnp.float64
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+        _assert_deferring_changes_nothing(
+            NeckAndHead, features, lambda out: jnp.cos(jnp.arange(out.size).reshape(out.shape))
+        )
 
 
 @pytest.mark.parametrize(
