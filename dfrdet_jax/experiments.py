@@ -67,10 +67,11 @@ TABLE_METRICS = ("AP", "AP50", "AP75", "AP_vt", "AP_t", "AP_s", "AP_m")
 # on (the table's other metrics are the test split's).
 VALIDATION_AP = "val_AP"
 # The 1-bit topology computed in real values: BinaryConv/BinaryDense without quantizers.
+NO_RECONSTRUCTION = ("--config.loss.reconstruction_weight=0.0",)
 REAL_TOPOLOGY = (
     "--config.model.binary.input_quantizer=none",
     "--config.model.binary.weight_quantizer=none",
-    "--config.loss.reconstruction_weight=0.0",
+    *NO_RECONSTRUCTION,
 )
 # Any row of any grid at k times the demo budget's learning rate is the row ``<row>_lr<k>x``
 # (e.g. bnn_lr16x, dfr_twostep_lr16x): it sets this flag and keeps the row's start.
@@ -81,10 +82,7 @@ LOCK_FILE = ".experiments.lock"
 # A seed whose AP is under this fraction of its row's median is reported as collapsed.
 COLLAPSED_FRACTION = 0.5
 # ReActNet's first step: binary activations, real weights (no scale, hence no L_R).
-BINARY_ACTIVATIONS = (
-    "--config.model.binary.weight_quantizer=none",
-    "--config.loss.reconstruction_weight=0.0",
-)
+BINARY_ACTIVATIONS = ("--config.model.binary.weight_quantizer=none", *NO_RECONSTRUCTION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +141,8 @@ def _recipes(detector: str) -> list[Run]:
     the real start or from the 1-bit topology's real start (the student's own start), a real
     FPN (the paper's 1-bit sizes fit one), the DFR decoder kept at the budget's learning rate
     (``_decoder_1x``), a real FPN normalised before the 1-bit head (``_head_norm``), only the
-    backbone binary (where the accuracy goes), and the paper's LSQ 4-bit baseline."""
+    backbone binary (where the accuracy goes), the paper's LSQ 4-bit baseline, and the binary
+    layers' scale alpha detached (``mean``) or left out (``none``) instead of learned."""
     no_latent_decay = ("--config.optimizer.latent_weight_decay=False",)
     distill = ["--config.distill.feature_weight=1.0"]
     if detector != "faster_rcnn":  # its RoI logits cannot be matched (dfrdet_jax/distill.py)
@@ -212,6 +211,25 @@ def _recipes(detector: str) -> list[Run]:
         Run("bnn_binary_backbone", "bnn", backbone_only, topology, baseline="bnn"),
         Run("dfr_binary_backbone", "dfr", backbone_only, topology, baseline="bnn_binary_backbone"),
         Run("lsq4", "lsq4", init_from=topology, baseline="bnn"),
+        # Each binary conv feeds a norm of one channel per group (BatchNorm; GroupNorm at demo
+        # widths), which undoes a channel's scale: the learned alpha's task gradient is float
+        # noise and L_R alone moves it. 'mean' is XNOR-Net's detached mean|w| (L_R kept), 'none'
+        # drops alpha and L_R.
+        Run(
+            "bnn_scale_mean", "bnn", ("--config.model.binary.scale=mean",), topology, baseline="bnn"
+        ),
+        Run(
+            "bnn_scale_none", "bnn", ("--config.model.binary.scale=none",), topology, baseline="bnn"
+        ),
+        # L_R alone off, alpha learned (then moved by the task's float noise only).
+        Run("bnn_no_reconstruction", "bnn", NO_RECONSTRUCTION, topology, baseline="bnn"),
+        Run(
+            "dfr_decoder_1x_scale_none",
+            "dfr",
+            ("--config.model.binary.scale=none", *decoder_1x),
+            topology,
+            baseline="bnn_scale_none",
+        ),
     ]
 
 
