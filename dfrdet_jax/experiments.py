@@ -150,6 +150,7 @@ def _recipes(detector: str) -> list[Run]:
     topology, real_fpn = "start_topology", ("--config.model.binary_parts=('backbone','head')",)
     head_norm = (*real_fpn, "--config.model.head_input_norm=True")
     backbone_only = ("--config.model.binary_parts=('backbone',)",)
+    no_scale = ("--config.model.binary.scale=none",)
     # The real-valued decoder at the budget's lr whatever the row's (``_lr16x`` scales the rest):
     # at 16x its unnormalised residual block can blow up in one step (README, "A steady decoder").
     decoder_1x = (f"--config.dfr.base_learning_rate={_demo_learning_rate(detector)}",)
@@ -218,15 +219,22 @@ def _recipes(detector: str) -> list[Run]:
         Run(
             "bnn_scale_mean", "bnn", ("--config.model.binary.scale=mean",), topology, baseline="bnn"
         ),
-        Run(
-            "bnn_scale_none", "bnn", ("--config.model.binary.scale=none",), topology, baseline="bnn"
-        ),
+        Run("bnn_scale_none", "bnn", no_scale, topology, baseline="bnn"),
         # L_R alone off, alpha learned (then moved by the task's float noise only).
         Run("bnn_no_reconstruction", "bnn", NO_RECONSTRUCTION, topology, baseline="bnn"),
         Run(
             "dfr_decoder_1x_scale_none",
             "dfr",
-            ("--config.model.binary.scale=none", *decoder_1x),
+            (*no_scale, *decoder_1x),
+            topology,
+            baseline="bnn_scale_none",
+            control="dfr_zero_decoder_1x_scale_none",
+        ),
+        # Its control: the decoder asked for a blank image (the ablation grid's dfr_zero).
+        Run(
+            "dfr_zero_decoder_1x_scale_none",
+            "dfr",
+            (*no_scale, *decoder_1x, "--config.dfr.mode=zero"),
             topology,
             baseline="bnn_scale_none",
         ),
