@@ -212,10 +212,10 @@ def _recipes(detector: str) -> list[Run]:
         Run("bnn_binary_backbone", "bnn", backbone_only, topology, baseline="bnn"),
         Run("dfr_binary_backbone", "dfr", backbone_only, topology, baseline="bnn_binary_backbone"),
         Run("lsq4", "lsq4", init_from=topology, baseline="bnn"),
-        # Each binary conv feeds a norm of one channel per group (BatchNorm; GroupNorm at demo
-        # widths), which undoes a channel's scale: the learned alpha's task gradient is float
-        # noise and L_R alone moves it. 'mean' is XNOR-Net's detached mean|w| (L_R kept), 'none'
-        # drops alpha and L_R.
+        # Each binary conv feeds a per-channel norm (BatchNorm; GroupNorm of 1-2 channels a
+        # group at demo widths), which undoes most of alpha, leaving L_R to pull the latent
+        # weights to +-alpha (README, "Without L_R"). 'mean': XNOR-Net's detached mean|w|, L_R
+        # kept; 'none': no alpha, hence no L_R.
         Run(
             "bnn_scale_mean", "bnn", ("--config.model.binary.scale=mean",), topology, baseline="bnn"
         ),
