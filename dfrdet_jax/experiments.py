@@ -66,8 +66,9 @@ TABLE_METRICS = ("AP", "AP50", "AP75", "AP_vt", "AP_t", "AP_s", "AP_m")
 # The best checkpoint's validation AP: what the checkpoint, and any setting of a row, is chosen
 # on (the table's other metrics are the test split's).
 VALIDATION_AP = "val_AP"
-# The 1-bit topology computed in real values: BinaryConv/BinaryDense without quantizers.
+# gamma = 0: no L_R (Eq. 3) in the loss.
 NO_RECONSTRUCTION = ("--config.loss.reconstruction_weight=0.0",)
+# The 1-bit topology computed in real values: BinaryConv/BinaryDense without quantizers.
 REAL_TOPOLOGY = (
     "--config.model.binary.input_quantizer=none",
     "--config.model.binary.weight_quantizer=none",
@@ -141,8 +142,10 @@ def _recipes(detector: str) -> list[Run]:
     the real start or from the 1-bit topology's real start (the student's own start), a real
     FPN (the paper's 1-bit sizes fit one), the DFR decoder kept at the budget's learning rate
     (``_decoder_1x``), a real FPN normalised before the 1-bit head (``_head_norm``), only the
-    backbone binary (where the accuracy goes), the paper's LSQ 4-bit baseline, and the binary
-    layers' scale alpha detached (``mean``) or left out (``none``) instead of learned."""
+    backbone binary (where the accuracy goes), the paper's LSQ 4-bit baseline, the binary
+    layers' scale alpha detached (``mean``) or left out with L_R (``none``), L_R alone left out
+    (``no_reconstruction``), and 1-bit + DFR without alpha and L_R, beside its blank-image
+    control."""
     no_latent_decay = ("--config.optimizer.latent_weight_decay=False",)
     distill = ["--config.distill.feature_weight=1.0"]
     if detector != "faster_rcnn":  # its RoI logits cannot be matched (dfrdet_jax/distill.py)
@@ -220,7 +223,7 @@ def _recipes(detector: str) -> list[Run]:
             "bnn_scale_mean", "bnn", ("--config.model.binary.scale=mean",), topology, baseline="bnn"
         ),
         Run("bnn_scale_none", "bnn", no_scale, topology, baseline="bnn"),
-        # L_R alone off, alpha learned (then moved by the task's float noise only).
+        # L_R alone off: the learned alpha is then held by nothing but the task's small gradient.
         Run("bnn_no_reconstruction", "bnn", NO_RECONSTRUCTION, topology, baseline="bnn"),
         Run(
             "dfr_decoder_1x_scale_none",
