@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import flax
 import numpy as np
 
 from dfrdet_jax import checkpointing, complexity, evaluate
@@ -24,48 +25,38 @@ from dfrdet_jax import checkpointing, complexity, evaluate
 NEAR_ZERO = 0.25  # |w| under this fraction of its output channel's mean|w|
 
 
-def best_params(workdir: str, which: str = "best"):
-    """(the run's stored config, its ``which`` checkpoint's params, its 1-bit kernels' paths ->
-    scale mode)."""
+def restored(workdir: str, which: str = "best"):
+    """(the run's stored config, its model, its ``which`` checkpoint's params as {path: array})."""
     config = checkpointing.stored_config(workdir)
     config.eval.checkpoint = which
     model, state, _, _ = evaluate.restored_state(config, workdir)
-    size = config.data.image_size
-    trace = complexity.trace_layers(model, (size, size), train=False)
-    return config, state.params, trace.binary_kernels
-
-
-def _leaf(tree, path):
-    for key in path:
-        tree = tree[key]
-    return np.asarray(tree)
+    return config, model, flax.traverse_util.flatten_dict(state.params)
 
 
 def latent_weight_stats(workdir: str) -> dict:
     """{'weights', 'copied', 'flipped', 'near_zero', 'alpha_over_mean_abs': [1, 50, 99 %]}:
     shares of the 1-bit weights (flipped: of those whose kernel the start had, same shape)."""
-    config, params, kernels = best_params(workdir)
+    config, model, params = restored(workdir)
+    size = config.data.image_size
+    kernels = complexity.trace_layers(model, (size, size), train=False).binary_kernels
     if not kernels:
         raise ValueError(f"{workdir}: its model has no 1-bit kernels")
-    start = None
+    start = {}
     if config.init_from:
-        _, start, _ = best_params(config.init_from, config.init_from_checkpoint)
+        _, _, start = restored(config.init_from, config.init_from_checkpoint)
     weights = copied = flipped = near = 0
     ratios = []
     for path, scale in kernels.items():
-        w = _leaf(params, path)
+        w = np.asarray(params[path])
         mean_abs = np.abs(w).reshape(-1, w.shape[-1]).mean(axis=0)
         weights += w.size
         near += int(np.sum(np.abs(w) < NEAR_ZERO * mean_abs))
-        try:
-            w0 = _leaf(start, path) if start is not None else None
-        except KeyError:  # the start has no such layer
-            w0 = None
+        w0 = start.get(path)  # None: the start has no such layer
         if w0 is not None and w0.shape == w.shape:
             copied += w.size
-            flipped += int(np.sum(np.sign(w) != np.sign(w0)))
+            flipped += int(np.sum(np.sign(w) != np.sign(np.asarray(w0))))
         if scale == "learned":
-            ratios.append(np.abs(_leaf(params, (*path[:-1], "alpha"))) / mean_abs)
+            ratios.append(np.abs(np.asarray(params[(*path[:-1], "alpha")])) / mean_abs)
     ratio = np.concatenate(ratios) if ratios else None
     return {
         "workdir": workdir,
