@@ -154,7 +154,7 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     # The decoder's own base learning rate (0: the run's optimizer.base_learning_rate), scaled
     # to the batch and following the run's schedule like it. The decoder is real-valued and has
     # no normalisation: at the lr that 1-bit latent weights need, its residual block can blow
-    # up in one step (README, "A steady decoder").
+    # up in one step (RESULTS.md, "A steady decoder").
     config.dfr.base_learning_rate = 0.0
     # Distillation from a frozen real teacher (dfrdet_jax/distill.py): the workdir of a trained
     # run of this config's real variant; L += feature_weight * FPN imitation on ``levels``
@@ -228,7 +228,7 @@ def make_demo(config: ml_collections.ConfigDict) -> None:
     config.postprocess.pre_nms_top_k = 1000
     # From scratch in 1,200 steps AdamW at lr 1e-3 learns far faster than the paper's SGD (which
     # starts from ImageNet weights): on the synthetic set FCOS reaches 48.5 AP real and 17.7 AP
-    # 1-bit instead of 37.9 and 2.5 (README, "Results on the synthetic benchmark").
+    # 1-bit instead of 37.9 and 2.5 (RESULTS.md, "From scratch, all three detectors").
     config.optimizer.name = "adamw"
     config.optimizer.base_learning_rate = 2.5e-4  # at batch 2: lr 1e-3 at batch 8
     config.optimizer.base_batch_size = 2

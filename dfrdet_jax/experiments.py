@@ -155,7 +155,7 @@ def _recipes(detector: str) -> list[Run]:
     backbone_only = ("--config.model.binary_parts=('backbone',)",)
     no_scale = ("--config.model.binary.scale=none",)
     # The real-valued decoder at the budget's lr whatever the row's (``_lr16x`` scales the rest):
-    # at 16x its unnormalised residual block can blow up in one step (README, "A steady decoder").
+    # at 16x its unnormalised residual block can blow up in one step (RESULTS.md, "A steady decoder").
     decoder_1x = (f"--config.dfr.base_learning_rate={_demo_learning_rate(detector)}",)
     return [
         Run("real", "real", init_from="start_real"),
@@ -203,7 +203,7 @@ def _recipes(detector: str) -> list[Run]:
             baseline="bnn_real_fpn",
         ),
         # The real FPN's levels normalised before the 1-bit head, whose first units' binary
-        # branches they would drown (README, "A 1-bit head on a real FPN").
+        # branches they would drown (RESULTS.md, "A 1-bit head on a real FPN").
         Run("bnn_real_fpn_head_norm", "bnn", head_norm, topology, baseline="bnn_real_fpn"),
         Run(
             "dfr_real_fpn_head_norm_decoder_1x",
@@ -217,7 +217,7 @@ def _recipes(detector: str) -> list[Run]:
         Run("lsq4", "lsq4", init_from=topology, baseline="bnn"),
         # Each binary conv feeds a per-channel norm (BatchNorm; GroupNorm of 1-2 channels a
         # group at demo widths), which undoes most of alpha, leaving L_R to pull the latent
-        # weights to +-alpha (README, "Without L_R"). 'mean': XNOR-Net's detached mean|w|, L_R
+        # weights to +-alpha (RESULTS.md, "Without L_R"). 'mean': XNOR-Net's detached mean|w|, L_R
         # kept; 'none': no alpha, hence no L_R.
         Run(
             "bnn_scale_mean", "bnn", ("--config.model.binary.scale=mean",), topology, baseline="bnn"
@@ -250,7 +250,7 @@ def _scaled_learning_rate(run: Run, factor: int, detector: str) -> Run:
     the budget's lr). The start stays the row's: starts train once, at the budget's lr."""
     # 1-bit latent weights move the output only when they cross zero; from scratch, twice the
     # demo's lr gave 27.5 AP against 17.7, and each variant's best factor is chosen on
-    # validation AP (README, "The learning rate, chosen on validation").
+    # validation AP (RESULTS.md, "The learning rate, chosen on validation").
     lr = factor * _demo_learning_rate(detector)
     return dataclasses.replace(
         run,

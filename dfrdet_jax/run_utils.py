@@ -137,7 +137,7 @@ class SpikeWatch:
 
     A diverging module shows this way long before the loss is NaN: at 16x the lr an
     unnormalised DFR decoder took L_DFR from 0.36 to 89 in 50 steps, and the detector never
-    recovered (README, "A steady decoder"). Training goes on; the warning names the checkpoints
+    recovered (RESULTS.md, "A steady decoder"). Training goes on; the warning names the checkpoints
     to compare.
     """
 

@@ -89,7 +89,7 @@ def train_and_evaluate(
         logging.warning(
             "The quantized head reads the real FPN's levels unnormalised, whose scale drowns its "
             "first units' binary branches; --config.model.head_input_norm=True normalises them "
-            "(+4.9 AP for the 1-bit FCOS, 6 seeds: README, 'A 1-bit head on a real FPN')"
+            "(+4.9 AP for the 1-bit FCOS, 6 seeds: RESULTS.md, 'A 1-bit head on a real FPN')"
         )
     mesh = sharding.make_mesh()
     replicated = sharding.replicated_sharding(mesh)

@@ -322,7 +322,7 @@ def test_non_finite_loss_names_the_step_and_images():
 
 
 def test_a_jumping_loss_part_is_named_as_it_happens(monkeypatch):
-    """The replayed divergence of README's "A steady decoder": L_DFR and the gradient norm jump
+    """The replayed divergence of RESULTS.md's "A steady decoder": L_DFR and the gradient norm jump
     at the fourth logged step, while L_det stays; each jump is warned about once."""
     warned = []
     monkeypatch.setattr(run_utils.logging, "warning", lambda *args: warned.append(args))

@@ -41,7 +41,7 @@ def binary_spec(config: ml_collections.ConfigDict, part: str) -> BinarySpec:
 
 def head_drowned_by_real_levels(config: ml_collections.ConfigDict) -> bool:
     """Whether a quantized head reads a real FPN's levels unnormalised: their scale (RMS about
-    14 at the demo budget) drowns the branch its first units add (README, "A 1-bit head on a
+    14 at the demo budget) drowns the branch its first units add (RESULTS.md, "A 1-bit head on a
     real FPN"; ``config.model.head_input_norm`` removes it: +4.9 AP for the 1-bit FCOS, 6 seeds)."""
     parts = config.model.binary_parts
     return "head" in parts and "neck" not in parts and not config.model.head_input_norm

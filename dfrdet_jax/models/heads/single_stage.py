@@ -134,7 +134,7 @@ def normalized_levels(levels: Sequence[Array], dtype: Any) -> list[Array]:
     """Each [B, h_l, w_l, C] level through one GroupNorm ('input_norm') shared by the levels;
     call inside a compact method. A 1-bit unit adds its binary branch, normalised to about
     unit scale, to its input, so a real FPN's outputs (RMS about 14 at the demo budget) would
-    drown the first unit's branch (README, "A 1-bit head on a real FPN")."""
+    drown the first unit's branch (RESULTS.md, "A 1-bit head on a real FPN")."""
     normalize = group_norm(levels[0].shape[-1], dtype, "input_norm")
     return [normalize(x) for x in levels]
 
