@@ -144,8 +144,8 @@ def _recipes(detector: str) -> list[Run]:
     (``_decoder_1x``), a real FPN normalised before the 1-bit head (``_head_norm``), only the
     backbone binary (where the accuracy goes), the paper's LSQ 4-bit baseline, the binary
     layers' scale alpha detached (``mean``) or left out with L_R (``none``), L_R alone left out
-    (``no_reconstruction``), and 1-bit + DFR without alpha and L_R, beside its blank-image
-    control."""
+    (``no_reconstruction``), and 1-bit + DFR without alpha and L_R or without L_R alone, each
+    beside its blank-image control."""
     no_latent_decay = ("--config.optimizer.latent_weight_decay=False",)
     distill = ["--config.distill.feature_weight=1.0"]
     if detector != "faster_rcnn":  # its RoI logits cannot be matched (dfrdet_jax/distill.py)
@@ -240,6 +240,23 @@ def _recipes(detector: str) -> list[Run]:
             (*no_scale, *decoder_1x, "--config.dfr.mode=zero"),
             topology,
             baseline="bnn_scale_none",
+        ),
+        # The same pair with the learned alpha kept: Faster R-CNN's 1-bit RoI layers feed
+        # GroupNorms of 4 channels a group, whose channels' relative scale alpha sets.
+        Run(
+            "dfr_decoder_1x_no_reconstruction",
+            "dfr",
+            (*NO_RECONSTRUCTION, *decoder_1x),
+            topology,
+            baseline="bnn_no_reconstruction",
+            control="dfr_zero_decoder_1x_no_reconstruction",
+        ),
+        Run(
+            "dfr_zero_decoder_1x_no_reconstruction",
+            "dfr",
+            (*NO_RECONSTRUCTION, *decoder_1x, "--config.dfr.mode=zero"),
+            topology,
+            baseline="bnn_no_reconstruction",
         ),
     ]
 

@@ -339,6 +339,26 @@ def test_decoder_rows_keep_the_decoder_at_the_budgets_learning_rate():
     )
 
 
+def test_every_control_differs_from_its_row_by_the_blank_image_alone():
+    """A DFR row and its control share start, baseline and every flag but ``dfr.mode=zero``, so
+    their difference measures Eq. 10's foreground alone."""
+    controlled = 0
+    for name in experiments.GRIDS:
+        by_name = {r.name: r for r in experiments.grid("fcos", name)}
+        for run in by_name.values():
+            if run.control is None:
+                continue
+            control = by_name[run.control]
+            assert control.overrides == (*run.overrides, "--config.dfr.mode=zero"), run.name
+            assert (control.variant, control.init_from, control.baseline) == (
+                run.variant,
+                run.init_from,
+                run.baseline,
+            )
+            controlled += 1
+    assert controlled >= 3  # dfr (ablation), dfr_decoder_1x_{scale_none,no_reconstruction}
+
+
 @pytest.mark.parametrize("detector", experiments.DETECTORS)
 def test_every_row_parses_to_a_valid_config(detector):
     """Each row's train command, parsed as ``main`` parses it, gives a config that the model
