@@ -225,40 +225,39 @@ def _recipes(detector: str) -> list[Run]:
         Run("bnn_scale_none", "bnn", no_scale, topology, baseline="bnn"),
         # L_R alone off: the learned alpha is then held by nothing but the task's small gradient.
         Run("bnn_no_reconstruction", "bnn", NO_RECONSTRUCTION, topology, baseline="bnn"),
-        Run(
-            "dfr_decoder_1x_scale_none",
-            "dfr",
-            (*no_scale, *decoder_1x),
-            topology,
-            baseline="bnn_scale_none",
-            control="dfr_zero_decoder_1x_scale_none",
-        ),
-        # Its control: the decoder asked for a blank image (the ablation grid's dfr_zero).
-        Run(
-            "dfr_zero_decoder_1x_scale_none",
-            "dfr",
-            (*no_scale, *decoder_1x, "--config.dfr.mode=zero"),
-            topology,
-            baseline="bnn_scale_none",
+        *_with_blank_image_control(
+            Run(
+                "dfr_decoder_1x_scale_none",
+                "dfr",
+                (*no_scale, *decoder_1x),
+                topology,
+                baseline="bnn_scale_none",
+            )
         ),
         # The same pair with the learned alpha kept: Faster R-CNN's 1-bit RoI layers feed
         # GroupNorms of 4 channels a group, whose channels' relative scale alpha sets.
-        Run(
-            "dfr_decoder_1x_no_reconstruction",
-            "dfr",
-            (*NO_RECONSTRUCTION, *decoder_1x),
-            topology,
-            baseline="bnn_no_reconstruction",
-            control="dfr_zero_decoder_1x_no_reconstruction",
-        ),
-        Run(
-            "dfr_zero_decoder_1x_no_reconstruction",
-            "dfr",
-            (*NO_RECONSTRUCTION, *decoder_1x, "--config.dfr.mode=zero"),
-            topology,
-            baseline="bnn_no_reconstruction",
+        *_with_blank_image_control(
+            Run(
+                "dfr_decoder_1x_no_reconstruction",
+                "dfr",
+                (*NO_RECONSTRUCTION, *decoder_1x),
+                topology,
+                baseline="bnn_no_reconstruction",
+            )
         ),
     ]
+
+
+def _with_blank_image_control(run: Run) -> tuple[Run, Run]:
+    """A DFR row and its control, ``dfr_zero_<rest of its name>``: the same row with the decoder
+    asked for a blank image (the ablation grid's ``dfr_zero``), so that their difference is
+    Eq. 10's foreground alone."""
+    control = dataclasses.replace(
+        run,
+        name=run.name.replace("dfr_", "dfr_zero_", 1),
+        overrides=(*run.overrides, "--config.dfr.mode=zero"),
+    )
+    return dataclasses.replace(run, control=control.name), control
 
 
 def _scaled_learning_rate(run: Run, factor: int, detector: str) -> Run:
