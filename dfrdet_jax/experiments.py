@@ -215,8 +215,8 @@ def _recipes(detector: str) -> list[Run]:
         Run("bnn_binary_backbone", "bnn", backbone_only, topology, baseline="bnn"),
         Run("dfr_binary_backbone", "dfr", backbone_only, topology, baseline="bnn_binary_backbone"),
         Run("lsq4", "lsq4", init_from=topology, baseline="bnn"),
-        # Each binary conv feeds a per-channel norm (BatchNorm; GroupNorm of 1-2 channels a
-        # group at demo widths), which undoes most of alpha, leaving L_R to pull the latent
+        # Each binary conv of FCOS and RetinaNet feeds a per-channel norm (BatchNorm; GroupNorm
+        # of 1-2 channels a group at demo widths), which undoes most of alpha, leaving L_R to pull the latent
         # weights to +-alpha (RESULTS.md, "Without L_R"). 'mean': XNOR-Net's detached mean|w|, L_R
         # kept; 'none': no alpha, hence no L_R.
         Run(
