@@ -178,11 +178,90 @@ def breakdown(variant: str, args) -> list[dict]:
     rows.append({"part": "optimizer", **_timed(optimizer, (state, params), args.steps)})
     whole = steps.make_train_step(config, model, 2 * args.steps + 2)
     rows.append({"part": "whole step", **_timed(whole, (state, batch), args.steps)})
+    return _with_totals(rows, variant)
+
+
+def _with_totals(rows: list[dict], variant: str) -> list[dict]:
+    """``rows`` (parts, then the whole step) with the sum of the parts before the whole step,
+    and every row's variant and share of the whole step."""
     step_ms = rows[-1]["ms"]
     rows.insert(-1, {"part": "sum of parts", "ms": sum(r["ms"] for r in rows[:-1])})
     for row in rows:
         row.update(variant=variant, share=row["ms"] / step_ms)
     return rows
+
+
+def torchvision_breakdown(args) -> list[dict]:
+    """torchvision's FCOS-R18 step (``train_throughput.torchvision_fcos``) broken down as
+    ``breakdown`` breaks down ours: each part forward and backward (its parameters and input
+    maps) on the inputs the whole step hands it, median of ``args.steps`` calls. Its 'targets +
+    L_det' includes torchvision's target assignment, which runs in its step; its optimizer is
+    SGD with momentum, its backbone's batch norms frozen (torchvision's defaults). [] where
+    torchvision is not installed."""
+    fcos = train_throughput.torchvision_fcos(args)
+    if fcos is None:
+        return []
+    torch, model = fcos.torch, fcos.model
+    image_list, targets = model.transform(fcos.images, fcos.targets)
+    images = image_list.tensors
+    with torch.no_grad():  # each part's inputs
+        stages = model.backbone.body(images)
+        pyramid = model.backbone.fpn(stages)
+        head_outputs = model.head(list(pyramid.values()))
+    levels = list(pyramid.values())
+    anchors = model.anchor_generator(image_list, levels)
+    anchors_per_level = [level.size(2) * level.size(3) for level in levels]
+
+    def inputs(tree):
+        """Fresh leaves of ``tree``'s tensors that take gradients, as a part's inputs do."""
+        return {k: v.detach().requires_grad_() for k, v in tree.items()}
+
+    def backward(outputs):
+        model.zero_grad(set_to_none=True)
+        sum(output.float().sum() for output in outputs.values()).backward()
+
+    def loss():
+        backward(model.compute_loss(targets, inputs(head_outputs), anchors, anchors_per_level))
+
+    parts = {
+        "backbone": lambda: backward(model.backbone.body(images)),
+        "FPN": lambda: backward(model.backbone.fpn(inputs(stages))),
+        "head": lambda: backward(model.head(list(inputs(pyramid).values()))),
+        "targets + L_det": loss,
+        "optimizer": fcos.optimizer.step,  # on the gradients the step before it left
+        "whole step": fcos.step,
+    }
+
+    def synchronized(call):
+        def run():
+            call()
+            if fcos.device == "cuda":
+                torch.cuda.synchronize()
+
+        return run
+
+    rows = []
+    for name, call in parts.items():
+        if name == "optimizer":
+            fcos.step()
+        rows.append(
+            {"part": name, "ms": train_throughput.median_ms(synchronized(call), args.steps)}
+        )
+    return _with_totals(rows, "torchvision")
+
+
+def against_torchvision(rows: list[dict]) -> str:
+    """A markdown table of the real step's parts against torchvision's, or '' without both."""
+    ours = {r["part"]: r["ms"] for r in rows if r["variant"] == "real"}
+    theirs = {r["part"]: r["ms"] for r in rows if r["variant"] == "torchvision"}
+    if not ours or not theirs:
+        return ""
+    lines = ["| part | ours (real) ms | torchvision ms | ours / torchvision |", "|---|---|---|---|"]
+    for part in theirs:
+        if part in ours:
+            ratio = ours[part] / theirs[part]
+            lines.append(f"| {part} | {ours[part]:.0f} | {theirs[part]:.0f} | {ratio:.2f}x |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict], title: str) -> str:
@@ -221,17 +300,28 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--steps", type=int, default=3, help="timed calls per part (median); 0: compile only"
     )
+    parser.add_argument(
+        "--torchvision", action="store_true", help="also torchvision's FCOS-R18, where installed"
+    )
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    if args.torchvision and (args.family, args.width, args.dtype) != ("fcos", "full", "float32"):
+        parser.error("--torchvision compares FCOS at full widths in float32")
     # configure() reads the synthetic data set's fields; nothing is generated or read here.
     setup = types.SimpleNamespace(data_root="/nonexistent", num_images=8, **vars(args))
     rows = [row for v in args.variants.split(",") for row in breakdown(v, setup)]
+    if args.torchvision:
+        theirs = torchvision_breakdown(setup)
+        rows += theirs
+        if not theirs:
+            print("torchvision: not installed")
     title = (
         f"{args.family}, {args.size} px, batch {args.batch}, width {args.width}, {args.boxes} "
         f"boxes in {args.max_boxes} slots, {args.dtype}, {jax.devices()[0].device_kind}, median "
         f"of {args.steps} calls"
     )
     print(markdown(rows, title))
+    print(against_torchvision(rows))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"setting": title, "rows": rows}, f, indent=1)

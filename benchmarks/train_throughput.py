@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 
 import jax
@@ -335,8 +336,11 @@ def time_jax(family: str, variant: str, slots: str, matching: str | None, args) 
     return results
 
 
-def time_torchvision(args) -> dict | None:
-    """torchvision FCOS (ResNet-18 FPN) train step on the same size and batch, or None."""
+def torchvision_fcos(args):
+    """torchvision's FCOS (ResNet-18 FPN, P2-P6) in training mode on ``args.size`` and
+    ``args.batch``, its optimizer, one batch of ``random_batch``'s boxes (``images``: a list of
+    [3, H, W] tensors in [0, 1]; ``targets``) and ``step()``, one training step; None where
+    torchvision is not installed."""
     try:
         import torch  # pylint: disable=g-import-not-at-top
         from torchvision.models.detection import FCOS  # pylint: disable=g-import-not-at-top
@@ -363,7 +367,6 @@ def time_torchvision(args) -> dict | None:
         }
         for b, labels, v in zip(batch["boxes"], batch["labels"], batch["box_valid"], strict=True)
     ]
-
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def step():
@@ -374,6 +377,18 @@ def time_torchvision(args) -> dict | None:
         loss.backward()
         optimizer.step()
 
+    return types.SimpleNamespace(
+        torch=torch, device=device, model=model, optimizer=optimizer, images=images,
+        targets=targets, step=step,
+    )  # fmt: skip
+
+
+def time_torchvision(args) -> dict | None:
+    """torchvision FCOS (ResNet-18 FPN) train step on the same size and batch, or None."""
+    fcos = torchvision_fcos(args)
+    if fcos is None:
+        return None
+    torch, device, step = fcos.torch, fcos.device, fcos.step
     with device_lock(args.lock, exclusive=True):
         step()
         if device == "cuda":

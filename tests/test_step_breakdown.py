@@ -1,8 +1,9 @@
-"""benchmarks/step_breakdown.py, xla_cpu_flags.py, matching_speed.py and conv_speed.py at tiny
-sizes on the CPU, so that they cannot rot: every part of a 1-bit + DFR step is compiled, timed
-and reported, an XLA setting the compiler rejects is a reported row, not a crash, the matching
-benchmark times every slot count and names the operations its profile found, and the conv
-benchmark times each implementation and checks its numbers against XLA's."""
+"""benchmarks/step_breakdown.py, xla_cpu_flags.py, matching_speed.py, conv_speed.py and
+pool_speed.py at tiny sizes on the CPU, so that they cannot rot: every part of a 1-bit + DFR
+step is compiled, timed and reported, an XLA setting the compiler rejects is a reported row,
+not a crash, the matching benchmark times every slot count and names the operations its
+profile found, the conv benchmark times each implementation and checks its numbers against
+XLA's, and the pool benchmark times both pools and compares their gradients."""
 
 import math
 import pathlib
@@ -114,3 +115,11 @@ def test_conv_speed_sweep_marks_the_sizes_the_tap_sum_serves(monkeypatch, capsys
     table = capsys.readouterr().out
     assert "| 1 x 4 x 8 | 2^10.0 |" in table and table.rstrip().endswith("| yes |"), table
     assert "| no |" in table
+
+
+def test_pool_speed_times_both_pools_and_finds_their_gradients_equal():
+    bench = smoke.load_benchmark("pool_speed")
+    result = bench.main(["--size=32", "--width=4", "--batch=1", "--calls=2"])
+    assert [r["pool"] for r in result["rows"]] == ["flax.linen.max_pool", "layers.max_pool"]
+    assert all(len(r["ms"]) == 2 and r["median_ms"] > 0 for r in result["rows"])
+    assert result["max_gradient_difference"] == 0.0

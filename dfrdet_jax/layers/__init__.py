@@ -29,6 +29,7 @@ from dfrdet_jax.layers.binary import (
 from dfrdet_jax.layers.conv import Conv, conv_general_dilated, explicit_padding
 from dfrdet_jax.layers.lsq import LSQConv, LSQDense, initial_input_step
 from dfrdet_jax.layers.norm import GroupNorm, group_norm
+from dfrdet_jax.layers.pool import max_pool
 from dfrdet_jax.layers.quantizers import (
     BINARY_QUANTIZERS,
     apply_to_sign,
@@ -65,6 +66,7 @@ __all__ = [
     "explicit_padding",
     "get_binary_quantizer",
     "group_norm",
+    "max_pool",
     "initial_input_step",
     "lsq_init_step",
     "lsq_levels",

@@ -92,7 +92,7 @@ class ResNet(nn.Module):
             name="stem_conv",
         )(x)
         x = nn.relu(apply_norm("batch", x, train, self.dtype, "stem_norm"))
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
+        x = layers.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         features = {}
         for stage, num_blocks in enumerate(STAGE_BLOCKS[self.depth]):
             channels = self.width * 2**stage
