@@ -207,8 +207,8 @@ def torchvision_breakdown(args) -> list[dict]:
     with torch.no_grad():  # each part's inputs
         stages = model.backbone.body(images)
         pyramid = model.backbone.fpn(stages)
-        head_outputs = model.head(list(pyramid.values()))
-    levels = list(pyramid.values())
+        levels = list(pyramid.values())
+        head_outputs = model.head(levels)
     anchors = model.anchor_generator(image_list, levels)
     anchors_per_level = [level.size(2) * level.size(3) for level in levels]
 
@@ -321,7 +321,9 @@ def main(argv=None) -> None:
         f"of {args.steps} calls"
     )
     print(markdown(rows, title))
-    print(against_torchvision(rows))
+    comparison = against_torchvision(rows)
+    if comparison:
+        print(comparison)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"setting": title, "rows": rows}, f, indent=1)

@@ -123,3 +123,17 @@ def test_pool_speed_times_both_pools_and_finds_their_gradients_equal():
     assert [r["pool"] for r in result["rows"]] == ["flax.linen.max_pool", "layers.max_pool"]
     assert all(len(r["ms"]) == 2 and r["median_ms"] > 0 for r in result["rows"])
     assert result["max_gradient_difference"] == 0.0
+
+
+def test_breakdown_compares_parts_with_torchvision_and_refuses_other_settings():
+    breakdown = smoke.load_benchmark("step_breakdown")
+    rows = [
+        {"variant": variant, "part": part, "ms": ms}
+        for variant, times in (("real", (300.0, 900.0)), ("torchvision", (200.0, 600.0)))
+        for part, ms in zip(("head", "whole step"), times, strict=True)
+    ]
+    table = breakdown.against_torchvision(rows)
+    assert "| head | 300 | 200 | 1.50x |" in table and "| whole step | 900 | 600 | 1.50x |" in table
+    assert breakdown.against_torchvision(rows[:2]) == ""  # no torchvision rows
+    with pytest.raises(SystemExit):
+        breakdown.main(["--family=retinanet", "--torchvision"])
