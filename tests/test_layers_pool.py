@@ -1,5 +1,6 @@
 """layers.max_pool: flax's values and gradients exactly (ties go to the first maximum of a
-window in row-major order), a hand-worked example, and a ResNet whose gradient is unchanged."""
+window in row-major order) and a hand-worked example. A whole ResNet's gradient, bit-identical
+with either pool, is checked through benchmarks/pool_speed.py (tests/test_step_breakdown.py)."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 
 from dfrdet_jax import layers
-from dfrdet_jax.models import resnet
 
 
 def _numpy_max_pool_gradient(x, g, window, strides, padding):
@@ -81,36 +81,3 @@ def test_bfloat16_and_jit():
 def test_rejects_inputs_that_are_not_images():
     with pytest.raises(ValueError, match=r"\[B, H, W, C\].*\(4, 4\)"):
         layers.max_pool(jnp.zeros((4, 4)), (2, 2), (2, 2))
-
-
-def test_a_resnet_trains_exactly_as_with_flax_max_pool(monkeypatch):
-    """The whole backbone's gradient, compiled as one program (where XLA fuses the pool's
-    input and its backward pass with their neighbours), is bit-identical to the one with
-    flax's pool."""
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
-    net = resnet.ResNet(18, 8)
-    variables = net.init(jax.random.key(0), x, True)
-
-    def gradient():
-        def objective(params):
-            out, _ = net.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]}, x, True,
-                mutable=["batch_stats"],
-            )  # fmt: skip
-            # A fixed projection: a plain sum would send (almost) nothing through BatchNorm.
-            return sum(
-                jnp.sum(o * jnp.cos(jnp.arange(o.size).reshape(o.shape))) for o in out.values()
-            )
-
-        return jax.jit(jax.grad(objective))(variables["params"])
-
-    ours = gradient()
-    with monkeypatch.context() as patch:
-        patch.setattr(
-            resnet.layers,
-            "max_pool",
-            lambda v, w, s, padding: nn.max_pool(v, w, s, padding=padding),
-        )
-        flax = gradient()
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(flax), strict=True):
-        np.testing.assert_array_equal(a, b)
