@@ -49,7 +49,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from dfrdet_jax import data, prefetch, sharding, steps
+from dfrdet_jax import data, host_memory, prefetch, sharding, steps
 from dfrdet_jax.data import box_slots
 from dfrdet_jax.models import registry
 
@@ -172,6 +172,7 @@ def configure(
     config.data.synthetic.num_train = args.num_images
     config.data.synthetic.num_val = config.data.synthetic.num_test = 1
     config.model.dtype = args.dtype
+    config.train.retain_freed_host_memory = args.host_memory == "retain"
     backbone, fpn, convs, decoder = WIDTHS[args.width]
     config.model.backbone_width, config.model.fpn_width = backbone, fpn
     config.model.head_convs, config.dfr.decoder_width = convs, decoder
@@ -263,6 +264,7 @@ def time_jax(family: str, variant: str, slots: str, matching: str | None, args) 
     count for both. ``matching``: see the module docstring; None for a family without it. One result
     per pipeline setting."""
     config = configure(variant, args, family, slots, matching or "pipeline")
+    host_memory.apply_config(config)  # as training does (a process per setting)
     model = registry.build_model(config, num_classes=8)
     mesh = sharding.make_mesh()
     data_sharding = sharding.batch_sharding(mesh)
@@ -319,6 +321,7 @@ def time_jax(family: str, variant: str, slots: str, matching: str | None, args) 
                     "pipeline": pipeline,
                     "slots": slots,
                     "matching": matching,
+                    "host_memory": args.host_memory,
                     "box_slots": num_slots,
                     "images_per_second": args.batch / seconds,
                     "step_ms": 1000 * seconds,
@@ -501,6 +504,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="cache folder of the synthetic images the pipeline reads",
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--host_memory",
+        choices=("retain", "default"),
+        default="retain",
+        help="config.train.retain_freed_host_memory: glibc's malloc keeps freed memory "
+        "(training's default) or is left as it is",
+    )
     parser.add_argument("--width", choices=sorted(WIDTHS), default="full")
     parser.add_argument("--torchvision", action="store_true", help="also time torchvision FCOS")
     parser.add_argument("--lock", help="file lock held while timing (for concurrent processes)")

@@ -194,6 +194,9 @@ def base_config(family: str, dataset: str, variant: str) -> ml_collections.Confi
     config.train.keep_checkpoints = 3
     config.train.num_workers = 0  # grain decoding processes (0: in the training process)
     config.train.prefetch_batches = 2  # batches read ahead and copied to the devices
+    # glibc's malloc keeps freed memory for reuse (dfrdet_jax/host_memory.py), so XLA:CPU's
+    # temporaries are not faulted in again at every step; process-wide, from the run's start.
+    config.train.retain_freed_host_memory = True
     config.train.profile_num_steps = 0  # > 0: jax.profiler trace of these steps in workdir/profile
     config.train.profile_start_step = 10
     # Multi-process start-up, see dfrdet_jax/distributed.py ('auto': from the environment).

@@ -23,6 +23,7 @@ from dfrdet_jax import (
     distill,
     evaluate,
     evaluation,
+    host_memory,
     optimizers,
     prefetch,
     run_utils,
@@ -56,6 +57,7 @@ def train_and_evaluate(
     sharding.check_batch_divides(config.eval.batch_size, "config.eval.batch_size")
     checkpointing.check_run_config(workdir, config)
     os.makedirs(workdir, exist_ok=True)
+    host_memory.apply_config(config)
     process_count = jax.process_count()
 
     train_data = data_lib.build_dataset(
