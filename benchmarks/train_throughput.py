@@ -172,7 +172,6 @@ def configure(
     config.data.synthetic.num_train = args.num_images
     config.data.synthetic.num_val = config.data.synthetic.num_test = 1
     config.model.dtype = args.dtype
-    config.train.retain_freed_host_memory = args.host_memory == "retain"
     backbone, fpn, convs, decoder = WIDTHS[args.width]
     config.model.backbone_width, config.model.fpn_width = backbone, fpn
     config.model.head_convs, config.dfr.decoder_width = convs, decoder
@@ -264,6 +263,7 @@ def time_jax(family: str, variant: str, slots: str, matching: str | None, args) 
     count for both. ``matching``: see the module docstring; None for a family without it. One result
     per pipeline setting."""
     config = configure(variant, args, family, slots, matching or "pipeline")
+    config.train.retain_freed_host_memory = args.host_memory == "retain"
     host_memory.apply_config(config)  # as training does (a process per setting)
     model = registry.build_model(config, num_classes=8)
     mesh = sharding.make_mesh()
