@@ -5,12 +5,15 @@ work is 3x3, 256-channel convolutions over P2. This script times one such layer 
 same data, in one process (so one run's ratios share its load), three ways: XLA's convolution
 and its own gradients (``jax.lax.conv_general_dilated``), the project's
 (``layers.conv_general_dilated``: XLA's forward and input gradient, the kernel gradient as one
-matmul per tap on CPU), and torch's ``conv2d`` where torch is installed. Each is timed forward
+matmul per tap on CPU, or one over the input's patches for a strided conv), and torch's
+``conv2d`` where torch is installed. Each is timed forward
 alone, and forward with the input gradient, the kernel gradient and both, as a train step runs
 them; the rows after the first report their largest difference from XLA's numbers.
 
     python benchmarks/conv_speed.py                         # the head's P2 conv at 512 px
     python benchmarks/conv_speed.py --size 200 --steps 3    # ... at 800 px
+    python benchmarks/conv_speed.py --size 800 --channels 3 --out_channels 64 --kernel 7 \
+        --stride 2                                          # ResNet's stem at 800 px
     taskset -c 0 python benchmarks/conv_speed.py            # one core (torch follows the mask)
 
 torch is optional (a scratch environment with `pip install torch`). Prints a markdown table (ms
@@ -32,33 +35,40 @@ from dfrdet_jax import layers
 from dfrdet_jax.layers import conv as conv_lib
 
 
-def conv_flops(batch: int, size: int, channels: int, kernel: int) -> float:
-    """Multiply-adds x 2 of one stride-1, same-size conv: [batch, size, size, channels] ->
-    [batch, size, size, channels] with a kernel x kernel window."""
-    return 2.0 * batch * size * size * channels * channels * kernel * kernel
+def output_size(args) -> int:
+    """The output side of the conv ``make_conv`` makes (padding kernel // 2, ``args.stride``)."""
+    return (args.size + 2 * (args.kernel // 2) - args.kernel) // args.stride + 1
+
+
+def conv_flops(args) -> float:
+    """Multiply-adds x 2 of the conv: [batch, size, size, channels] -> [batch, out, out,
+    out_channels] with a kernel x kernel window."""
+    taps = args.kernel * args.kernel
+    return 2.0 * args.batch * output_size(args) ** 2 * args.channels * args.out_channels * taps
 
 
 def make_inputs(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x [B, H, W, C], kernel [k, k, C, C] (HWIO) and an output cotangent [B, H, W, C], float32."""
+    """x [B, H, W, C], kernel [k, k, C, C_out] (HWIO) and an output cotangent [B, H_out, W_out,
+    C_out], float32."""
     rng = np.random.default_rng(0)
-    shape = (args.batch, args.size, args.size, args.channels)
-    x = rng.standard_normal(shape, dtype=np.float32)
+    x = rng.standard_normal((args.batch, args.size, args.size, args.channels), dtype=np.float32)
     kernel = rng.standard_normal(
-        (args.kernel, args.kernel, args.channels, args.channels), dtype=np.float32
+        (args.kernel, args.kernel, args.channels, args.out_channels), dtype=np.float32
     )
     kernel /= np.float32(np.sqrt(args.kernel * args.kernel * args.channels))
-    cotangent = rng.standard_normal(shape, dtype=np.float32)
+    out_shape = (args.batch, output_size(args), output_size(args), args.out_channels)
+    cotangent = rng.standard_normal(out_shape, dtype=np.float32)
     return x, kernel, cotangent
 
 
-def make_conv(conv_general_dilated):
-    """A stride-1 conv through ``conv_general_dilated`` with zero padding k // 2 on every side
+def make_conv(conv_general_dilated, stride: int = 1):
+    """A conv through ``conv_general_dilated`` with zero padding k // 2 on every side
     (torchvision's), NHWC / HWIO."""
 
     def conv(x, kernel):
         pad = kernel.shape[0] // 2
         return conv_general_dilated(
-            x, kernel, (1, 1), [(pad, pad), (pad, pad)],
+            x, kernel, (stride, stride), [(pad, pad), (pad, pad)],
             dimension_numbers=conv_lib.channels_last_dimension_numbers(x.ndim),
         )  # fmt: skip
 
@@ -95,7 +105,9 @@ def time_jax(label: str, conv, x, kernel, cotangent, steps: int) -> tuple[dict, 
     return row, out, tuple(grads)
 
 
-def time_torch(x, kernel, cotangent, steps: int) -> tuple[dict, np.ndarray, tuple] | None:
+def time_torch(
+    x, kernel, cotangent, stride: int, steps: int
+) -> tuple[dict, np.ndarray, tuple] | None:
     """The same with torch's conv2d in channels-last memory (oneDNN's layout); None without
     torch. Outputs and gradients come back as NHWC / HWIO numpy arrays."""
     try:
@@ -113,13 +125,15 @@ def time_torch(x, kernel, cotangent, steps: int) -> tuple[dict, np.ndarray, tupl
 
     def forward():
         with torch.no_grad():
-            return torch.nn.functional.conv2d(tx, tw, padding=pad)
+            return torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad)
 
     def grad_of(*inputs):
         def backward():
             tx.grad = tw.grad = None
             torch.autograd.backward(
-                torch.nn.functional.conv2d(tx, tw, padding=pad), tg, inputs=list(inputs)
+                torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad),
+                tg,
+                inputs=list(inputs),
             )
             return tx.grad, tw.grad
 
@@ -147,14 +161,16 @@ def compare(args) -> list[dict]:
     largest difference from the first's output and gradients, relative to their largest
     magnitude."""
     x, kernel, cotangent = make_inputs(args)
-    flops = conv_flops(args.batch, args.size, args.channels, args.kernel)
+    flops = conv_flops(args)
     results = [
         time_jax(f"jax {jax.__version__}: jax.lax.conv_general_dilated (XLA)",
-                 make_conv(jax.lax.conv_general_dilated), x, kernel, cotangent, args.steps),
-        time_jax("dfrdet_jax.layers.conv_general_dilated (kernel gradient by taps on CPU)",
-                 make_conv(layers.conv_general_dilated), x, kernel, cotangent, args.steps),
+                 make_conv(jax.lax.conv_general_dilated, args.stride), x, kernel, cotangent,
+                 args.steps),
+        time_jax("dfrdet_jax.layers.conv_general_dilated (kernel gradient by taps or patches "
+                 "on CPU)", make_conv(layers.conv_general_dilated, args.stride), x, kernel,
+                 cotangent, args.steps),
     ]  # fmt: skip
-    torch_result = time_torch(x, kernel, cotangent, args.steps)
+    torch_result = time_torch(x, kernel, cotangent, args.stride, args.steps)
     if torch_result is not None:
         results.append(torch_result)
     (xla_row, xla_out, xla_grads), rows = results[0], [r[0] for r in results]
@@ -194,7 +210,9 @@ def sweep(steps: int) -> list[dict]:
     ``SWEEP``: where the tap sum pays off (``layers.conv.MIN_MULTIPLY_ADDS_PER_TAP``)."""
     rows = []
     for batch, size, channels in SWEEP:
-        args = argparse.Namespace(batch=batch, size=size, channels=channels, kernel=3)
+        args = argparse.Namespace(
+            batch=batch, size=size, channels=channels, out_channels=channels, kernel=3, stride=1
+        )
         x, kernel, cotangent = map(jnp.asarray, make_inputs(args))
         times = {}
         for name, conv in (
@@ -233,9 +251,9 @@ def sweep_markdown(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict], args) -> str:
     title = (
-        f"{args.kernel}x{args.kernel} conv, [{args.batch}, {args.size}, {args.size}, "
-        f"{args.channels}] -> {args.channels} channels, float32, {len(os.sched_getaffinity(0))} "
-        f"cores, median of {args.steps} calls"
+        f"{args.kernel}x{args.kernel} conv, stride {args.stride}, [{args.batch}, {args.size}, "
+        f"{args.size}, {args.channels}] -> {args.out_channels} channels, float32, "
+        f"{len(os.sched_getaffinity(0))} cores, median of {args.steps} calls"
     )
     lines = [
         title,
@@ -265,12 +283,15 @@ def main(argv=None) -> None:
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--kernel", type=int, default=3)
+    parser.add_argument("--stride", type=int, default=1)
+    parser.add_argument("--out_channels", type=int, help="default: --channels")
     parser.add_argument("--steps", type=int, default=5, help="timed calls (median)")
     parser.add_argument(
         "--sweep", action="store_true", help="the tap sum's kernel gradient against XLA's, by size"
     )
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    args.out_channels = args.out_channels or args.channels
     if args.sweep:
         rows = sweep(args.steps)
         print(sweep_markdown(rows))

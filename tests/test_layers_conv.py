@@ -1,7 +1,7 @@
-"""layers/conv.py: the convolution whose kernel gradient is computed by taps on CPU computes what
-jax.lax.conv_general_dilated computes, output and both gradients, for every form it serves; a
-numpy loop checks the tap sum on its own; forms it does not serve, and convolutions below its
-size threshold, are lax's own."""
+"""layers/conv.py: the convolution whose kernel gradient is computed by taps (stride 1) or patches
+(strided) on CPU computes what jax.lax.conv_general_dilated computes, output and both gradients,
+for every form it serves; a numpy loop checks the tap sum and the patches on their own; forms it
+does not serve, and convolutions below its size thresholds, are lax's own."""
 
 import flax.linen as nn
 import jax
@@ -16,8 +16,10 @@ from dfrdet_jax.layers import conv as conv_lib
 
 @pytest.fixture(autouse=True)
 def taps_at_every_size(monkeypatch):
-    """The tests' convolutions are tiny: the tap sum serves them as it serves large ones."""
+    """The tests' convolutions are tiny: the tap sum and the patches serve them as they serve
+    large ones."""
     monkeypatch.setattr(conv_lib, "MIN_MULTIPLY_ADDS_PER_TAP", 1)
+    monkeypatch.setattr(conv_lib, "MIN_MULTIPLY_ADDS_PER_TAP_STRIDED", 1)
 
 
 def _dims(n):
@@ -34,25 +36,35 @@ def _uses_taps(fn, *args) -> bool:
 
 
 @pytest.mark.parametrize(
-    "n, kernel, padding, dilation",
+    "n, kernel, padding, dilation, stride",
     [
-        (2, 3, "SAME", 1),
-        (2, 3, [(1, 1), (1, 1)], 1),
-        (2, 5, [(0, 2), (-1, 1)], 1),  # asymmetric, and a negative pad (a crop)
-        (2, 3, "SAME", 2),
-        (2, 1, "VALID", 1),
-        (2, 3, "VALID", 1),
-        (1, 3, "SAME", 1),
-        (3, 3, "SAME", 1),
+        (2, 3, "SAME", 1, 1),
+        (2, 3, [(1, 1), (1, 1)], 1, 1),
+        (2, 5, [(0, 2), (-1, 1)], 1, 1),  # asymmetric, and a negative pad (a crop)
+        (2, 3, "SAME", 2, 1),
+        (2, 1, "VALID", 1, 1),
+        (2, 3, "VALID", 1, 1),
+        (1, 3, "SAME", 1, 1),
+        (3, 3, "SAME", 1, 1),
+        # Strided: the kernel gradient by patches.
+        (2, 7, [(3, 3), (3, 3)], 1, 2),  # ResNet's stem
+        (2, 3, [(1, 1), (1, 1)], 1, 2),
+        (2, 1, "VALID", 1, 2),  # a downsampling shortcut
+        (2, 3, "SAME", 1, 2),  # odd input, SAME's extra pad on the high side
+        (2, 5, [(0, 2), (-1, 1)], 1, (2, 3)),
+        (2, 3, "SAME", 2, 2),
+        (1, 3, "SAME", 1, 3),
+        (3, 3, "SAME", 1, 2),
     ],
 )
-def test_output_and_gradients_match_lax(n, kernel, padding, dilation):
+def test_output_and_gradients_match_lax(n, kernel, padding, dilation, stride):
     rng = np.random.default_rng(n * 100 + kernel)
     spatial = (7,) * n if n == 3 else (11,) * n
     x = jnp.asarray(rng.standard_normal((2, *spatial, 5)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((*(kernel,) * n, 5, 6)), jnp.float32)
+    strides = stride if isinstance(stride, tuple) else (stride,) * n
     kw = dict(
-        window_strides=(1,) * n, padding=padding, rhs_dilation=(dilation,) * n,
+        window_strides=strides, padding=padding, rhs_dilation=(dilation,) * n,
         dimension_numbers=_dims(n),
     )  # fmt: skip
     assert _uses_taps(lambda x, k: conv_lib.conv_general_dilated(x, k, **kw), x, k)
@@ -65,7 +77,7 @@ def test_output_and_gradients_match_lax(n, kernel, padding, dilation):
     np.testing.assert_allclose(ours[2], reference[2], rtol=1e-5, atol=1e-4)
 
 
-def _numpy_kernel_gradient(x, cotangent, window, pads, dilation):
+def _numpy_kernel_gradient(x, cotangent, window, pads, dilation, strides=(1, 1)):
     """sum over batch and output pixels of x[pixel read by tap] * cotangent, one tap at a time."""
     x = np.pad(x.astype(np.float64), [(0, 0), *pads, (0, 0)])
     b, h_out, w_out, c_out = cotangent.shape
@@ -74,7 +86,7 @@ def _numpy_kernel_gradient(x, cotangent, window, pads, dilation):
         for j in range(window[1]):
             for oh in range(h_out):
                 for ow in range(w_out):
-                    read = x[:, oh + i * dilation, ow + j * dilation, :]  # [B, C_in]
+                    read = x[:, oh * strides[0] + i * dilation, ow * strides[1] + j * dilation, :]
                     grad[i, j] += read.T @ cotangent[:, oh, ow, :].astype(np.float64)
     return grad
 
@@ -92,17 +104,28 @@ def test_tap_sum_against_a_numpy_loop():
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_patches_against_a_numpy_loop():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 9, 8, 3)).astype(np.float32)
+    pads, dilation, strides = [(2, 1), (1, 2)], 2, (2, 3)
+    out_h = (9 + 3 - 2 * dilation - 1) // strides[0] + 1
+    out_w = (8 + 3 - 2 * dilation - 1) // strides[1] + 1
+    cotangent = rng.standard_normal((2, out_h, out_w, 4)).astype(np.float32)
+    ours = conv_lib.kernel_gradient_by_patches(
+        jnp.asarray(x), jnp.asarray(cotangent), (3, 3, 3, 4), strides, pads, (dilation,) * 2
+    )
+    expected = _numpy_kernel_gradient(x, cotangent, (3, 3), pads, dilation, strides)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
-    "case",
-    ["strided", "grouped", "channels_first", "input_dilation", "no_dimension_numbers"],
+    "case", ["grouped", "channels_first", "input_dilation", "no_dimension_numbers"]
 )
 def test_forms_the_tap_sum_does_not_serve_are_lax(case):
     rng = np.random.default_rng(1)
     kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     x_shape, k_shape = (2, 8, 8, 4), (3, 3, 4, 6)
-    if case == "strided":
-        kw["window_strides"] = (2, 2)
-    elif case == "grouped":
+    if case == "grouped":
         kw["feature_group_count"], k_shape = 2, (3, 3, 2, 6)
     elif case == "channels_first":
         kw["dimension_numbers"], x_shape, k_shape = (
@@ -147,12 +170,13 @@ def test_conv_module_is_flax_conv_with_the_tap_gradient():
     )
 
 
-def test_bfloat16_kernel_gradient_keeps_the_dtype():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bfloat16_kernel_gradient_keeps_the_dtype(stride):
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((3, 3, 16, 8)) / 12, jnp.bfloat16)
-    kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=_dims(2))
-    cotangent = jnp.ones((2, 8, 8, 8), jnp.bfloat16)
+    kw = dict(window_strides=(stride,) * 2, padding="SAME", dimension_numbers=_dims(2))
+    cotangent = jnp.ones((2, 8 // stride, 8 // stride, 8), jnp.bfloat16)
     _, _, ours = _grads(conv_lib.conv_general_dilated, x, k, cotangent, **kw)
     _, _, reference = _grads(
         lax.conv_general_dilated,
@@ -165,12 +189,17 @@ def test_bfloat16_kernel_gradient_keeps_the_dtype():
     np.testing.assert_allclose(ours.astype(jnp.float32), reference, rtol=1e-2, atol=5e-2)
 
 
-def test_below_the_size_threshold_it_is_lax(monkeypatch):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_below_the_size_threshold_it_is_lax(monkeypatch, stride):
     x, k = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
-    kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=_dims(2))
-    per_tap = 2 * 8 * 8 * 4 * 6
-    assert conv_lib.multiply_adds_per_tap(x.shape, k.shape, [(1, 1), (1, 1)], (1, 1)) == per_tap
-    monkeypatch.setattr(conv_lib, "MIN_MULTIPLY_ADDS_PER_TAP", per_tap + 1)
+    kw = dict(window_strides=(stride,) * 2, padding="SAME", dimension_numbers=_dims(2))
+    per_tap = 2 * (8 // stride) ** 2 * 4 * 6
+    pads = conv_lib.explicit_padding("SAME", (8, 8), (3, 3), (stride,) * 2, (1, 1))
+    assert conv_lib.multiply_adds_per_tap(x.shape, k.shape, (stride,) * 2, pads, (1, 1)) == (
+        per_tap
+    )
+    threshold = "MIN_MULTIPLY_ADDS_PER_TAP" + ("_STRIDED" if stride > 1 else "")
+    monkeypatch.setattr(conv_lib, threshold, per_tap + 1)
     assert not _uses_taps(lambda x, k: conv_lib.conv_general_dilated(x, k, **kw), x, k)
-    monkeypatch.setattr(conv_lib, "MIN_MULTIPLY_ADDS_PER_TAP", per_tap)
+    monkeypatch.setattr(conv_lib, threshold, per_tap)
     assert _uses_taps(lambda x, k: conv_lib.conv_general_dilated(x, k, **kw), x, k)

@@ -14,9 +14,19 @@ one matrix product each,
 which XLA:CPU runs at matmul speed (383 ms for forward and kernel gradient above).
 ``conv_general_dilated`` takes ``jax.lax``'s signature (flax's ``nn.Conv`` accepts it, see
 ``Conv``) and computes the forward pass and the input gradient with XLA's convolution; on CPU,
-for large enough stride-1 convolutions, the kernel gradient is the sum above; everywhere else
-(other platforms, small or strided convolutions, channels-first layouts, groups, input
-dilation) it is ``jax.lax.conv_general_dilated`` unchanged.
+for large enough stride-1 convolutions, the kernel gradient is the sum above. XLA:CPU's kernel
+gradient of a strided convolution is slow too (ResNet-18's stem at 800 px, batch 2: forward and
+both gradients 598-617 ms, of which the forward pass is 82-99). There the input pixels each tap
+reads are one strided slice of the input, so for large enough strided convolutions the kernel
+gradient is one matmul over those slices side by side,
+
+    dK = P^T @ g              P: the patches   [B * output pixels, taps * C_in]
+                              g: the cotangent [B * output pixels, C_out]
+
+(the stem's forward and both gradients then take 454-481 ms; ``benchmarks/conv_speed.py
+--stride 2``, benchmarks/README.md). Everywhere else (other platforms, small convolutions,
+channels-first layouts, groups, input dilation) it is ``jax.lax.conv_general_dilated``
+unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import numpy as np
 from jax import lax
 
 from dfrdet_jax.choices import unknown_choice
+from dfrdet_jax.layers.quantizers import after_cotangent
 
 Array = jax.Array
 PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
@@ -44,6 +55,12 @@ PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 # of the demo networks), the two traded places around 2^27 (0.7-2.9x between runs), and the
 # taps were 2.7-4.5x faster from 2^28 up (e.g. 256 channels on P2 or P3 of a 512 px image).
 MIN_MULTIPLY_ADDS_PER_TAP = 2**28
+# The patches' matmul of a strided convolution (``benchmarks/conv_speed.py --stride 2``, the same
+# CPU): faster than XLA's kernel gradient for ResNet-18's strided convs at 800 px (the stem's
+# 7x7 at 2^25.9 multiply-adds per tap, the 3x3 and 1x1 at 2^27.3) and RetinaNet's P6 conv there
+# (2^25.4); timed by hand, as fast for the stem at 512 px (2^24.6) and slower for the stem at
+# 256 and 128 px (2^22.6 and below).
+MIN_MULTIPLY_ADDS_PER_TAP_STRIDED = 2**25
 
 
 def explicit_padding(
@@ -90,10 +107,10 @@ def channels_last_dimension_numbers(ndim: int) -> tuple[str, str, str]:
     return f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"
 
 
-def _xla_conv(x, kernel, pads, dilation, precision):
-    """XLA's stride-1, channels-last convolution."""
+def _xla_conv(x, kernel, strides, pads, dilation, precision):
+    """XLA's channels-last convolution."""
     return lax.conv_general_dilated(
-        x, kernel, (1,) * (x.ndim - 2), pads, rhs_dilation=dilation,
+        x, kernel, strides, pads, rhs_dilation=dilation,
         dimension_numbers=channels_last_dimension_numbers(x.ndim), precision=precision,
     )  # fmt: skip
 
@@ -162,35 +179,90 @@ def kernel_gradient_by_taps(
     return taps.reshape(kernel_shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_with_tap_gradient(x, kernel, pads, dilation, precision):
-    return _xla_conv(x, kernel, pads, dilation, precision)
+def kernel_gradient_by_patches(
+    x: Array,
+    cotangent: Array,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+    dilation: Sequence[int],
+    precision: Any = None,
+) -> Array:
+    """The kernel gradient of a channels-last convolution as one matmul over its input patches.
+
+    Tap t of the kernel reads, for output pixel o, padded input pixel o * stride + t * dilation:
+    over all output pixels, one strided slice of the padded input. The slices of every tap side
+    by side on the channel axis are the patch matrix P [B * output pixels, taps * C_in], and the
+    gradient is P^T @ cotangent. P is built from the input only once the cotangent exists
+    (``after_cotangent``): XLA:CPU would otherwise build it in the forward pass and hold it to
+    the backward pass.
+
+    Args:
+      x: the convolution's input [B, *spatial, C_in].
+      cotangent: the gradient of its output [B, *spatial_out, C_out].
+      kernel_shape: [*window, C_in, C_out].
+      strides: the convolution's stride per spatial dimension.
+      pads: its (low, high) padding per spatial dimension (negative crops).
+      dilation: the kernel's dilation per spatial dimension.
+
+    Returns:
+      d(sum(output * cotangent)) / d kernel, [*window, C_in, C_out], accumulated and returned
+      in float32.
+    """
+    *window, c_in, c_out = kernel_shape
+    batch, *out_size, _ = cotangent.shape
+    padded = lax.pad(
+        after_cotangent(x, cotangent),
+        jnp.zeros((), x.dtype),
+        [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)],
+    )
+    columns = []
+    for tap in itertools.product(*(range(k) for k in window)):
+        start = [t * d for t, d in zip(tap, dilation)]
+        limit = [a + s * (n - 1) + 1 for a, s, n in zip(start, strides, out_size)]
+        columns.append(lax.slice(padded, (0, *start, 0), (batch, *limit, c_in), (1, *strides, 1)))
+    patches = jnp.concatenate(columns, axis=-1).reshape(-1, len(columns) * c_in)
+    grad = lax.dot_general(
+        patches, cotangent.reshape(-1, c_out), (((0,), (0,)), ((), ())),
+        precision=precision, preferred_element_type=jnp.float32,
+    )  # fmt: skip
+    return grad.reshape(kernel_shape)
 
 
-def _forward(x, kernel, pads, dilation, precision):
-    return _xla_conv(x, kernel, pads, dilation, precision), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_with_cpu_kernel_gradient(x, kernel, strides, pads, dilation, precision):
+    return _xla_conv(x, kernel, strides, pads, dilation, precision)
 
 
-def _backward(pads, dilation, precision, residuals, cotangent):
+def _forward(x, kernel, strides, pads, dilation, precision):
+    return _xla_conv(x, kernel, strides, pads, dilation, precision), (x, kernel)
+
+
+def _backward(strides, pads, dilation, precision, residuals, cotangent):
     x, kernel = residuals
 
     def conv(x, kernel):
-        return _xla_conv(x, kernel, pads, dilation, precision)
+        return _xla_conv(x, kernel, strides, pads, dilation, precision)
 
     (input_grad,) = jax.vjp(lambda x: conv(x, kernel), x)[1](cotangent)
 
-    def by_taps(x, cotangent):
-        grad = kernel_gradient_by_taps(x, cotangent, kernel.shape, pads, dilation, precision)
+    def on_cpu(x, cotangent):
+        if all(s == 1 for s in strides):
+            grad = kernel_gradient_by_taps(x, cotangent, kernel.shape, pads, dilation, precision)
+        else:
+            grad = kernel_gradient_by_patches(
+                x, cotangent, kernel.shape, strides, pads, dilation, precision
+            )
         return grad.astype(kernel.dtype)
 
     def by_xla(x, cotangent):
         return jax.vjp(lambda k: conv(x, k), kernel)[1](cotangent)[0]
 
-    kernel_grad = lax.platform_dependent(x, cotangent, cpu=by_taps, default=by_xla)
+    kernel_grad = lax.platform_dependent(x, cotangent, cpu=on_cpu, default=by_xla)
     return input_grad, kernel_grad
 
 
-_conv_with_tap_gradient.defvjp(_forward, _backward)
+_conv_with_cpu_kernel_gradient.defvjp(_forward, _backward)
 
 
 def _is_channels_last(dimension_numbers, lhs_shape, rhs_shape) -> bool:
@@ -215,47 +287,54 @@ def conv_general_dilated(
     precision: Any = None,
     preferred_element_type: Any = None,
 ) -> Array:
-    """``jax.lax.conv_general_dilated`` with the kernel gradient computed by taps on CPU.
+    """``jax.lax.conv_general_dilated`` with the kernel gradient computed by taps (stride 1) or
+    patches (strided) on CPU.
 
-    Same arguments and result. The tap form serves stride-1, channels-last convolutions (NHWC /
-    HWIO and their 1-d and 3-d forms) with no groups, no input dilation, no
-    ``preferred_element_type`` and at least ``MIN_MULTIPLY_ADDS_PER_TAP``; anything else is
+    Same arguments and result. These forms serve channels-last convolutions (NHWC / HWIO and
+    their 1-d and 3-d forms) with no groups, no input dilation, no ``preferred_element_type``
+    and at least ``MIN_MULTIPLY_ADDS_PER_TAP`` (stride 1) or
+    ``MIN_MULTIPLY_ADDS_PER_TAP_STRIDED`` multiply-adds per tap; anything else is
     ``jax.lax.conv_general_dilated`` itself.
     """
     n = lhs.ndim - 2
+    strides = tuple(window_strides)
     dilation = tuple(rhs_dilation or (1,) * n)
     covered = (
-        all(s == 1 for s in window_strides)
-        and feature_group_count == 1
+        feature_group_count == 1
         and batch_group_count == 1
         and preferred_element_type is None
         and all(d == 1 for d in (lhs_dilation or (1,) * n))
         and _is_channels_last(dimension_numbers, lhs.shape, rhs.shape)
     )
     if covered:
-        pads = explicit_padding(padding, lhs.shape[1:-1], rhs.shape[:-2], (1,) * n, dilation)
-        if multiply_adds_per_tap(lhs.shape, rhs.shape, pads, dilation) >= (
+        pads = explicit_padding(padding, lhs.shape[1:-1], rhs.shape[:-2], strides, dilation)
+        threshold = (
             MIN_MULTIPLY_ADDS_PER_TAP
-        ):
-            return _conv_with_tap_gradient(lhs, rhs, tuple(pads), dilation, precision)
+            if all(s == 1 for s in strides)
+            else MIN_MULTIPLY_ADDS_PER_TAP_STRIDED
+        )
+        if multiply_adds_per_tap(lhs.shape, rhs.shape, strides, pads, dilation) >= threshold:
+            return _conv_with_cpu_kernel_gradient(
+                lhs, rhs, strides, tuple(pads), dilation, precision
+            )
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type,
     )  # fmt: skip
 
 
-def multiply_adds_per_tap(lhs_shape, rhs_shape, pads, dilation) -> int:
-    """batch x output pixels x C_in x C_out of a stride-1, channels-last convolution: the size
-    of each tap's matmul in the kernel gradient."""
+def multiply_adds_per_tap(lhs_shape, rhs_shape, strides, pads, dilation) -> int:
+    """batch x output pixels x C_in x C_out of a channels-last convolution: the multiply-adds
+    of each tap in its kernel gradient."""
     out_pixels = math.prod(
-        size + lo + hi - (k - 1) * d
-        for size, k, (lo, hi), d in zip(lhs_shape[1:-1], rhs_shape[:-2], pads, dilation)
+        (size + lo + hi - (k - 1) * d - 1) // s + 1
+        for size, k, s, (lo, hi), d in zip(lhs_shape[1:-1], rhs_shape[:-2], strides, pads, dilation)
     )
     return lhs_shape[0] * out_pixels * rhs_shape[-2] * rhs_shape[-1]
 
 
 class Conv(nn.Conv):
     """``flax.linen.Conv`` (same attributes and parameters) through ``conv_general_dilated``: on
-    CPU a large one's kernel gradient is computed by taps."""
+    CPU a large one's kernel gradient is computed by taps or patches."""
 
     conv_general_dilated: Callable | None = conv_general_dilated
