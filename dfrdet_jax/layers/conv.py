@@ -23,7 +23,7 @@ gradient is one matmul over those slices side by side,
     dK = P^T @ g              P: the patches   [B * output pixels, taps * C_in]
                               g: the cotangent [B * output pixels, C_out]
 
-(the stem's forward and both gradients then take 454-481 ms; ``benchmarks/conv_speed.py
+(the stem's forward and both gradients then take 461-481 ms; ``benchmarks/conv_speed.py
 --stride 2``, benchmarks/README.md). Everywhere else (other platforms, small convolutions,
 channels-first layouts, groups, input dilation) it is ``jax.lax.conv_general_dilated``
 unchanged.
@@ -55,11 +55,11 @@ PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 # of the demo networks), the two traded places around 2^27 (0.7-2.9x between runs), and the
 # taps were 2.7-4.5x faster from 2^28 up (e.g. 256 channels on P2 or P3 of a 512 px image).
 MIN_MULTIPLY_ADDS_PER_TAP = 2**28
-# The patches' matmul of a strided convolution (``benchmarks/conv_speed.py --stride 2``, the same
-# CPU): faster than XLA's kernel gradient for ResNet-18's strided convs at 800 px (the stem's
-# 7x7 at 2^25.9 multiply-adds per tap, the 3x3 and 1x1 at 2^27.3) and RetinaNet's P6 conv there
-# (2^25.4); timed by hand, as fast for the stem at 512 px (2^24.6) and slower for the stem at
-# 256 and 128 px (2^22.6 and below).
+# The patches' matmul of a strided convolution (``benchmarks/conv_speed.py --stride 2``, this
+# 2-core CPU): faster than XLA's kernel gradient for ResNet-18's strided convs at 800 px (the
+# stem's 7x7 at 2^25.9 multiply-adds per tap, the 3x3 and 1x1 at 2^27.3) and RetinaNet's P6
+# conv there (2^25.4); timed by hand, as fast for the stem at 512 px (2^24.6) and slower for
+# the stem at 256 and 128 px (2^22.6 and below).
 MIN_MULTIPLY_ADDS_PER_TAP_STRIDED = 2**25
 
 
