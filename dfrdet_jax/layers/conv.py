@@ -179,6 +179,25 @@ def kernel_gradient_by_taps(
     return taps.reshape(kernel_shape)
 
 
+def tap_views(
+    padded: Array,
+    window: Sequence[int],
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    out_size: Sequence[int],
+) -> list[Array]:
+    """Each tap's view of a padded input [B, *spatial, C] on the output grid, taps in
+    row-major order: tap t reads padded pixel o * stride + t * dilation for output pixel o, so
+    its view is one strided slice, [B, *out_size, C]."""
+    batch, *_, channels = padded.shape
+    views = []
+    for tap in itertools.product(*(range(k) for k in window)):
+        start = [t * d for t, d in zip(tap, dilation)]
+        limit = [a + s * (n - 1) + 1 for a, s, n in zip(start, strides, out_size)]
+        views.append(lax.slice(padded, (0, *start, 0), (batch, *limit, channels), (1, *strides, 1)))
+    return views
+
+
 def kernel_gradient_by_patches(
     x: Array,
     cotangent: Array,
@@ -210,17 +229,12 @@ def kernel_gradient_by_patches(
       in float32.
     """
     *window, c_in, c_out = kernel_shape
-    batch, *out_size, _ = cotangent.shape
     padded = lax.pad(
         after_cotangent(x, cotangent),
         jnp.zeros((), x.dtype),
         [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)],
     )
-    columns = []
-    for tap in itertools.product(*(range(k) for k in window)):
-        start = [t * d for t, d in zip(tap, dilation)]
-        limit = [a + s * (n - 1) + 1 for a, s, n in zip(start, strides, out_size)]
-        columns.append(lax.slice(padded, (0, *start, 0), (batch, *limit, c_in), (1, *strides, 1)))
+    columns = tap_views(padded, window, strides, dilation, cotangent.shape[1:-1])
     patches = jnp.concatenate(columns, axis=-1).reshape(-1, len(columns) * c_in)
     grad = lax.dot_general(
         patches, cotangent.reshape(-1, c_out), (((0,), (0,)), ((), ())),

@@ -15,11 +15,14 @@ XLA's gradient.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from dfrdet_jax.layers.conv import tap_views
 
 Array = jax.Array
 
@@ -73,16 +76,12 @@ def _max_pool_bwd(window, strides, padding, x, g):
 def _gradient_by_views(x, g, window, strides, padding):
     """d(sum(max_pool(x) * g)) / dx from the strided views of the padded x (module doc)."""
     padded = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-    batch, height, width, channels = padded.shape
+    _, height, width, _ = padded.shape
     out_h, out_w = g.shape[1:3]
     (k_h, k_w), (s_h, s_w) = window, strides
     # Window element (i, j) of every output: padded[:, i::s_h, j::s_w] on the output's grid.
-    ends = {
-        (i, j): (batch, i + s_h * (out_h - 1) + 1, j + s_w * (out_w - 1) + 1, channels)
-        for i in range(k_h)
-        for j in range(k_w)
-    }
-    views = [lax.slice(padded, (0, i, j, 0), end, (1, s_h, s_w, 1)) for (i, j), end in ends.items()]
+    elements = list(itertools.product(range(k_h), range(k_w)))
+    views = tap_views(padded, window, strides, (1, 1), (out_h, out_w))
     # The first maximum in row-major order, found among the views themselves: compared with
     # the forward output instead, a view that XLA recomputes in another fusion and rounds
     # differently would match no window element and lose the window's cotangent.
@@ -95,9 +94,14 @@ def _gradient_by_views(x, g, window, strides, padding):
         lax.pad(
             jnp.where(first == k, g, zero),
             zero,
-            ((0, 0, 0), (i, height - end[1], s_h - 1), (j, width - end[2], s_w - 1), (0, 0, 0)),
+            (
+                (0, 0, 0),
+                (i, height - i - s_h * (out_h - 1) - 1, s_h - 1),
+                (j, width - j - s_w * (out_w - 1) - 1, s_w - 1),
+                (0, 0, 0),
+            ),
         )
-        for k, ((i, j), end) in enumerate(ends.items())
+        for k, (i, j) in enumerate(elements)
     ]
     # An input in several windows gets their shares in the order of the outputs, as XLA's
     # scatter adds them: later window elements belong to earlier outputs.
